@@ -1,0 +1,33 @@
+# The two commands a new user needs: `make run` and `make test`. Everything else builds on them.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO   ?= demo/checkpoint
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: install run test bench demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	@test -f $(DEMO)/checkpoint.json || $(VENV)/bin/holorec train --data synthetic --model holomamba --epochs 3 --out $(DEMO)
+
+run: demo
+	$(VENV)/bin/holorec serve --checkpoint $(DEMO) --host $(HOST) --port $(PORT)
+
+test: install
+	@bash deploy/ensure-redis.sh
+	$(PY) -m pytest
+
+bench: install
+	$(VENV)/bin/holorec bench all
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Make sure a Redis answers on 127.0.0.1:6379 for the tests: use one that is running, else start
+# one (installing Debian's redis-server first when we are root and it is missing), else say how.
+set -euo pipefail
+ping() { python3 - <<'PY'
+import socket, sys
+try:
+    s = socket.create_connection(("127.0.0.1", 6379), timeout=1); s.sendall(b"PING\r\n")
+    sys.exit(0 if s.recv(16).startswith(b"+PONG") else 1)
+except OSError:
+    sys.exit(1)
+PY
+}
+ping && exit 0
+if ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "redis-server not found: installing Debian's redis-server" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "No Redis on 127.0.0.1:6379 and no redis-server to start. Install one (e.g. 'sudo apt-get install redis-server')" >&2
+    echo "or run 'docker run -d -p 6379:6379 redis:7', then rerun 'make test'." >&2
+    exit 1
+  fi
+fi
+echo "starting redis-server on 127.0.0.1:6379 (no persistence) for the tests" >&2
+redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp --logfile /tmp/holorec-test-redis.log
+for _ in $(seq 50); do ping && exit 0; sleep 0.1; done
+echo "redis-server did not answer on 127.0.0.1:6379; see /tmp/holorec-test-redis.log" >&2
+exit 1

@@ -1,0 +1,122 @@
+"""The one contract every recommender in holorec follows.
+
+Training, evaluation and the service only ever talk to a `SeqRecModel`:
+
+    forward(items)        (b, l) item indices, left-padded with 0  -> (b, l, d) hidden states
+    init_state(b)         the empty per-user state: dict of tensors, batch on dim 0
+    step(item, state)     (b,) next item index -> ((b, d) user vector, new state)
+    item_table()          (n_items + 1, d) the vectors items are scored with (row 0 = padding)
+    score(h)              (b, d) -> (b, n_items + 1) logits, tied to item_table
+
+`step` over a sequence reproduces `forward` at every position: that is what lets the
+service keep a constant-size state per user and never replay history. The state is a
+plain dict of tensors (no hidden caches) so it can be packed to bytes (model/state.py).
+
+Shape letters: b batch, l sequence length, d model dim, v vocabulary (n_items + 1).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+State = dict[str, Tensor]  # every tensor has the batch on dim 0 and a fixed shape after it
+
+
+@dataclass
+class ModelConfig:
+    """Every model's hyper-parameters; fields a model does not use are ignored by it."""
+
+    model: str = "holomamba"  # holomamba | sasrec | gru4rec | elastic
+    n_items: int = 0  # real items; index 0 is padding
+    n_attrs: int = 0  # real attributes; index 0 is padding
+    max_attrs: int = 0  # attribute slots per item in the item -> attribute table
+    d_model: int = 64
+    n_layers: int = 2
+    dropout: float = 0.2
+    max_len: int = 50  # training window; also SASRec's replay window and the service's ring buffer
+    # selective SSM (holomamba)
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    # attention models (sasrec, elastic)
+    n_heads: int = 2
+    # elastic
+    n_experts: int = 8  # interest experts (dispatcher slots)
+    n_memory: int = 1024  # interest memory bank size
+    top_k_memory: int = 8  # memory entries retrieved per expert
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def item_embedding(n_items: int, d: int) -> nn.Embedding:
+    """A (n_items + 1, d) table with a zero padding row, N(0, 1/d) init: the baselines' item_table."""
+    emb = nn.Embedding(n_items + 1, d, padding_idx=0)
+    nn.init.normal_(emb.weight, std=d**-0.5)
+    with torch.no_grad():
+        emb.weight[0].zero_()
+    return emb
+
+
+class SeqRecModel(nn.Module):
+    """Base class: tied item scoring and the loss; subclasses supply the encoder."""
+
+    config: ModelConfig
+
+    def __init__(self, config: ModelConfig, item_attrs: Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        attrs = item_attrs if item_attrs is not None else torch.zeros(config.n_items + 1, 0, dtype=torch.long)
+        self.register_buffer("item_attrs", attrs.long(), persistent=False)  # (v, max_attrs); saved in the JSON
+
+    # --- what subclasses implement ---------------------------------------------------
+    def forward(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int) -> State:
+        raise NotImplementedError
+
+    def step(self, items: Tensor, state: State) -> tuple[Tensor, State]:  # (b,) -> (b, d)
+        raise NotImplementedError
+
+    def item_table(self) -> Tensor:  # (v, d), row 0 (padding) zero
+        raise NotImplementedError
+
+    # --- shared ----------------------------------------------------------------------
+    def embed(self, items: Tensor) -> Tensor:  # (...) -> (..., d): rows of item_table
+        return F.embedding(items, self.item_table())
+
+    def score(self, h: Tensor) -> Tensor:  # (b, d) -> (b, v)
+        return h @ self.item_table().T
+
+    def user_vector(self, items: Tensor) -> Tensor:  # (b, l) left-padded -> (b, d)
+        return self.forward(items)[:, -1]
+
+    def loss(self, items: Tensor, targets: Tensor) -> Tensor:
+        """Full-softmax cross-entropy over all items at every non-padding position."""
+        h = self.forward(items)  # (b, l, d)
+        mask = targets > 0  # (b, l)
+        logits = h[mask] @ self.item_table().T  # (n, v)
+        logits[:, 0] = float("-inf")  # never predict padding
+        return F.cross_entropy(logits, targets[mask])
+
+    def replay(self, items: list[int], state: State | None = None) -> tuple[Tensor, State]:
+        """Step one user through a history; the slow path the service avoids (used on model change)."""
+        state = state if state is not None else self.init_state(1)
+        h = torch.zeros(1, self.config.d_model)
+        for i in items:
+            h, state = self.step(torch.tensor([i]), state)
+        return h[0], state

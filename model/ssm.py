@@ -1,0 +1,89 @@
+"""Selective state space block (Mamba-style, Gu & Dao 2023, sec. 3) with two paths over one set of weights.
+
+    forward(x, mask)       training: the whole (left-padded) sequence at once, parallel scan over l
+    step(x_t, conv, ssm)   serving: one position, explicit state in, explicit state out
+
+Shape letters: b batch, l length, d model dim, e inner dim (expand * d), n state dim,
+k conv width, r rank of the step-size projection.
+
+Recurrence per channel c and state s (zero-order hold on A, Euler on B, as in Mamba):
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t        y_t = C_t . h_t + D * u_t
+Padding positions get dt = 0 and u = 0, so they leave the state exactly at its initial zero:
+that is why `step` from `init_state` agrees with `forward` over left-padded input.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def parallel_scan(a: Tensor, b: Tensor) -> Tensor:
+    """h_t = a_t * h_{t-1} + b_t with h_{-1} = 0, over dim 1, in ceil(log2 l) tensor ops.
+
+    Hillis-Steele doubling: after the round with offset k, position t holds the composition of
+    steps (t - 2k, t]. Exact (no log-space cancellation), O(l log l) work, no loop over l.
+    """
+    l, k = a.shape[1], 1
+    while k < l:
+        b = torch.cat([b[:, :k], a[:, k:] * b[:, :-k] + b[:, k:]], dim=1)
+        if 2 * k < l:
+            a = torch.cat([a[:, :k], a[:, k:] * a[:, :-k]], dim=1)
+        k *= 2
+    return b
+
+
+class SelectiveSSM(nn.Module):
+    """Pre-norm residual block: x + out(SSM(SiLU(conv(in_u(norm x)))) * SiLU(in_z(norm x)))."""
+
+    def __init__(self, d: int, d_state: int = 16, expand: int = 2, d_conv: int = 4) -> None:
+        super().__init__()
+        e, r = expand * d, math.ceil(d / 16)
+        self.e, self.n, self.k, self.r = e, d_state, d_conv, r
+        self.norm = nn.LayerNorm(d)
+        self.in_proj = nn.Linear(d, 2 * e)
+        self.conv = nn.Conv1d(e, e, d_conv, groups=e)  # depthwise; causal by left padding
+        self.x_proj = nn.Linear(e, r + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(r, e)
+        dt = torch.exp(torch.rand(e) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        with torch.no_grad():  # softplus(bias) = dt in [1e-3, 0.1], Mamba's initialisation
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1).float()).repeat(e, 1))  # (e, n)
+        self.D = nn.Parameter(torch.ones(e))
+        self.out_proj = nn.Linear(e, d)
+
+    def _select(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # (..., e) -> dt (..., e), B, C (..., n)
+        dt, B, C = self.x_proj(u).split([self.r, self.n, self.n], dim=-1)
+        return F.softplus(self.dt_proj(dt)), B, C
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # (b, l, d), (b, l) bool -> (b, l, d)
+        l = x.shape[1]
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # (b, l, e) each
+        u = u * mask[..., None]  # padding feeds zeros to the conv window, as init_state does
+        u = self.conv(F.pad(u.transpose(1, 2), (self.k - 1, 0)))[..., :l].transpose(1, 2)  # (b, l, e)
+        u = F.silu(u)
+        dt, B, C = self._select(u)  # (b, l, e), (b, l, n), (b, l, n)
+        dt = dt * mask[..., None]  # dt = 0 on padding: exp(0) = 1 and no input, state stays 0
+        A = -torch.exp(self.A_log)  # (e, n)
+        dA = torch.exp(dt[..., None] * A)  # (b, l, e, n)
+        dBu = (dt * u)[..., None] * B[:, :, None, :]  # (b, l, e, n)
+        h = parallel_scan(dA, dBu)  # (b, l, e, n)
+        y = torch.einsum("blen,bln->ble", h, C) + self.D * u  # (b, l, e)
+        return x + self.out_proj(y * F.silu(z))  # (b, l, d)
+
+    def init_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """conv: the last k-1 inputs of the conv, (b, e, k-1); ssm: h, (b, e, n). Both start at zero."""
+        return torch.zeros(batch_size, self.e, self.k - 1), torch.zeros(batch_size, self.e, self.n)
+
+    def step(self, x: Tensor, conv: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One position: x (b, d), conv (b, e, k-1), h (b, e, n) -> y (b, d), conv, h."""
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # (b, e)
+        window = torch.cat([conv, u[..., None]], dim=-1)  # (b, e, k)
+        u = F.silu((window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias)  # (b, e)
+        dt, B, C = self._select(u)  # (b, e), (b, n), (b, n)
+        A = -torch.exp(self.A_log)  # (e, n)
+        h = torch.exp(dt[..., None] * A) * h + (dt * u)[..., None] * B[:, None, :]  # (b, e, n)
+        y = (h * C[:, None, :]).sum(-1) + self.D * u  # (b, e)
+        return x + self.out_proj(y * F.silu(z)), window[..., 1:], h

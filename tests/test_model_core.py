@@ -1,0 +1,139 @@
+"""The step contract, HRR algebra, state packing and checkpoints of the core model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, build_model
+from model.checkpoint import Checkpoint, CheckpointError, load, save
+from model.hrr import bind, bundle, unbind
+from model.state import CODECS, pack, packed_size, unpack
+
+
+def make_model(name: str = "holomamba", n_items: int = 40, seed: int = 0, **kw: object):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(model=name, n_items=n_items, n_attrs=6, max_attrs=3, d_model=32, **kw)
+    attrs = torch.randint(0, 7, (n_items + 1, 3))
+    attrs[0] = 0
+    attrs[1] = 0  # an item without attributes
+    return build_model(cfg, attrs).eval()
+
+
+def left_padded(batch: int, length: int, n_items: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, n_items + 1, (batch, length), generator=g)
+    for b in range(batch):
+        items[b, : int(torch.randint(0, length, (1,), generator=g))] = 0  # random amount of padding
+    return items
+
+
+@pytest.mark.parametrize("batch,length", [(1, 1), (3, 7), (5, 33), (2, 64)])
+def test_step_reproduces_forward_holomamba(batch: int, length: int) -> None:
+    m = make_model()
+    items = left_padded(batch, length, 40)
+    with torch.no_grad():
+        full = m(items)  # (b, l, d)
+        state = m.init_state(batch)
+        # step all rows together; padding rows are skipped by keeping their old state
+        worst = 0.0
+        for t in range(length):
+            h, new = m.step(items[:, t], state)
+            real = items[:, t] > 0
+            for k in state:
+                state[k] = torch.where(real.view(-1, *[1] * (state[k].dim() - 1)), new[k], state[k])
+            if real.any():
+                worst = max(worst, (h[real] - full[real, t]).abs().max().item())
+    assert worst < 1e-4
+
+
+def test_padding_does_not_change_outputs() -> None:
+    m = make_model()
+    seq = torch.tensor([[5, 9, 2, 17]])
+    padded = torch.tensor([[0, 0, 0, 5, 9, 2, 17]])
+    with torch.no_grad():
+        assert torch.allclose(m(seq)[0, -1], m(padded)[0, -1], atol=1e-5)
+
+
+def test_shapes_and_tied_scores() -> None:
+    m = make_model()
+    items = left_padded(4, 10, 40)
+    with torch.no_grad():
+        h = m(items)
+        assert h.shape == (4, 10, 32)
+        table = m.item_table()
+        assert table.shape == (41, 32) and table[0].abs().max() == 0
+        assert m.score(h[:, -1]).shape == (4, 41)
+    m.train()
+    loss = m.loss(items, torch.randint(0, 41, (4, 10)))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_hrr_unbind_recovers_and_degrades_with_bundling() -> None:
+    torch.manual_seed(0)
+    d, trials = 64, 200
+    cos = {}
+    for k in (1, 4, 16):
+        keys, vals = torch.randn(trials, k, d) / d**0.5, torch.randn(trials, k, d) / d**0.5
+        trace = bundle(bind(keys, vals), dim=1)  # (trials, d)
+        rec = unbind(trace, keys[:, 0])
+        cos[k] = F.cosine_similarity(rec, vals[:, 0], dim=-1).mean().item()
+    assert cos[1] > 0.5
+    assert cos[1] > cos[4] > cos[16] > 0.1  # recoverable, noisier as more are bundled
+
+
+def test_bind_is_circular_convolution() -> None:
+    a, b = torch.randn(8), torch.randn(8)
+    direct = torch.stack([sum(a[j] * b[(i - j) % 8] for j in range(8)) for i in range(8)])
+    assert torch.allclose(bind(a, b), direct, atol=1e-5)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_state_packing_round_trip_and_constant_size(codec: str) -> None:
+    m = make_model()
+    with torch.no_grad():
+        _, short = m.replay([3, 4, 5])
+        _, long = m.replay(list(range(1, 41)) * 10)
+    blobs = pack(short, codec) + pack(long, codec)
+    assert len(blobs[0]) == len(blobs[1]) == packed_size(m.init_state(1), codec)
+    back = unpack(blobs, m.init_state(1), codec)
+    tol = {"float32": 0.0, "float16": 1e-2, "int8": 5e-2}[codec]
+    for k in long:
+        scale = long[k].abs().max().item() + 1e-6
+        assert (back[k][1:] - long[k]).abs().max().item() <= tol * scale + 1e-7
+    with pytest.raises(ValueError, match="expected"):
+        unpack([blobs[0][:-1]], m.init_state(1), codec)
+
+
+def test_checkpoint_round_trip_identical_scores(tmp_path) -> None:
+    m = make_model()
+    ckpt = Checkpoint(m, [f"item{i}" for i in range(1, 41)], [f"a{j}" for j in range(1, 7)], [3, 1, 2], {"dataset": "test"})
+    version = save(ckpt, tmp_path)
+    back = load(tmp_path)
+    assert back.version == version and back.items == ckpt.items and back.popular == [3, 1, 2]
+    items = left_padded(3, 9, 40)
+    with torch.no_grad():
+        assert torch.equal(m.score(m.user_vector(items)), back.model.score(back.model.user_vector(items)))
+
+
+def test_corrupt_and_tampered_checkpoints_are_refused(tmp_path) -> None:
+    save(Checkpoint(make_model(), [f"i{i}" for i in range(40)]), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match="model.safetensors.*sha256"):
+        load(tmp_path)
+    weights.write_bytes(good)
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    meta["popular"] = [1]
+    (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="checkpoint.json.*version"):
+        load(tmp_path)
+    (tmp_path / "checkpoint.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="checkpoint.json.*JSON"):
+        load(tmp_path)
+    with pytest.raises(CheckpointError, match="missing"):
+        load(tmp_path / "nowhere")
