@@ -1,0 +1,105 @@
+"""`holorec`: the one command. train, evaluate, serve, data, bench.
+
+Each subcommand only parses arguments and calls a plain function in model/, service/ or bench/,
+imported lazily so `holorec --help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(a: argparse.Namespace) -> None:
+    from model.train import cli_train
+
+    cli_train(a)
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from model.evaluate import cli_evaluate
+
+    cli_evaluate(a)
+
+
+def _data(a: argparse.Namespace) -> None:
+    from model.data import cli_data
+
+    cli_data(a)
+
+
+def _serve(a: argparse.Namespace) -> None:
+    from service.app import serve
+
+    serve(a.checkpoint, host=a.host, port=a.port, workers=a.workers)
+
+
+def _bench(a: argparse.Namespace) -> None:
+    import bench
+
+    bench.run(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="holorec", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model and write a checkpoint directory")
+    t.add_argument("--data", required=True, help="MovieLens folder, S3-Rec NAME.txt, CSV/Parquet file, or 'synthetic'")
+    t.add_argument("--attributes", help="item -> attributes file for a CSV/Parquet dataset")
+    t.add_argument("--model", default="holomamba", choices=["holomamba", "sasrec", "gru4rec", "elastic"])
+    t.add_argument("--epochs", type=int, default=10, help="passes over every training position (default: 10, the paper's budget)")
+    t.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation NDCG@10")
+    t.add_argument("--out", required=True, help="checkpoint directory to write")
+    t.add_argument("--max-len", type=int, help="most recent items kept per user (default per dataset)")
+    t.add_argument("--d-model", type=int, default=64)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--dropout", type=float, help="default per dataset")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="full-ranking HR/NDCG/MRR of a checkpoint on its dataset's test split")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", help="dataset path (default: the one recorded in the checkpoint)")
+    e.add_argument("--split", default="test", choices=["valid", "test"])
+    e.add_argument("--exclude-seen", action="store_true", help="also remove the user's history items from the ranking")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=_evaluate)
+
+    d = sub.add_parser("data", help="fetch MovieLens-1M (checksum verified) or copy it from a local path")
+    d.add_argument("--dest", default="data/ml-1m")
+    d.add_argument("--from", dest="from_path", help="a local ml-1m.zip or extracted folder instead of downloading")
+    d.set_defaults(func=_data)
+
+    s = sub.add_parser("serve", help="serve a checkpoint over HTTP (uvicorn)")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(func=_serve)
+
+    b = sub.add_parser("bench", help="benchmarks; results go to bench/results/")
+    b.add_argument("which", choices=["step", "accuracy", "train", "serve", "faults", "all"])
+    b.add_argument("--out", default="bench/results")
+    b.add_argument("--quick", action="store_true", help="a small, fast version (for smoke tests)")
+    b.add_argument("--data", help="dataset for `bench accuracy`")
+    b.add_argument("--epochs", type=int, default=10)
+    b.add_argument("--seeds", type=int, default=3)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
