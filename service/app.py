@@ -1,0 +1,167 @@
+"""create_app(settings) -> FastAPI, and `serve` behind `holorec serve`."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model.checkpoint import load
+from service.api import router
+from service.batcher import Batcher
+from service.engine import Conflict, Engine
+from service.metrics import ERRORS, HTTP_LATENCY, MODEL_INFO
+from service.settings import Settings
+from service.store import MemoryStore, RedisStore, StateStore, StoreUnavailable
+
+log = logging.getLogger("holorec")
+
+
+def make_store(s: Settings) -> StateStore:
+    if not s.redis_url:
+        log.warning("HOLOREC_REDIS_URL is not set: using the embedded in-process state store (state is lost on exit, "
+                    "not shared between workers). Set it to a redis:// URL for production.")
+        return MemoryStore()
+    log.info("state store: %s %s", "Redis Cluster" if s.redis_cluster else "Redis", s.redis_url.split("@")[-1])
+    return RedisStore(s.redis_url, cluster=s.redis_cluster, timeout_s=s.store_timeout_s)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    s = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(s.torch_threads)
+        ckpt = load(s.checkpoint)
+        engine = Engine(ckpt, make_store(s), s)
+        MODEL_INFO.labels(ckpt.version, ckpt.model.config.model).set(1)
+        window = s.batch_window_ms / 1000
+        app.state.event_batcher = Batcher(engine.apply, window_s=window, max_size=s.max_batch, name="events")
+        app.state.rec_batcher = Batcher(engine.recommend, window_s=window, max_size=s.max_batch, name="recommend")
+        app.state.event_batcher.start()
+        app.state.rec_batcher.start()
+        app.state.engine = engine
+        log.info("holorec ready: model %s version %s, %d items, store %s", ckpt.model.config.model, ckpt.version, len(ckpt.items), engine.store.kind)
+        yield
+        await app.state.event_batcher.stop()
+        await app.state.rec_batcher.stop()
+
+    app = FastAPI(title="holorec", version="0.1.0", lifespan=lifespan,
+                  description="Sequential recommendations from a constant-size per-user state, advanced in O(1) per event.")
+    app.state.settings = s
+    app.include_router(router)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        ERRORS.labels("store_unavailable").inc()
+        log.warning("state store unavailable: %s", exc)
+        return JSONResponse({"detail": "state store unavailable; retry later", "error": "store_unavailable"}, 503,
+                            headers={"Retry-After": str(s.retry_after_s)})
+
+    @app.exception_handler(Conflict)
+    async def conflict(request: Request, exc: Conflict) -> JSONResponse:
+        ERRORS.labels("cas_exhausted").inc()
+        return JSONResponse({"detail": str(exc), "error": "conflict"}, 503, headers={"Retry-After": str(s.retry_after_s)})
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        ERRORS.labels("internal").inc()
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error", "error": "internal"}, 500)
+
+    app.add_middleware(Timing)
+    app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # outermost: refuse before anything reads
+    return app
+
+
+class Timing:
+    """Observe every request's latency by route template and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 500
+
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            HTTP_LATENCY.labels(path, scope["method"], str(status)).observe(time.perf_counter() - t0)
+
+
+class BodyLimit:
+    """413 for bodies over `limit` bytes, by Content-Length or, when streamed, by counting."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._too_large(send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send: Send) -> None:
+        resp = JSONResponse({"detail": f"request body larger than {self.limit} bytes", "error": "too_large"}, 413)
+        await resp({"type": "http"}, _no_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory: settings from HOLOREC_* environment variables."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(Settings())
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    import uvicorn
+
+    os.environ["HOLOREC_CHECKPOINT"] = checkpoint
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="holorec-metrics-")
+    load(checkpoint)  # fail fast, with the checkpoint's own error, before starting workers
+    base = f"http://{host}:{port}"
+    print(f"holorec serving {checkpoint} on {base}  (API docs: {base}/docs)")
+    print(f"  try: curl -s -X POST {base}/events -H 'Content-Type: application/json' "
+          "-d '{\"events\": [{\"user_id\": \"alice\", \"item_id\": \"1\"}]}'")
+    print(f"       curl -s '{base}/recommend/alice?k=5'")
+    uvicorn.run("service.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="info")

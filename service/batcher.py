@@ -1,0 +1,72 @@
+"""Micro-batching: gather concurrent requests for a short window, run them as one batch.
+
+Requests `await submit(x)`; a background task takes what is waiting and, if that is more than one
+request (there is concurrency), keeps gathering until `window_s` has passed or `max_size` are
+waiting. A lone request on an idle service goes at once: batching costs latency only under load,
+where requests arriving while a batch runs form the next one. Batches run `fn(batch)` on this
+batcher's own thread
+(so the event loop never blocks on the model or Redis) and hands each caller its own result or
+exception. `max_size=1` turns batching off: every request runs alone, in arrival order.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+from service.metrics import BATCH_SIZE
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Generic[T, R]):
+    def __init__(self, fn: Callable[[list[T]], list[R]], *, window_s: float, max_size: int, name: str) -> None:
+        self.fn, self.window_s, self.max_size, self.name = fn, window_s, max_size, name
+        self.queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        self.pool.shutdown(wait=True)
+
+    async def submit(self, item: T) -> R:
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self.queue.put((item, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.window_s
+            while len(batch) < self.max_size:
+                try:
+                    batch.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time() if len(batch) > 1 else 0
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            BATCH_SIZE.labels(self.name).observe(len(batch))
+            items = [x for x, _ in batch]
+            try:
+                results = await loop.run_in_executor(self.pool, self.fn, items)
+                for (_, fut), res in zip(batch, results):
+                    if not fut.done():
+                        fut.set_result(res)
+            except Exception as e:  # the whole batch failed (e.g. store down): every caller sees it
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)

@@ -1,0 +1,326 @@
+"""What the service does, without HTTP: apply events to user records, score users, re-warm records.
+
+Everything here runs on the batcher's threads, a batch at a time: one pipelined read of all the
+batch's records, one batched model `step` per position, one pipelined compare-and-set write.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.checkpoint import Checkpoint
+from model.state import pack, packed_size, unpack
+from service import record as rec
+from service.metrics import CAS_CONFLICTS, ERRORS, EVENTS, RECOMMENDATIONS, SCORE_LATENCY, STATE_REBUILDS, STEP_LATENCY, USERS_SEEN
+from service.settings import Settings
+from service.store import StateStore, StoreUnavailable, user_key
+
+log = logging.getLogger("holorec")
+
+
+@dataclass
+class Event:
+    user_id: str
+    item_id: str
+    event_id: str | None = None
+    timestamp: float | None = None
+
+
+@dataclass
+class EventsResult:
+    applied: int = 0
+    duplicate: int = 0
+    unknown_items: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RecQuery:
+    user_id: str
+    k: int = 10
+    exclude_seen: bool = True
+    exclude: list[str] = field(default_factory=list)
+    attribute: str | None = None
+
+
+@dataclass
+class RecResult:
+    items: list[tuple[str, float]]
+    source: str  # state | popular
+
+
+class Conflict(RuntimeError):
+    """A user's record kept changing under us for every retry."""
+
+
+class Engine:
+    def __init__(self, ckpt: Checkpoint, store: StateStore, settings: Settings) -> None:
+        self.ckpt, self.store, self.s = ckpt, store, settings
+        self.model = ckpt.model.eval()
+        self.version = ckpt.version
+        self.d = self.model.config.d_model
+        self.max_len = self.model.config.max_len
+        self.template = self.model.init_state(1)
+        self.empty_state = pack(self.template, settings.state_codec)[0]
+        with torch.inference_mode():
+            self.table = self.model.item_table().detach().clone()  # (v, d)
+        self.popular = [i for i in ckpt.popular if 0 < i <= len(ckpt.items)]
+        self.attr_masks: dict[int, Tensor] = {}
+        self.vocabs: dict[str, list[str]] = {self.version: ckpt.items}
+        self.vocab_saved = False  # this model's vocabulary goes to the store before its first write
+
+    def _save_vocab(self) -> None:
+        """Records keep item indices; a later model re-warms them through this id list."""
+        if not self.vocab_saved:
+            self.store.set(self._vocab_key(self.version), json.dumps(self.ckpt.items).encode())
+            self.vocab_saved = True
+
+    # --- keys and records -----------------------------------------------------------
+    def key(self, user_id: str) -> str:
+        return user_key(self.s.namespace, user_id)
+
+    def _vocab_key(self, version: str) -> str:
+        return f"holorec:{self.s.namespace}:vocab:{version}"
+
+    def state_bytes(self) -> int:
+        return packed_size(self.template, self.s.state_codec)
+
+    def _fresh(self) -> rec.Record:
+        return rec.empty(self.version, self.s.state_codec, self.max_len, self.s.dedup_slots, self.d, self.empty_state)
+
+    def _read(self, user_ids: list[str]) -> list[tuple[rec.Record, int, bool]]:
+        """(record ready for this model, revision to CAS against, whether it must be written back)."""
+        blobs = self.store.get_many([self.key(u) for u in user_ids])
+        out: list[tuple[rec.Record, int, bool]] = []
+        stale: list[int] = []
+        for u, blob in zip(user_ids, blobs):
+            if blob is None:
+                out.append((self._fresh(), 0, False))
+                continue
+            try:
+                r = rec.decode(blob, self.version, self.d)
+                if r.model_version == self.version and r.codec == self.s.state_codec and len(r.window) == self.max_len:
+                    out.append((r, r.revision, False))
+                    continue
+                stale.append(len(out))
+                out.append((r, r.revision, True))
+            except rec.CorruptRecord as e:
+                log.warning("corrupt state record for user %r (%s): rebuilt empty, not served", u, e)
+                ERRORS.labels("corrupt_record").inc()
+                STATE_REBUILDS.labels("corrupt").inc()
+                out.append((self._fresh(), rec.stored_revision(blob), True))
+        if stale:
+            self._rewarm([out[i][0] for i in stale])
+            for i in stale:
+                STATE_REBUILDS.labels("model_change").inc()
+        return out
+
+    def _rewarm(self, records: list[rec.Record]) -> None:
+        """Replay each stale record's window (mapped through its model's vocabulary) with this model."""
+        histories = []
+        for r in records:
+            old = self._vocab(r.model_version)
+            ids = [old[i - 1] for i in r.history() if old is not None and 0 < i <= len(old)]
+            histories.append([self.ckpt.item_index[x] for x in ids if x in self.ckpt.item_index][-self.max_len :])
+        state = unpack([self.empty_state] * len(records), self.template, self.s.state_codec)
+        vec = torch.zeros(len(records), self.d)
+        state, vec = self._advance(state, vec, histories)
+        blobs = pack(state, self.s.state_codec)
+        for i, r in enumerate(records):
+            r.model_version, r.codec, r.state = self.version, self.s.state_codec, blobs[i]
+            r.vector = vec[i].numpy().astype(np.float32)
+            r.window = np.zeros(self.max_len, np.int32)
+            for item in histories[i]:
+                r.push(item)
+
+    def _vocab(self, version: str) -> list[str] | None:
+        if version not in self.vocabs:
+            raw = self.store.get(self._vocab_key(version))
+            self.vocabs[version] = json.loads(raw) if raw else None  # type: ignore[assignment]
+        return self.vocabs[version]
+
+    # --- the model ------------------------------------------------------------------
+    @torch.inference_mode()
+    def _advance(self, state: dict[str, Tensor], vec: Tensor, seqs: list[list[int]]) -> tuple[dict[str, Tensor], Tensor]:
+        """Step every user through their own item list; one batched step per position."""
+        for t in range(max((len(s) for s in seqs), default=0)):
+            rows = [u for u, s in enumerate(seqs) if len(s) > t]
+            idx = torch.tensor(rows)
+            items = torch.tensor([seqs[u][t] for u in rows])
+            t0 = time.perf_counter()
+            h, new = self.model.step(items, {k: v[idx] for k, v in state.items()})
+            STEP_LATENCY.observe(time.perf_counter() - t0)
+            for k in state:
+                state[k][idx] = new[k]
+            vec[idx] = h
+        return state, vec
+
+    # --- events -----------------------------------------------------------------------
+    def apply(self, requests: list[list[Event]]) -> list[EventsResult]:
+        """Apply each request's events in order; per user atomically (CAS on the revision, retried)."""
+        self._save_vocab()
+        results = [EventsResult() for _ in requests]
+        by_user: dict[str, list[tuple[int, Event, int]]] = {}
+        for r, events in enumerate(requests):
+            for e in events:
+                item = self.ckpt.item_index.get(e.item_id)
+                if item is None:
+                    results[r].unknown_items.append(e.item_id)
+                    EVENTS.labels("unknown_item").inc()
+                else:
+                    by_user.setdefault(e.user_id, []).append((r, e, item))
+        pending = list(by_user)
+        for attempt in range(self.s.cas_retries):
+            if not pending:
+                break
+            if attempt:
+                time.sleep(min(0.001 * 2**attempt, 0.05) * np.random.rand())
+            pending = self._apply_once(pending, by_user, results)
+            CAS_CONFLICTS.inc(len(pending))
+        if pending:
+            raise Conflict(f"{len(pending)} users still conflicting after {self.s.cas_retries} attempts")
+        return results
+
+    def _apply_once(self, users: list[str], by_user: dict[str, list[tuple[int, Event, int]]], results: list[EventsResult]) -> list[str]:
+        loaded = self._read(users)
+        outcomes: list[list[tuple[int, bool]]] = []  # per user: (request, applied?) per event
+        seqs: list[list[int]] = []
+        for u, (r, _, _) in zip(users, loaded):
+            out, seq = [], []
+            for req, e, item in by_user[u]:
+                h = rec.event_hash(e.event_id) if e.event_id is not None else None
+                if h is not None and r.seen(h):
+                    out.append((req, False))
+                    continue
+                if h is not None:
+                    r.remember(h)
+                r.push(item)
+                r.applied += 1
+                if e.timestamp is not None:
+                    r.last_event_ts = float(e.timestamp)
+                seq.append(item)
+                out.append((req, True))
+            outcomes.append(out)
+            seqs.append(seq)
+        state = unpack([r.state for r, _, _ in loaded], self.template, self.s.state_codec)
+        vec = torch.from_numpy(np.stack([r.vector for r, _, _ in loaded]))  # (u, d)
+        state, vec = self._advance(state, vec, seqs)
+        blobs = pack(state, self.s.state_codec)
+        now = time.time()
+        writes = []
+        for i, (r, expected, _) in enumerate(loaded):
+            r.state, r.vector, r.updated_at, r.revision = blobs[i], vec[i].numpy(), now, max(expected, 0) + 1
+            writes.append((self.key(users[i]), expected, rec.encode(r)))
+        oks = self.store.cas_many(writes, self.s.state_ttl_s)
+        failed: list[str] = []
+        created = n_applied = n_duplicate = 0
+        for i, ok in enumerate(oks):
+            if not ok:
+                failed.append(users[i])
+                continue
+            created += loaded[i][1] == 0
+            for req, applied in outcomes[i]:
+                if applied:
+                    results[req].applied += 1
+                    n_applied += 1
+                else:
+                    results[req].duplicate += 1
+                    n_duplicate += 1
+        EVENTS.labels("applied").inc(n_applied)
+        EVENTS.labels("duplicate").inc(n_duplicate)
+        if created:
+            USERS_SEEN.set(self.store.incr(f"holorec:{self.s.namespace}:users", created))
+        return failed
+
+    # --- recommendations ---------------------------------------------------------------
+    def attribute_mask(self, name: str) -> Tensor | None:
+        """(v,) True for items carrying attribute `name`; None if the checkpoint has no such attribute."""
+        j = self.ckpt.attribute_index.get(name)
+        if j is None:
+            return None
+        if j not in self.attr_masks:
+            self.attr_masks[j] = (self.model.item_attrs == j).any(1)
+        return self.attr_masks[j]
+
+    def recommend(self, queries: list[RecQuery]) -> list[RecResult]:
+        loaded = self._read([q.user_id for q in queries])
+        rewrites = [(self.key(q.user_id), expected, rec.encode(self._bumped(r, expected)))
+                    for q, (r, expected, dirty) in zip(queries, loaded) if dirty]
+        if rewrites:  # re-warmed or reset (corrupt) records; losing the race means someone wrote newer state
+            self.store.cas_many(rewrites, self.s.state_ttl_s)
+        with_state = [i for i, (r, _, _) in enumerate(loaded) if r.applied > 0]
+        out: list[RecResult] = [self._popular(q) for q in queries]
+        if with_state:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                h = torch.from_numpy(np.stack([loaded[i][0].vector for i in with_state]))  # (n, d)
+                scores = h @ self.table.T  # (n, v)
+                scores[:, 0] = -math.inf
+                for row, i in enumerate(with_state):
+                    scores[row, self._excluded(queries[i], loaded[i][0])] = -math.inf
+                top = torch.topk(scores, min(max(queries[i].k for i in with_state), scores.shape[1] - 1), dim=1)
+            SCORE_LATENCY.observe(time.perf_counter() - t0)
+            for row, i in enumerate(with_state):
+                vals, idx = top.values[row, : queries[i].k].tolist(), top.indices[row, : queries[i].k].tolist()
+                items = [(self.ckpt.items[j - 1], v) for j, v in zip(idx, vals) if v > -math.inf]
+                out[i] = RecResult(items, "state")
+        for r in out:
+            RECOMMENDATIONS.labels(r.source).inc()
+        return out
+
+    def _bumped(self, r: rec.Record, expected: int) -> rec.Record:
+        r.revision = max(expected, 0) + 1
+        r.updated_at = time.time()
+        return r
+
+    def _excluded(self, q: RecQuery, r: rec.Record | None) -> Tensor:
+        """(v,) True where an item must not be recommended to this query."""
+        mask = torch.zeros(len(self.ckpt.items) + 1, dtype=torch.bool)
+        if q.exclude_seen and r is not None:
+            mask[torch.from_numpy(r.window.astype(np.int64))] = True
+        ids = [self.ckpt.item_index[x] for x in q.exclude if x in self.ckpt.item_index]
+        mask[ids] = True
+        if q.attribute is not None:
+            keep = self.attribute_mask(q.attribute)
+            mask |= ~keep if keep is not None else True
+        mask[0] = True
+        return mask
+
+    def _popular(self, q: RecQuery) -> RecResult:
+        """The fallback for users without state: most interacted items in training, filtered alike."""
+        banned = self._excluded(q, None)
+        n = len(self.popular)
+        items = [(self.ckpt.items[i - 1], 1.0 - rank / n) for rank, i in enumerate(self.popular) if not banned[i]]
+        return RecResult(items[: q.k], "popular")
+
+    # --- users ---------------------------------------------------------------------------
+    def user_meta(self, user_id: str) -> dict | None:
+        blob = self.store.get(self.key(user_id))
+        if blob is None:
+            return None
+        try:
+            r = rec.decode(blob, self.version, self.d)
+        except rec.CorruptRecord as e:
+            ERRORS.labels("corrupt_record").inc()
+            return {"user_id": user_id, "corrupt": str(e), "state_bytes": len(blob)}
+        return {
+            "user_id": user_id,
+            "events_applied": r.applied,
+            "last_update": r.updated_at,
+            "last_event_timestamp": None if math.isnan(r.last_event_ts) else r.last_event_ts,
+            "model_version": r.model_version,
+            "current_model": r.model_version == self.version,
+            "state_bytes": len(blob),
+        }
+
+    def delete(self, user_id: str) -> bool:
+        existed = self.store.delete(self.key(user_id))
+        if existed:
+            USERS_SEEN.set(self.store.incr(f"holorec:{self.s.namespace}:users", -1))
+        return existed

@@ -1,0 +1,30 @@
+"""Service configuration: every field is an environment variable HOLOREC_<NAME> (case-insensitive)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOLOREC_", extra="ignore")
+
+    checkpoint: str = Field("demo/checkpoint", description="checkpoint directory (holorec train --out)")
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset = embedded in-process store")
+    redis_cluster: bool = Field(False, description="treat redis_url as a Redis Cluster seed node")
+    namespace: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="key prefix part: holorec:<ns>:...")
+    api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required on all but /livez, /readyz, /metrics")
+    state_ttl_s: int | None = Field(None, ge=1, description="expire a user's state after this many idle seconds; unset = never")
+    state_codec: Literal["float32", "float16", "int8"] = Field("float32", description="how the recurrent state is packed")
+    dedup_slots: int = Field(256, ge=1, le=65535, description="recent event ids remembered per user for deduplication")
+    max_events: int = Field(1000, ge=1, description="most events in one POST /events")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413")
+    max_user_id_len: int = Field(256, ge=1, le=4096, description="longer user ids get 422")
+    batch_window_ms: float = Field(2.0, ge=0, description="micro-batch gathering window")
+    max_batch: int = Field(256, ge=1, description="requests per micro-batch; 1 turns micro-batching off")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads for the model")
+    store_timeout_s: float = Field(1.0, gt=0, description="Redis socket timeout; past it requests get 503")
+    cas_retries: int = Field(50, ge=1, description="compare-and-set attempts per user before giving up with 503")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503s")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (holorec serve --workers)")

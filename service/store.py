@@ -1,0 +1,185 @@
+"""State stores: where user records live. Redis in production; an in-process dict embedded.
+
+Both give the same semantics: `cas_many` writes a record only if the stored revision equals the
+expected one (0 = no record), atomically per key, so concurrent updates of one user from any
+number of workers or replicas are never lost: the loser re-reads and retries.
+
+Keys: `holorec:{ns}:{u:<user id>}`. The braces are a Redis Cluster hash tag, so every key of one
+user maps to one slot. TTL policy is explicit on every write: with a TTL each write sets a fresh
+EX (idle users expire), without one a plain SET (records never expire).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Protocol
+
+import redis
+import redis.cluster
+
+from service.metrics import REDIS_LATENCY
+from service.record import stored_revision
+
+# KEYS[1] record; ARGV[1] expected revision (0: must be absent); ARGV[2] new value; ARGV[3] TTL s (0: none)
+CAS_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+local rev = 0
+if cur then
+  if string.len(cur) < 16 then rev = -1 else rev = struct.unpack('<I8', cur, 9) end
+end
+if rev ~= tonumber(ARGV[1]) then return 0 end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+
+class StoreUnavailable(RuntimeError):
+    """The state store did not answer in time; the API turns this into 503 + Retry-After."""
+
+
+class StateStore(Protocol):
+    kind: str
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None) -> list[bool]: ...
+    def delete(self, key: str) -> bool: ...
+    def get(self, key: str) -> bytes | None: ...
+    def set(self, key: str, value: bytes) -> None: ...
+    def incr(self, key: str, by: int = 1) -> int: ...
+    def ping(self) -> bool: ...
+
+
+def user_key(namespace: str, user_id: str) -> str:
+    return f"holorec:{namespace}:{{u:{user_id}}}"
+
+
+class RedisStore:
+    """Redis (or Redis Cluster) through one pipelined round trip per batch."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, *, cluster: bool = False, timeout_s: float = 1.0) -> None:
+        opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10)
+        if cluster:
+            self.r: redis.Redis | redis.cluster.RedisCluster = redis.cluster.RedisCluster.from_url(url, **opts)
+        else:
+            self.r = redis.Redis.from_url(url, retry_on_timeout=False, **opts)
+        self.cas = self.r.register_script(CAS_SCRIPT)
+
+    @contextmanager
+    def _op(self, op: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, redis.cluster.ClusterDownError) as e:
+            raise StoreUnavailable(f"redis {op} failed: {e}") from e
+        except redis.ResponseError as e:
+            if "LOADING" in str(e) or "MASTERDOWN" in str(e) or "CLUSTERDOWN" in str(e):
+                raise StoreUnavailable(f"redis {op} failed: {e}") from e
+            raise
+        finally:
+            REDIS_LATENCY.labels(op).observe(time.perf_counter() - t0)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        with self._op("get"):
+            if len(keys) == 1:
+                return [self.r.get(keys[0])]
+            return list(self.r.mget(keys)) if isinstance(self.r, redis.Redis) else self._pipe_get(keys)
+
+    def _pipe_get(self, keys: Sequence[str]) -> list[bytes | None]:
+        pipe = self.r.pipeline()
+        for k in keys:
+            pipe.get(k)
+        return pipe.execute()
+
+    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None) -> list[bool]:
+        with self._op("cas"):
+            pipe = self.r.pipeline(transaction=False)
+            for key, expected, value in writes:
+                self.cas(keys=[key], args=[expected, value, ttl_s or 0], client=pipe)
+            return [bool(x) for x in pipe.execute()]
+
+    def delete(self, key: str) -> bool:
+        with self._op("delete"):
+            return bool(self.r.delete(key))
+
+    def get(self, key: str) -> bytes | None:
+        with self._op("get"):
+            return self.r.get(key)
+
+    def set(self, key: str, value: bytes) -> None:
+        with self._op("set"):
+            self.r.set(key, value)
+
+    def incr(self, key: str, by: int = 1) -> int:
+        with self._op("incr"):
+            return int(self.r.incrby(key, by))
+
+    def ping(self) -> bool:
+        try:
+            with self._op("ping"):
+                return bool(self.r.ping())
+        except StoreUnavailable:
+            return False
+
+
+class MemoryStore:
+    """The embedded default: same interface and CAS semantics, in this process only (lost on exit)."""
+
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self.data: dict[str, tuple[bytes, float | None]] = {}  # key -> (value, expiry time)
+        self.lock = threading.Lock()
+
+    def _live(self, key: str) -> bytes | None:
+        item = self.data.get(key)
+        if item is None:
+            return None
+        if item[1] is not None and item[1] < time.time():
+            del self.data[key]
+            return None
+        return item[0]
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        with self.lock:
+            return [self._live(k) for k in keys]
+
+    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None) -> list[bool]:
+        out = []
+        with self.lock:
+            for key, expected, value in writes:
+                cur = self._live(key)
+                rev = 0 if cur is None else stored_revision(cur)
+                ok = rev == expected
+                if ok:
+                    self.data[key] = (value, time.time() + ttl_s if ttl_s else None)
+                out.append(ok)
+        return out
+
+    def delete(self, key: str) -> bool:
+        with self.lock:
+            return self.data.pop(key, None) is not None
+
+    def get(self, key: str) -> bytes | None:
+        with self.lock:
+            return self._live(key)
+
+    def set(self, key: str, value: bytes) -> None:
+        with self.lock:
+            self.data[key] = (value, None)
+
+    def incr(self, key: str, by: int = 1) -> int:
+        with self.lock:
+            n = int(self._live(key) or 0) + by
+            self.data[key] = (str(n).encode(), None)
+            return n
+
+    def ping(self) -> bool:
+        return True
