@@ -1,0 +1,587 @@
+"""Interaction data: the public raw formats in, one `Dataset` out, and the leave-one-out split.
+
+    load(path)      recognises, by shape, a MovieLens-100K or -1M folder, an S3-Rec NAME.txt
+                    (+ NAME_item2attributes.json), a CSV/Parquet table (user,item,timestamp),
+                    or the word `synthetic`; malformed lines raise DataError(file, line)
+    split(ds, L)    per user: last item test, second-to-last validation, the rest training
+
+Item and attribute indices start at 1 (0 is padding) and follow the natural order of the
+external ids ("2" before "10"), so S3-Rec's already-numbered items keep their numbers.
+Only items that occur in the interactions get an index.
+Shape letters: u users, l max_len, v n_items + 1, m max_attrs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DEFAULT_MAX_LEN = {"movielens": 200, "s3rec": 50, "table": 50, "synthetic": 50}
+
+ML1M_URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
+# Published md5 of GroupLens' ml-1m.zip (the value GroupLens lists in ml-1m.zip.md5 and that
+# dataset loaders such as DataRec and papers_with_code's movielens config verify against).
+ML1M_MD5 = "c4d9eecfca2ab87c1945afe126590906"
+ML1M_FILES = ("ratings.dat", "movies.dat", "users.dat")
+
+
+class DataError(ValueError):
+    """Input that cannot be read as a dataset; the message names the file and, where it can, the line."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    users: list[str]  # external user ids
+    sequences: list[list[int]]  # per user, item indices 1..n_items in time order
+    items: list[str]  # external id of item index i + 1
+    attributes: list[str] = field(default_factory=list)  # name of attribute index j + 1
+    item_attrs: list[list[int]] = field(default_factory=list)  # n_items + 1 rows, row 0 empty
+    kind: str = "table"  # movielens | s3rec | table | synthetic: picks defaults (max_len, dropout)
+    source: str = ""  # what `load` needs to read it again (recorded in checkpoints)
+    attributes_source: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.item_attrs:
+            self.item_attrs = [[] for _ in range(self.n_items + 1)]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def n_attrs(self) -> int:
+        return len(self.attributes)
+
+    @property
+    def max_attrs(self) -> int:
+        return max((len(a) for a in self.item_attrs), default=0)
+
+    @property
+    def n_interactions(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def item_attr_tensor(self) -> Tensor:  # (v, m), zero-padded
+        t = torch.zeros(self.n_items + 1, self.max_attrs, dtype=torch.long)
+        for i, attrs in enumerate(self.item_attrs):
+            t[i, : len(attrs)] = torch.tensor(attrs, dtype=torch.long)
+        return t
+
+    def train_counts(self) -> list[int]:
+        """Interactions per item index over training positions only (all but each user's last two)."""
+        counts = [0] * (self.n_items + 1)
+        for seq in self.sequences:
+            for i in _train_part(seq):
+                counts[i] += 1
+        return counts
+
+    def popularity(self) -> list[int]:
+        """Every item index, most training interactions first (ties: lower index first).
+
+        Counted on training positions only, so the popularity baseline never sees the
+        validation or test item it is scored on.
+        """
+        counts = self.train_counts()
+        return sorted(range(1, self.n_items + 1), key=lambda i: (-counts[i], i))
+
+    def summary(self) -> str:
+        return f"{self.name}: {len(self.users)} users, {self.n_items} items, {self.n_interactions} interactions, {self.n_attrs} attributes"
+
+
+# --- the split -------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """Leave-one-out. Users with fewer than 3 items are kept for training only (no valid/test row).
+
+    Training rows: each user's training sequence s (all but the last two items) gives one row,
+    inputs s[:-1] and targets s[1:], cut to the most recent max_len and left-padded with 0: one
+    row covers every training position inside the window (SASRec's protocol; older positions of
+    users with more than max_len + 1 training items are not trained on).
+    Evaluation: full histories (models see the last max_len items; exclude_seen uses them all).
+    """
+
+    max_len: int
+    inputs: Tensor  # (u_train, l) left-padded
+    targets: Tensor  # (u_train, l) left-padded, inputs shifted by one
+    valid_histories: list[list[int]]  # s[:-2]
+    valid_targets: list[int]  # s[-2]
+    test_histories: list[list[int]]  # s[:-1] (includes the validation item)
+    test_targets: list[int]  # s[-1]
+
+    def eval_set(self, which: str) -> tuple[list[list[int]], list[int]]:
+        if which not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', not {which!r}")
+        return (self.valid_histories, self.valid_targets) if which == "valid" else (self.test_histories, self.test_targets)
+
+
+def _train_part(seq: list[int]) -> list[int]:
+    return seq[:-2] if len(seq) >= 3 else seq
+
+
+def left_pad(seqs: list[list[int]], length: int) -> Tensor:  # -> (len(seqs), length)
+    """The most recent `length` items of each sequence, right-aligned, zeros in front."""
+    out = torch.zeros(len(seqs), length, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        s = s[-length:] if length > 0 else []
+        if s:
+            out[r, length - len(s) :] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def split(ds: Dataset, max_len: int) -> Split:
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    rows_in, rows_out = [], []
+    vh, vt, th, tt = [], [], [], []
+    for seq in ds.sequences:
+        train = _train_part(seq)
+        if len(train) >= 2:
+            rows_in.append(train[:-1])
+            rows_out.append(train[1:])
+        if len(seq) >= 3:
+            vh.append(seq[:-2])
+            vt.append(seq[-2])
+            th.append(seq[:-1])
+            tt.append(seq[-1])
+    return Split(max_len, left_pad(rows_in, max_len), left_pad(rows_out, max_len), vh, vt, th, tt)
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def load(path: str, attributes: str | None = None) -> Dataset:
+    """Read a dataset, recognised by its shape (see the module docstring)."""
+    if path == "synthetic" or path.startswith("synthetic:"):
+        return synthetic(**_synthetic_params(path))
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: no such file or directory (expected a MovieLens folder, NAME.txt, .csv, .parquet or 'synthetic')")
+    if p.is_dir():
+        if (p / "ml-1m" / "ratings.dat").is_file():  # the folder the GroupLens zip extracts to
+            p = p / "ml-1m"
+        if (p / "u.data").is_file():
+            ds = _load_ml100k(p)
+        elif (p / "ratings.dat").is_file():
+            ds = _load_ml1m(p)
+        else:
+            raise DataError(f"{p}: folder holds neither u.data (MovieLens-100K) nor ratings.dat (MovieLens-1M)")
+        if attributes:
+            _attach_attributes(ds, Path(attributes))
+        return ds
+    suffix = p.suffix.lower()
+    if suffix == ".txt":
+        return _load_s3rec(p, Path(attributes) if attributes else None)
+    if suffix in (".csv", ".tsv", ".parquet", ".pq"):
+        rows = _read_parquet(p) if suffix in (".parquet", ".pq") else _read_csv(p)
+        ds = _from_rows(p.stem, rows, kind="table", source=str(p.resolve()))
+        if attributes:
+            _attach_attributes(ds, Path(attributes))
+        return ds
+    raise DataError(f"{p}: unrecognised file type {suffix!r} (expected .txt, .csv, .tsv, .parquet)")
+
+
+def _natural(x: str) -> tuple[int, int, str]:
+    return (0, int(x), x) if x.isdigit() else (1, 0, x)
+
+
+def _index(ids: set[str] | list[str]) -> tuple[list[str], dict[str, int]]:
+    ordered = sorted(set(ids), key=_natural)
+    return ordered, {x: i + 1 for i, x in enumerate(ordered)}
+
+
+Row = tuple[str, str, float]  # (user, item, timestamp)
+
+
+def _from_rows(name: str, rows: list[Row], *, kind: str, source: str) -> Dataset:
+    """Group interactions by user; within a user, sort by timestamp, ties in file order (stable)."""
+    if not rows:
+        raise DataError(f"{source}: no interactions")
+    items, item_index = _index([r[1] for r in rows])
+    by_user: dict[str, list[tuple[float, int]]] = {}
+    for user, item, ts in rows:
+        by_user.setdefault(user, []).append((ts, item_index[item]))
+    users = sorted(by_user, key=_natural)
+    seqs = [[i for _, i in sorted(by_user[u], key=lambda e: e[0])] for u in users]  # sorted() is stable
+    return Dataset(name, users, seqs, items, kind=kind, source=source)
+
+
+def _lines(path: Path, encoding: str = "utf-8"):
+    """(line number, stripped line) for every non-blank line."""
+    try:
+        with open(path, encoding=encoding, newline="") as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if line:
+                    yield n, line
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not {encoding} text ({e})") from e
+
+
+def _number(path: Path, n: int, field_name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(f"{path}:{n}: {field_name} {value!r} is not a number") from None
+
+
+def _load_ml100k(folder: Path) -> Dataset:
+    rows: list[Row] = []
+    data = folder / "u.data"
+    for n, line in _lines(data, "latin-1"):
+        parts = line.split("\t")
+        if len(parts) != 4:
+            raise DataError(f"{data}:{n}: expected 4 tab-separated fields (user item rating timestamp), got {len(parts)}")
+        user, item, rating, ts = parts
+        _number(data, n, "rating", rating)
+        rows.append((user, item, _number(data, n, "timestamp", ts)))
+    ds = _from_rows("ml-100k", rows, kind="movielens", source=str(folder.resolve()))
+    genres = _ml100k_genres(folder)
+    item_file = folder / "u.item"
+    if item_file.is_file():
+        names = genres or [f"genre{j}" for j in range(19)]
+        attrs_of: dict[str, list[str]] = {}
+        for n, line in _lines(item_file, "latin-1"):
+            parts = line.split("|")
+            if len(parts) < 5 + len(names):
+                raise DataError(f"{item_file}:{n}: expected {5 + len(names)} '|'-separated fields, got {len(parts)}")
+            flags = parts[-len(names) :]
+            if any(f not in ("0", "1") for f in flags):
+                raise DataError(f"{item_file}:{n}: genre flags must be 0 or 1, got {flags}")
+            attrs_of[parts[0]] = [g for g, f in zip(names, flags) if f == "1"]
+        _set_attributes(ds, attrs_of)
+    return ds
+
+
+def _ml100k_genres(folder: Path) -> list[str]:
+    f = folder / "u.genre"
+    if not f.is_file():
+        return []
+    by_index: dict[int, str] = {}
+    for n, line in _lines(f, "latin-1"):
+        name, _, idx = line.rpartition("|")
+        if not name or not idx.isdigit():
+            raise DataError(f"{f}:{n}: expected 'name|index', got {line!r}")
+        by_index[int(idx)] = name
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def _load_ml1m(folder: Path) -> Dataset:
+    rows: list[Row] = []
+    ratings = folder / "ratings.dat"
+    for n, line in _lines(ratings, "latin-1"):
+        parts = line.split("::")
+        if len(parts) != 4:
+            raise DataError(f"{ratings}:{n}: expected user::movie::rating::timestamp, got {len(parts)} fields")
+        user, item, rating, ts = parts
+        _number(ratings, n, "rating", rating)
+        rows.append((user, item, _number(ratings, n, "timestamp", ts)))
+    ds = _from_rows("ml-1m", rows, kind="movielens", source=str(folder.resolve()))
+    movies = folder / "movies.dat"
+    if movies.is_file():
+        attrs_of: dict[str, list[str]] = {}
+        for n, line in _lines(movies, "latin-1"):  # GroupLens ships movies.dat in latin-1
+            parts = line.split("::")
+            if len(parts) != 3:
+                raise DataError(f"{movies}:{n}: expected movie::title::genres, got {len(parts)} fields")
+            attrs_of[parts[0]] = [g for g in parts[2].split("|") if g and g != "(no genres listed)"]
+        _set_attributes(ds, attrs_of)
+    return ds
+
+
+def _load_s3rec(txt: Path, attributes: Path | None) -> Dataset:
+    rows: list[Row] = []
+    seen: set[str] = set()
+    for n, line in _lines(txt):
+        parts = line.split()
+        if len(parts) < 2:
+            raise DataError(f"{txt}:{n}: expected 'user item item ...', got {line[:80]!r}")
+        user = parts[0]
+        if user in seen:
+            raise DataError(f"{txt}:{n}: user {user!r} appears on more than one line")
+        seen.add(user)
+        rows.extend((user, item, float(t)) for t, item in enumerate(parts[1:]))
+    ds = _from_rows(txt.stem, rows, kind="s3rec", source=str(txt.resolve()))
+    beside = txt.with_name(f"{txt.stem}_item2attributes.json")
+    attr_file = attributes or (beside if beside.is_file() else None)
+    if attr_file is not None:
+        _attach_attributes(ds, attr_file)
+    return ds
+
+
+def _read_csv(path: Path) -> list[Row]:
+    delim = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delim)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file (a header user,item,timestamp is required)")
+        cols = _columns(path, [h.strip() for h in header])
+        rows: list[Row] = []
+        try:
+            for record in reader:
+                n = reader.line_num
+                if not record or all(not c.strip() for c in record):
+                    continue
+                if len(record) != len(header):
+                    raise DataError(f"{path}:{n}: expected {len(header)} fields, got {len(record)}")
+                user, item, ts = (record[cols[c]].strip() for c in ("user", "item", "timestamp"))
+                if not user or not item:
+                    raise DataError(f"{path}:{n}: empty user or item")
+                rows.append((user, item, _timestamp(path, n, ts)))
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: {e}") from e
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    return rows
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: cannot read as Parquet ({type(e).__name__}: {e})") from e
+    cols = _columns(path, [str(c) for c in df.columns])
+    names = {c: df.columns[cols[c]] for c in ("user", "item", "timestamp")}
+    rows: list[Row] = []
+    for r, (user, item, ts) in enumerate(zip(df[names["user"]], df[names["item"]], df[names["timestamp"]])):
+        if pd.isna(user) or pd.isna(item) or pd.isna(ts):
+            raise DataError(f"{path}: row {r + 1}: missing user, item or timestamp")
+        ts = ts.timestamp() if hasattr(ts, "timestamp") else ts
+        rows.append((_id(user), _id(item), _timestamp(path, r + 1, str(ts))))
+    return rows
+
+
+def _id(x: object) -> str:
+    """External ids as strings; integral floats (a Parquet int column with nulls) lose the '.0'."""
+    if isinstance(x, (float, np.floating)) and float(x).is_integer():
+        return str(int(x))
+    return str(x)
+
+
+def _columns(path: Path, header: list[str]) -> dict[str, int]:
+    aliases = {"user": ("user", "user_id", "userid"), "item": ("item", "item_id", "itemid"), "timestamp": ("timestamp", "time", "ts")}
+    lower = [h.lower() for h in header]
+    cols: dict[str, int] = {}
+    for want, names in aliases.items():
+        found = [lower.index(a) for a in names if a in lower]
+        if not found:
+            raise DataError(f"{path}: header {header} lacks a {want!r} column (accepted: {', '.join(names)})")
+        cols[want] = found[0]
+    return cols
+
+
+def _timestamp(path: Path, n: int, value: str) -> float:
+    """A number (epoch seconds or any sortable number) or an ISO-8601 date/time."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise DataError(f"{path}:{n}: timestamp {value!r} is neither a number nor an ISO-8601 date") from None
+
+
+def _attach_attributes(ds: Dataset, path: Path) -> None:
+    """Attributes from JSON {item: [attr, ...]} or CSV rows `item,attribute` (optional header)."""
+    if not path.is_file():
+        raise DataError(f"{path}: attributes file not found")
+    attrs_of: dict[str, list[str]] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+            raise DataError(f"{path}: expected a JSON object mapping item id -> list of attributes")
+        attrs_of = {str(k): [str(a) for a in v] for k, v in raw.items()}
+    else:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            for record in reader:
+                n = reader.line_num
+                if not record:
+                    continue
+                if len(record) != 2:
+                    raise DataError(f"{path}:{n}: expected 'item,attribute', got {len(record)} fields")
+                item, attr = record[0].strip(), record[1].strip()
+                if n == 1 and item.lower() in ("item", "item_id", "itemid"):
+                    continue  # header
+                if not item or not attr:
+                    raise DataError(f"{path}:{n}: empty item or attribute")
+                attrs_of.setdefault(item, []).append(attr)
+    _set_attributes(ds, attrs_of)
+    ds.attributes_source = str(path.resolve())
+
+
+def _set_attributes(ds: Dataset, attrs_of: dict[str, list[str]]) -> None:
+    """Index the attributes of items that occur in the interactions; others are ignored."""
+    wanted = {x for x in ds.items if x in attrs_of}
+    ds.attributes, attr_index = _index({a for x in wanted for a in attrs_of[x]})
+    ds.item_attrs = [[]] + [sorted({attr_index[a] for a in attrs_of.get(x, [])}) for x in ds.items]
+
+
+# --- synthetic ---------------------------------------------------------------------------
+
+
+def synthetic(n_users: int = 600, n_items: int = 300, n_attrs: int = 12, seed: int = 0, seq_len: tuple[int, int] = (8, 40)) -> Dataset:
+    """Users drifting between attribute clusters, moving along Markov chains inside a cluster.
+
+    Item i belongs to cluster i mod n_attrs (its attribute "c<k>"); each item has one favourite
+    successor (p = 0.6) and two others (0.15 each) in its cluster, else a Zipf-popular item of the
+    cluster. A user starts in a cluster drawn from their own preferences and moves to another
+    with probability 0.1 per step. So the next item is predictable from the last one (a sequential
+    model can learn it) while global popularity is a weak guess.
+    """
+    rng = np.random.default_rng(seed)
+    clusters = [np.arange(c, n_items, n_attrs) for c in range(n_attrs)]  # 0-based item ids per cluster
+    successors = {}
+    zipf = {}
+    for members in clusters:
+        perm = rng.permutation(members)
+        for j, i in enumerate(perm):
+            others = rng.choice(members, size=2, replace=True)
+            successors[int(i)] = (int(perm[(j + 1) % len(perm)]), *(int(o) for o in others))
+        w = 1.0 / np.arange(1, len(members) + 1)
+        zipf[len(zipf)] = (rng.permutation(members), w / w.sum())
+    sequences: list[list[int]] = []
+    for _ in range(n_users):
+        prefs = rng.dirichlet(np.full(n_attrs, 0.3))
+        length = int(rng.integers(seq_len[0], seq_len[1] + 1))
+        c = int(rng.choice(n_attrs, p=prefs))
+        members, w = zipf[c]
+        cur = int(rng.choice(members, p=w))
+        seq = [cur]
+        while len(seq) < length:
+            r = rng.random()
+            if r < 0.1:  # drift to another interest
+                c = int(rng.choice(n_attrs, p=prefs))
+                members, w = zipf[c]
+                cur = int(rng.choice(members, p=w))
+            elif r < 0.1 + 0.9 * 0.6:
+                cur = successors[cur][0]
+            elif r < 0.1 + 0.9 * 0.9:
+                cur = successors[cur][1 + int(rng.integers(0, 2))]
+            else:
+                members, w = zipf[cur % n_attrs]
+                cur = int(rng.choice(members, p=w))
+            seq.append(cur)
+        sequences.append([i + 1 for i in seq])
+    items = [f"i{i}" for i in range(n_items)]
+    attributes = [f"c{c}" for c in range(n_attrs)]
+    item_attrs = [[]] + [[i % n_attrs + 1] for i in range(n_items)]
+    defaults = dict(n_users=600, n_items=300, n_attrs=12, seed=0)
+    given = dict(n_users=n_users, n_items=n_items, n_attrs=n_attrs, seed=seed)
+    source = "synthetic" if given == defaults and seq_len == (8, 40) else "synthetic:" + ",".join(f"{k}={v}" for k, v in given.items())
+    if seq_len != (8, 40):
+        source += f",min_len={seq_len[0]},max_len={seq_len[1]}"
+    users = [f"u{u}" for u in range(n_users)]
+    return Dataset("synthetic", users, sequences, items, attributes, item_attrs, kind="synthetic", source=source)
+
+
+def _synthetic_params(spec: str) -> dict:
+    """'synthetic' or 'synthetic:n_users=200,n_items=100,seed=1' -> synthetic() keyword arguments."""
+    params: dict = {}
+    _, _, rest = spec.partition(":")
+    lens = [8, 40]
+    for part in filter(None, rest.split(",")):
+        key, _, value = part.partition("=")
+        if key in ("n_users", "n_items", "n_attrs", "seed") and value.isdigit():
+            params[key] = int(value)
+        elif key in ("min_len", "max_len") and value.isdigit():
+            lens[key == "max_len"] = int(value)
+        else:
+            raise DataError(f"{spec}: bad synthetic parameter {part!r} (n_users, n_items, n_attrs, seed, min_len, max_len)")
+    params["seq_len"] = (lens[0], lens[1])
+    return params
+
+
+# --- holorec data ------------------------------------------------------------------------
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _install_zip(zip_path: Path, dest: Path, *, check_md5: bool) -> None:
+    """Verify the archive (md5 when it claims to be GroupLens' ml-1m.zip, then its members) and extract."""
+    if check_md5:
+        got = _md5(zip_path)
+        if got != ML1M_MD5:
+            raise DataError(f"{zip_path}: md5 {got} does not match the published {ML1M_MD5} for ml-1m.zip")
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            names = set(z.namelist())
+            missing = [f for f in ML1M_FILES if f"ml-1m/{f}" not in names]
+            if missing:
+                raise DataError(f"{zip_path}: not a MovieLens-1M archive (missing ml-1m/{', ml-1m/'.join(missing)})")
+            with tempfile.TemporaryDirectory() as tmp:
+                for f in ML1M_FILES:
+                    z.extract(f"ml-1m/{f}", tmp)
+                _install_folder(Path(tmp) / "ml-1m", dest)
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{zip_path}: not a zip archive ({e})") from e
+
+
+def _install_folder(src: Path, dest: Path) -> None:
+    if (src / "ml-1m" / "ratings.dat").is_file():
+        src = src / "ml-1m"
+    missing = [f for f in ML1M_FILES[:2] if not (src / f).is_file()]
+    if missing:
+        raise DataError(f"{src}: not a MovieLens-1M folder (missing {', '.join(missing)})")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ML1M_FILES:
+        if (src / f).is_file():
+            shutil.copyfile(src / f, dest / f)
+    _load_ml1m(dest)  # parse it once so a bad copy fails here, not at training time
+
+
+def cli_data(args: argparse.Namespace) -> None:
+    """`holorec data`: MovieLens-1M into --dest, from GroupLens (md5-checked) or --from a zip/folder."""
+    try:
+        _cli_data(Path(args.dest), getattr(args, "from_path", None))
+    except DataError as e:
+        raise SystemExit(f"holorec data: {e}") from e
+
+
+def _cli_data(dest: Path, src: str | None) -> None:
+    if src:
+        p = Path(src)
+        if p.is_dir():
+            _install_folder(p, dest)
+        elif p.is_file():
+            _install_zip(p, dest, check_md5=p.name == "ml-1m.zip")
+        else:
+            raise SystemExit(f"holorec data: {p}: no such file or directory")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            zip_path = Path(tmp) / "ml-1m.zip"
+            print(f"downloading {ML1M_URL}")
+            try:
+                urllib.request.urlretrieve(ML1M_URL, zip_path)
+            except OSError as e:
+                raise SystemExit(f"holorec data: download failed ({e}); fetch ml-1m.zip elsewhere and pass --from") from e
+            _install_zip(zip_path, dest, check_md5=True)
+    print(load(str(dest)).summary())
+    print(f"MovieLens-1M ready in {dest}")
