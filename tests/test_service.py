@@ -1,0 +1,171 @@
+"""The service over real HTTP (uvicorn subprocess) against the real Redis, with a tiny trained model."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import torch
+
+from model.checkpoint import load
+from service.record import decode
+from service.store import user_key
+from tests.conftest import REDIS_URL, tiny_sequences, train_tiny
+
+
+def post(c: httpx.Client, events: list[dict]) -> httpx.Response:
+    return c.post("/events", json={"events": events})
+
+
+def expected_top(ckpt_dir: Path, history: list[int], k: int) -> tuple[list[str], list[float]]:
+    """What the model's parallel forward over the same history recommends."""
+    ckpt = load(ckpt_dir)
+    with torch.no_grad():
+        scores = ckpt.model.score(ckpt.model.user_vector(torch.tensor([history])))[0]
+    scores[0] = float("-inf")
+    top = torch.topk(scores, k)
+    return [ckpt.items[i - 1] for i in top.indices.tolist()], top.values.tolist()
+
+
+def test_streamed_history_recommends_what_forward_does(ckpt_dir: Path, server_factory) -> None:
+    srv = server_factory(ckpt_dir)
+    history = tiny_sequences(1, length=30, seed=7)[0]
+    with httpx.Client(base_url=srv.url) as c:
+        for start in range(0, len(history), 7):  # several requests, as a stream would arrive
+            r = post(c, [{"user_id": "alice", "item_id": f"item-{i}"} for i in history[start : start + 7]])
+            assert r.status_code == 200 and r.json()["applied"] == len(history[start : start + 7])
+        got = c.get("/recommend/alice", params={"k": 10, "exclude_seen": "false"}).json()
+        seen_excluded = c.get("/recommend/alice", params={"k": 10}).json()
+        meta = c.get("/users/alice").json()
+    ids, scores = expected_top(ckpt_dir, history, 10)
+    assert got["source"] == "state" and got["model_version"] == load(ckpt_dir).version
+    assert [x["item_id"] for x in got["items"]] == ids
+    assert np.allclose([x["score"] for x in got["items"]], scores, atol=1e-4)
+    assert not {x["item_id"] for x in seen_excluded["items"]} & {f"item-{i}" for i in history}
+    assert meta["events_applied"] == 30 and meta["current_model"] is True
+
+
+def test_record_size_is_constant_in_history_length(ckpt_dir: Path, server_factory, namespace: str) -> None:
+    srv = server_factory(ckpt_dir)
+    r = redis.Redis.from_url(REDIS_URL)
+    sizes = {}
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        post(c, [{"user_id": "short", "item_id": f"item-{1 + i % 40}"} for i in range(10)])
+        for _ in range(5):
+            assert post(c, [{"user_id": "long", "item_id": f"item-{1 + i % 40}"} for i in range(1000)]).json()["applied"] == 1000
+        for u in ("short", "long"):
+            sizes[u] = (r.strlen(user_key(namespace, u)), c.get(f"/users/{u}").json())
+    assert sizes["short"][0] == sizes["long"][0] == sizes["short"][1]["state_bytes"]
+    assert sizes["long"][1]["events_applied"] == 5000
+
+
+def test_concurrent_writers_lose_nothing(tmp_path: Path, server_factory, namespace: str) -> None:
+    """8 clients x 500 events for one user: exactly 4,000 applied, state = replay in applied order."""
+    ckpt_dir = tmp_path / "long"
+    ckpt = train_tiny(ckpt_dir, max_len=4096, steps=5)  # a ring buffer that holds the whole history
+    srv = server_factory(ckpt_dir)
+    errors: list[str] = []
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            for req in range(50):
+                events = [{"user_id": "shared", "item_id": f"item-{1 + (n * 5 + j) % 40}", "event_id": f"c{n}-{req}-{j}"} for j in range(10)]
+                r = post(c, events)
+                if r.status_code != 200 or r.json()["applied"] != 10:
+                    errors.append(f"{r.status_code} {r.text}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    blob = redis.Redis.from_url(REDIS_URL).get(user_key(namespace, "shared"))
+    record = decode(blob, ckpt.version, ckpt.model.config.d_model)
+    assert record.applied == 4000
+    applied_order = record.history()
+    assert len(applied_order) == 4000
+    with torch.no_grad():
+        vector, _ = ckpt.model.replay(applied_order)
+    assert np.allclose(record.vector, vector.numpy(), atol=1e-4)
+
+
+def test_bad_input_gets_the_documented_status(ckpt_dir: Path, server_factory) -> None:
+    srv = server_factory(ckpt_dir, max_events=50)
+    with httpx.Client(base_url=srv.url) as c:
+        unknown = post(c, [{"user_id": "u", "item_id": "no-such-item"}, {"user_id": "u", "item_id": "item-1"}])
+        assert unknown.status_code == 200
+        assert unknown.json() == {"applied": 1, "duplicate": 0, "unknown": 1, "unknown_items": ["no-such-item"]}
+        missing = c.post("/events", json={"events": [{"item_id": "item-1"}]})
+        assert missing.status_code == 422 and "user_id" in missing.text
+        assert c.post("/events", content=b"not json", headers={"Content-Type": "application/json"}).status_code == 422
+        assert c.post("/events", json={"events": []}).status_code == 422
+        too_many = post(c, [{"user_id": "u", "item_id": "item-1"}] * 51)
+        assert too_many.status_code == 422 and "at most 50" in too_many.text
+        assert c.post("/events", content=b"{" + b" " * 2_000_000 + b"}", headers={"Content-Type": "application/json"}).status_code == 413
+        assert post(c, [{"user_id": "bad\x01id", "item_id": "item-1"}]).status_code == 422
+        assert post(c, [{"user_id": "x" * 300, "item_id": "item-1"}]).status_code == 422
+        assert c.post("/events", content=b'{"events": [{"user_id": "u", "item_id": "item-1", "timestamp": NaN}]}',
+                      headers={"Content-Type": "application/json"}).status_code == 422
+        for k in (0, 1001, "ten"):
+            assert c.get("/recommend/u", params={"k": k}).status_code == 422
+        assert c.get("/recommend/u", params={"attribute": "no-such-genre"}).status_code == 422
+        assert c.get("/users/nobody").status_code == 404
+
+
+def test_duplicates_popularity_attributes_and_delete(ckpt_dir: Path, server_factory) -> None:
+    srv = server_factory(ckpt_dir)
+    ckpt = load(ckpt_dir)
+    with httpx.Client(base_url=srv.url) as c:
+        fresh = c.get("/recommend/newcomer", params={"k": 5}).json()
+        assert fresh["source"] == "popular"
+        assert [x["item_id"] for x in fresh["items"]] == [ckpt.items[i - 1] for i in ckpt.popular[:5]]
+        first = post(c, [{"user_id": "d", "item_id": "item-1", "event_id": "e1"}, {"user_id": "d", "item_id": "item-2", "event_id": "e1"}])
+        again = post(c, [{"user_id": "d", "item_id": "item-1", "event_id": "e1"}, {"user_id": "d", "item_id": "item-3", "event_id": "e2"}])
+        assert (first.json()["applied"], first.json()["duplicate"]) == (1, 1)
+        assert (again.json()["applied"], again.json()["duplicate"]) == (1, 1)
+        assert c.get("/users/d").json()["events_applied"] == 2
+        genre = c.get("/recommend/d", params={"k": 20, "attribute": "genre-2", "exclude": "item-5,item-9"}).json()
+        j = ckpt.attribute_index["genre-2"]
+        allowed = {ckpt.items[i - 1] for i in range(1, 41) if j in ckpt.model.item_attrs[i].tolist()}
+        got = {x["item_id"] for x in genre["items"]}
+        assert got and got <= allowed - {"item-5", "item-9", "item-1", "item-3"}
+        assert c.delete("/users/d").json()["deleted"] is True
+        assert c.get("/users/d").status_code == 404
+        assert c.get("/recommend/d").json()["source"] == "popular"
+
+
+def test_model_swap_rewarms_from_ring_buffer(ckpt_dir: Path, ckpt_b_dir: Path, server_factory) -> None:
+    history = tiny_sequences(1, length=25, seed=3)[0]
+    a = server_factory(ckpt_dir)
+    with httpx.Client(base_url=a.url) as c:
+        post(c, [{"user_id": "swap", "item_id": f"item-{i}"} for i in history])
+    a.stop()
+    b = server_factory(ckpt_b_dir)
+    with httpx.Client(base_url=b.url) as c:
+        before = c.get("/users/swap").json()
+        got = c.get("/recommend/swap", params={"k": 10, "exclude_seen": "false"}).json()
+        after = c.get("/users/swap").json()
+    assert before["model_version"] == load(ckpt_dir).version and before["current_model"] is False
+    assert got["source"] == "state" and got["model_version"] == load(ckpt_b_dir).version
+    assert [x["item_id"] for x in got["items"]] == expected_top(ckpt_b_dir, history, 10)[0]
+    assert after["current_model"] is True and after["events_applied"] == 25
+
+
+def test_api_key_and_metrics(ckpt_dir: Path, server_factory) -> None:
+    srv = server_factory(ckpt_dir, api_key="s3cret")
+    with httpx.Client(base_url=srv.url) as c:
+        assert c.get("/recommend/u").status_code == 401
+        assert c.get("/recommend/u", headers={"X-API-Key": "wrong"}).status_code == 401
+        ok = c.post("/events", json={"events": [{"user_id": "u", "item_id": "item-1"}]}, headers={"X-API-Key": "s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/recommend/u", headers={"X-API-Key": "s3cret"}).json()["source"] == "state"
+        assert c.get("/livez").status_code == 200 and c.get("/readyz").status_code == 200
+        text = c.get("/metrics").text
+    for name in ("holorec_http_request_duration_seconds_bucket{le=\"5e-05\",method=\"POST\",route=\"/events\",status=\"200\"}",
+                 "holorec_model_step_duration_seconds_bucket", "holorec_redis_duration_seconds_bucket", "holorec_batch_size_bucket",
+                 'holorec_events_total{outcome="applied"}', 'holorec_recommendations_total{source="state"}', "holorec_model_info"):
+        assert name in text, name
