@@ -1,0 +1,122 @@
+"""Full-ranking evaluation: every item is a candidate, no sampled negatives.
+
+Rank of the target = 1 + the number of other candidates scoring >= the target's score, so a tie
+never favours the target (a model that scores everything equal ranks it last, not first).
+The padding item 0 is never a candidate. By default the user's history items stay candidates
+(SASRec's protocol); with exclude_seen they are removed, except the target itself.
+    HR@k = [rank <= k]    NDCG@k = [rank <= k] / log2(rank + 1)    MRR = 1 / rank
+all averaged over users. Shape letters: b batch, l max_len, v n_items + 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+from torch import Tensor
+
+from model.data import left_pad
+from model.protocol import SeqRecModel
+
+KS = (5, 10, 20)
+
+
+def ranks(scores: Tensor, targets: Tensor) -> Tensor:  # (b, v), (b,) -> (b,) 1-based, ties against the target
+    scores = scores.clone()
+    scores[:, 0] = float("-inf")  # padding is never a candidate
+    t = scores.gather(1, targets[:, None])  # (b, 1)
+    r = (scores >= t).sum(1)  # counts the target itself once: rank = 1 + others >= target
+    return torch.where(torch.isnan(t[:, 0]), scores.shape[1], r)  # a NaN target score ranks last
+
+
+def metrics_from_ranks(r: Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    r = r.double()
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = r <= k
+        out[f"HR@{k}"] = hit.double().mean().item()
+        out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(r + 1), torch.zeros_like(r)).mean().item()
+    out["MRR"] = (1.0 / r).mean().item()
+    return out
+
+
+def _mask_seen(scores: Tensor, histories: list[list[int]], targets: Tensor) -> None:  # (b, v) in place
+    rows = [torch.full((len(h),), b, dtype=torch.long) for b, h in enumerate(histories)]
+    if not rows:
+        return
+    r = torch.cat(rows)
+    c = torch.tensor([i for h in histories for i in h], dtype=torch.long)
+    keep = scores.gather(1, targets[:, None])  # (b, 1)
+    scores[r, c] = float("-inf")
+    scores.scatter_(1, targets[:, None], keep)  # the target stays a candidate
+
+
+@torch.no_grad()
+def evaluate(
+    model: SeqRecModel,
+    histories: list[list[int]],
+    targets: list[int],
+    *,
+    ks: tuple[int, ...] = KS,
+    exclude_seen: bool = False,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """HR@k, NDCG@k for k in ks, and MRR; the model sees each history's last max_len items."""
+    if len(histories) != len(targets) or not targets:
+        raise ValueError(f"need one target per history and at least one user, got {len(histories)} and {len(targets)}")
+    was_training = model.training
+    model.eval()
+    L = model.config.max_len
+    all_ranks = []
+    for s in range(0, len(targets), batch_size):
+        hist, tgt = histories[s : s + batch_size], torch.tensor(targets[s : s + batch_size], dtype=torch.long)
+        x = left_pad(hist, L).to(device)  # (b, l)
+        scores = model.score(model.user_vector(x)).float().cpu()  # (b, v)
+        if exclude_seen:
+            _mask_seen(scores, hist, tgt)
+        all_ranks.append(ranks(scores, tgt))
+    model.train(was_training)
+    return metrics_from_ranks(torch.cat(all_ranks), ks)
+
+
+def evaluate_popularity(counts: list[int], histories: list[list[int]], targets: list[int], *, ks: tuple[int, ...] = KS, exclude_seen: bool = False) -> dict[str, float]:
+    """The popularity baseline: every user gets items ranked by training count (same tie rule)."""
+    base = torch.tensor(counts, dtype=torch.float)  # (v,)
+    all_ranks = []
+    for s in range(0, len(targets), 1024):
+        hist, tgt = histories[s : s + 1024], torch.tensor(targets[s : s + 1024], dtype=torch.long)
+        scores = base.expand(len(hist), -1).clone()  # (b, v)
+        if exclude_seen:
+            _mask_seen(scores, hist, tgt)
+        all_ranks.append(ranks(scores, tgt))
+    return metrics_from_ranks(torch.cat(all_ranks), ks)
+
+
+def format_metrics(m: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in m.items() if not math.isnan(v))
+
+
+def cli_evaluate(args: argparse.Namespace) -> None:
+    """`holorec evaluate CHECKPOINT`: reload the checkpoint's dataset, re-split, print metrics as JSON."""
+    from model.checkpoint import CheckpointError, load as load_checkpoint
+    from model.data import DataError, load, split
+
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        data = args.data or ckpt.provenance.get("data")
+        if not data:
+            raise SystemExit("holorec evaluate: the checkpoint records no dataset; pass --data")
+        ds = load(data, None if args.data else ckpt.provenance.get("attributes"))
+    except (CheckpointError, DataError) as e:
+        raise SystemExit(f"holorec evaluate: {e}") from e
+    if ds.items != ckpt.items:
+        raise SystemExit(f"holorec evaluate: {data} has a different item vocabulary ({ds.n_items} items) from the checkpoint ({len(ckpt.items)})")
+    sp = split(ds, ckpt.model.config.max_len)
+    histories, targets = sp.eval_set(args.split)
+    model = ckpt.model.to(args.device)
+    m = evaluate(model, histories, targets, exclude_seen=args.exclude_seen, device=args.device)
+    report = {"checkpoint": str(args.checkpoint), "version": ckpt.version, "data": data, "split": args.split,
+              "exclude_seen": args.exclude_seen, "users": len(targets), "metrics": m}
+    print(json.dumps(report, indent=2))

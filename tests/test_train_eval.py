@@ -1,0 +1,137 @@
+"""Full-ranking metrics on hand-computed cases, and a real (tiny) training run end to end."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from model import ModelConfig
+from model.checkpoint import load as load_checkpoint
+from model.data import split, synthetic
+from model.evaluate import evaluate, evaluate_popularity, ranks
+from model.protocol import SeqRecModel
+from model.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FixedScores(SeqRecModel):
+    """Hands out preset score rows in order, whatever the history: for metric arithmetic only."""
+
+    def __init__(self, rows: Tensor) -> None:  # (u, v)
+        super().__init__(ModelConfig(n_items=rows.shape[1] - 1, d_model=rows.shape[1], max_len=8))
+        self.rows, self.next = rows, 0
+
+    def user_vector(self, items: Tensor) -> Tensor:  # (b, l) -> (b, v)
+        out = self.rows[self.next : self.next + items.shape[0]]
+        self.next += items.shape[0]
+        return out
+
+    def score(self, h: Tensor) -> Tensor:
+        return h
+
+
+# items:              pad  1    2    3    4    5
+A = torch.tensor([[9.0, 0.9, 0.5, 0.5, 0.1, 0.7]])  # target 2: 1 and 5 above, 3 tied -> rank 4
+B = torch.tensor([[9.0, 0.9, 0.2, 0.3, 0.1, 0.0]])  # target 1: best -> rank 1 (padding's 9.0 never counts)
+
+
+def test_metrics_by_hand_with_pessimistic_ties() -> None:
+    m = evaluate(FixedScores(torch.cat([A, B])), [[4], [4]], [2, 1], ks=(1, 3, 5), batch_size=1)
+    assert m["HR@1"] == 0.5 and m["HR@3"] == 0.5 and m["HR@5"] == 1.0
+    assert m["NDCG@1"] == pytest.approx(0.5)
+    assert m["NDCG@5"] == pytest.approx((1 / math.log2(5) + 1) / 2)
+    assert m["MRR"] == pytest.approx((1 / 4 + 1) / 2)
+    assert list(m) == ["HR@1", "NDCG@1", "HR@3", "NDCG@3", "HR@5", "NDCG@5", "MRR"]
+
+
+def test_all_equal_scores_rank_the_target_last() -> None:
+    flat = torch.zeros(3, 11)
+    assert ranks(flat, torch.tensor([1, 5, 10])).tolist() == [10, 10, 10]
+    m = evaluate(FixedScores(flat), [[1], [2], [3]], [1, 5, 10])
+    assert m["HR@5"] == 0.0 and m["MRR"] == pytest.approx(0.1)
+
+
+def test_exclude_seen_removes_history_but_not_the_target() -> None:
+    # history 1, 3 and the target 2 itself: removing 1 and 3 leaves only item 5 above -> rank 2
+    m = evaluate(FixedScores(A.clone()), [[1, 3, 2]], [2], ks=(1, 2), exclude_seen=True)
+    assert m["HR@1"] == 0.0 and m["HR@2"] == 1.0 and m["MRR"] == pytest.approx(0.5)
+    kept = evaluate(FixedScores(A.clone()), [[1, 3, 2]], [2], ks=(1, 2))
+    assert kept["MRR"] == pytest.approx(0.25)  # default: history stays in the ranking
+
+
+def test_popularity_baseline_uses_the_same_rules() -> None:
+    counts = [0, 5, 3, 3, 1, 0]
+    m = evaluate_popularity(counts, [[1], [1]], [2, 1], ks=(1, 3))
+    assert m["MRR"] == pytest.approx((1 / 3 + 1) / 2)  # target 2 ties with 3 -> rank 3
+    m = evaluate_popularity(counts, [[1], [1]], [2, 1], ks=(1, 3), exclude_seen=True)
+    assert m["MRR"] == pytest.approx((1 / 2 + 1) / 2)  # item 1 removed for both; target 1 stays
+
+
+TINY = dict(n_users=200, n_items=60, n_attrs=6, seed=0, seq_len=(10, 20))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is as fast and leaves the other core free
+    ds = synthetic(**TINY)
+    out = tmp_path_factory.mktemp("ckpt")
+    cfg = ModelConfig(model="holomamba", d_model=32, max_len=20, dropout=0.1)
+    ckpt, report = train(ds, cfg, epochs=3, lr=5e-3, batch_size=64, seed=0, out=out, progress=False)
+    yield ds, ckpt, report, out
+    torch.set_num_threads(threads)
+
+
+def test_training_learns_and_beats_popularity(trained) -> None:
+    ds, _, report, _ = trained
+    ndcg = [h["valid"]["NDCG@10"] for h in report["history"]]
+    assert len(ndcg) == 4 and report["epochs_run"] == 3
+    assert max(ndcg[1:]) > ndcg[0] + 0.05, ndcg  # better than the untrained model
+    assert report["history"][3]["loss"] < report["history"][1]["loss"]
+    pop = evaluate_popularity(ds.train_counts(), *split(ds, 20).eval_set("valid"))
+    assert report["valid"]["NDCG@10"] > pop["NDCG@10"] + 0.05
+    assert report["test"]["NDCG@10"] > report["popularity_test"]["NDCG@10"]
+
+
+def test_checkpoint_reproduces_final_metrics(trained) -> None:
+    ds, ckpt, report, out = trained
+    loaded = load_checkpoint(out)
+    assert loaded.version == ckpt.version and loaded.items == ds.items
+    assert loaded.popular == ds.popularity()[: len(loaded.popular)]
+    prov = loaded.provenance
+    assert prov["data"] == ds.source and prov["best_epoch"] == report["best_epoch"] and prov["seed"] == 0
+    assert prov["test"] == report["test"] and "torch" in prov and "train_seconds" in prov
+    again = evaluate(loaded.model, *split(ds, loaded.model.config.max_len).eval_set("test"))
+    for k, v in report["test"].items():
+        assert again[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_same_seed_same_loss(trained) -> None:
+    ds, _, report, _ = trained
+    cfg = ModelConfig(model="holomamba", d_model=32, max_len=20, dropout=0.1)
+    _, again = train(ds, cfg, epochs=1, lr=5e-3, batch_size=64, seed=0, progress=False)
+    assert again["history"][1]["loss"] == report["history"][1]["loss"]  # bit for bit on CPU
+
+
+def test_cli_train_then_evaluate(tmp_path: Path) -> None:
+    data = "synthetic:n_users=80,n_items=30,n_attrs=3,seed=1,min_len=5,max_len=10"
+    env = {"HOLOREC_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    exe = Path(sys.executable).parent / "holorec"
+    out = tmp_path / "ckpt"
+    run = subprocess.run([str(exe), "train", "--data", data, "--epochs", "1", "--d-model", "16", "--max-len", "10",
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"checkpoint: {out}" in run.stdout
+    test = json.loads(run.stdout[run.stdout.index("{"):])["test"]
+    run = subprocess.run([str(exe), "evaluate", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout)
+    assert got["data"] == data and got["split"] == "test" and got["users"] == 80
+    assert got["metrics"] == pytest.approx(test, abs=1e-9)
