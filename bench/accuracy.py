@@ -1,0 +1,141 @@
+"""`holorec bench accuracy`: train and evaluate every registered model on one dataset, several seeds.
+
+Writes OUT/accuracy_<dataset>.md (mean +- std over seeds of the test HR/NDCG@5/10/20, MRR and
+training wall time, next to the popularity baseline) and .json (every run), with the exact
+command, the hardware and the total wall time. Protocol: leave-one-out, full ranking over all
+items, history items kept as candidates, pessimistic ties (model/evaluate.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import ModelConfig, build_model
+from model.data import DEFAULT_MAX_LEN, load, split
+from model.evaluate import evaluate_popularity
+from model.train import DEFAULT_DROPOUT, set_threads, train
+
+METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
+MODEL_NAMES = ("holomamba", "sasrec", "gru4rec", "elastic")
+
+
+def available_models() -> list[str]:
+    """The names build_model accepts right now (baselines appear as their modules land)."""
+    names = []
+    for name in MODEL_NAMES:
+        try:
+            build_model(ModelConfig(model=name, n_items=4, d_model=8, max_len=4))
+        except ValueError as e:
+            if "unknown model" in str(e):
+                continue
+        except Exception:  # registered, just unhappy with this toy config; training will tell
+            pass
+        names.append(name)
+    return names
+
+
+def hardware(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    hw: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "device": device, "torch": torch.__version__, "python": platform.python_version()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        hw["gpu"] = torch.cuda.get_device_name(0)
+    return hw
+
+
+def command() -> str:
+    """The command line as typed (`holorec ...` also when run as `python -m cli`), with HOLOREC_THREADS if set."""
+    env = f"HOLOREC_THREADS={os.environ['HOLOREC_THREADS']} " if os.environ.get("HOLOREC_THREADS") else ""
+    if Path(sys.argv[0]).name in ("holorec", "cli.py"):
+        return env + "holorec " + " ".join(sys.argv[1:])
+    return env + " ".join(["python", *sys.argv])
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    set_threads()
+    t0 = time.perf_counter()
+    quick = getattr(args, "quick", False)
+    data = args.data or "synthetic"
+    epochs, seeds = (min(args.epochs, 2), 1) if quick else (args.epochs, args.seeds)
+    ds = load(data)
+    max_len = getattr(args, "max_len", None) or DEFAULT_MAX_LEN[ds.kind]
+    models = getattr(args, "models", None) or available_models()
+    if isinstance(models, str):
+        models = [m for m in models.split(",") if m]
+    d_model = 32 if quick else 64
+    print(f"bench accuracy: {ds.summary()}; models {models}, {seeds} seed(s), {epochs} epochs, max_len {max_len}")
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name in models:
+        for seed in range(seeds):
+            cfg = ModelConfig(model=name, d_model=d_model, max_len=max_len, dropout=DEFAULT_DROPOUT[ds.kind])
+            _, rep = train(ds, cfg, epochs=epochs, seed=seed, device=args.device, progress=False)
+            print(f"  {name} seed {seed}: test NDCG@10 {rep['test']['NDCG@10']:.4f} HR@10 {rep['test']['HR@10']:.4f} "
+                  f"(best epoch {rep['best_epoch']}/{rep['epochs_run']}, {rep['train_seconds']:.0f} s)")
+            runs.setdefault(name, []).append({"seed": seed, "test": rep["test"], "valid": rep["valid"], "best_epoch": rep["best_epoch"],
+                                              "epochs_run": rep["epochs_run"], "train_seconds": rep["train_seconds"]})
+    popularity = evaluate_popularity(ds.train_counts(), *split(ds, max_len).eval_set("test"))
+
+    summary = {name: {m: _mean_std([r["test"][m] for r in rs]) for m in METRICS} | {"train_seconds": _mean_std([r["train_seconds"] for r in rs])}
+               for name, rs in runs.items()}
+    result = {
+        "bench": "accuracy", "command": command(), "dataset": ds.name, "data": ds.source, "summary_line": ds.summary(),
+        "protocol": "leave-one-out; full ranking over all items; history items kept; ties count against the target",
+        "epochs": epochs, "seeds": seeds, "max_len": max_len, "d_model": d_model, "dropout": DEFAULT_DROPOUT[ds.kind],
+        "hardware": hardware(args.device), "runs": runs, "summary": summary, "popularity": popularity,
+        "wall_seconds": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"accuracy_{ds.name}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(_markdown(result))
+    print(f"wrote {stem}.md and {stem}.json")
+    return result
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    hw = r["hardware"]
+    lines = [
+        f"# Accuracy on {r['dataset']}",
+        "",
+        f"{r['summary_line']}. {r['protocol']}.",
+        f"Test split; mean ± std over {r['seeds']} seed(s); up to {r['epochs']} epochs (early stopping on validation NDCG@10), "
+        f"max_len {r['max_len']}, d_model {r['d_model']}, dropout {r['dropout']}.",
+        "",
+        "| model | " + " | ".join(METRICS) + " | train s |",
+        "|---|" + "---|" * (len(METRICS) + 1),
+    ]
+    for name, s in r["summary"].items():
+        cells = [f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['train_seconds'][0]:.0f} ± {s['train_seconds'][1]:.0f} |")
+    lines.append("| popularity | " + " | ".join(f"{r['popularity'][m]:.4f}" for m in METRICS) + " | - |")
+    lines += [
+        "",
+        f"Command: `{r['command']}`",
+        f"Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['torch_threads']} torch threads, device {hw['device']}"
+        + (f" ({hw['gpu']})" if "gpu" in hw else "") + f"; torch {hw['torch']}.",
+        f"Wall time: {r['wall_seconds']:.0f} s, finished {r['finished']}.",
+        "",
+    ]
+    return "\n".join(lines)
