@@ -7,6 +7,14 @@ number of workers or replicas are never lost: the loser re-reads and retries.
 Keys: `holorec:{ns}:{u:<user id>}`. The braces are a Redis Cluster hash tag, so every key of one
 user maps to one slot. TTL policy is explicit on every write: with a TTL each write sets a fresh
 EX (idle users expire), without one a plain SET (records never expire).
+
+Failure policy (RedisStore): every round trip is bounded by `timeout_s`; a refused connection, a
+timeout, a Redis that is loading its AOF, out of memory (noeviction), read-only or busy raises
+StoreUnavailable, which the API answers with 503 + Retry-After. redis-py's own retries are off:
+a compare-and-set whose reply was lost may have been applied, and only the caller's event ids can
+make its retry safe, so the decision goes back to the client. Reads alone are retried once on a
+connection error, which is what a pooled connection left over from before a Redis restart gives;
+the pool reconnects by itself on the next command.
 """
 from __future__ import annotations
 
@@ -18,6 +26,8 @@ from typing import Iterator, Protocol
 
 import redis
 import redis.cluster
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from service.metrics import REDIS_LATENCY
 from service.record import stored_revision
@@ -39,6 +49,11 @@ return 1
 """
 
 
+# Replies that mean "not now" rather than "wrong request" (LOADING arrives as BusyLoadingError, a ConnectionError)
+UNAVAILABLE = (redis.exceptions.ClusterDownError, redis.exceptions.SlotNotCoveredError, redis.exceptions.TryAgainError,
+               redis.exceptions.MasterDownError, redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+
+
 class StoreUnavailable(RuntimeError):
     """The state store did not answer in time; the API turns this into 503 + Retry-After."""
 
@@ -52,6 +67,7 @@ class StateStore(Protocol):
     def get(self, key: str) -> bytes | None: ...
     def set(self, key: str, value: bytes) -> None: ...
     def incr(self, key: str, by: int = 1) -> int: ...
+    def exists(self, key: str) -> bool: ...
     def ping(self) -> bool: ...
 
 
@@ -60,40 +76,66 @@ def user_key(namespace: str, user_id: str) -> str:
 
 
 class RedisStore:
-    """Redis (or Redis Cluster) through one pipelined round trip per batch."""
+    """Redis or Redis Cluster: one pipelined round trip per batch (per node on a cluster).
+
+    The CAS goes as EVAL with the script's text, not EVALSHA: one round trip, and nothing to
+    reload after a Redis restart (NOSCRIPT), failover or resharding; Redis caches the compiled
+    script by its hash either way. On a cluster, pipelined reads and writes are single-key
+    commands that redis-py routes by slot: no MGET across slots.
+    """
 
     kind = "redis"
 
     def __init__(self, url: str, *, cluster: bool = False, timeout_s: float = 1.0) -> None:
-        opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10)
-        if cluster:
-            self.r: redis.Redis | redis.cluster.RedisCluster = redis.cluster.RedisCluster.from_url(url, **opts)
-        else:
-            self.r = redis.Redis.from_url(url, retry_on_timeout=False, **opts)
-        self.cas = self.r.register_script(CAS_SCRIPT)
+        self.url, self.cluster = url, cluster
+        self.opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10,
+                         retry=Retry(NoBackoff(), 0))
+        self._client: redis.Redis | redis.cluster.RedisCluster | None = None
+        if not cluster:  # a plain client connects lazily by itself; a cluster client reads the topology here
+            self._client = redis.Redis.from_url(url, **self.opts)
+
+    @property
+    def r(self) -> redis.Redis | redis.cluster.RedisCluster:
+        """The client; a cluster one is made on first use, so the service starts while the cluster is down."""
+        if self._client is None:
+            self._client = redis.cluster.RedisCluster.from_url(self.url, **self.opts)
+        return self._client
 
     @contextmanager
     def _op(self, op: str) -> Iterator[None]:
         t0 = time.perf_counter()
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError, redis.cluster.ClusterDownError) as e:
-            raise StoreUnavailable(f"redis {op} failed: {e}") from e
-        except redis.ResponseError as e:
-            if "LOADING" in str(e) or "MASTERDOWN" in str(e) or "CLUSTERDOWN" in str(e):
-                raise StoreUnavailable(f"redis {op} failed: {e}") from e
-            raise
+        except (redis.ConnectionError, redis.TimeoutError, *UNAVAILABLE) as e:
+            raise StoreUnavailable(f"redis {op} failed: {type(e).__name__}: {e}") from e
+        except redis.exceptions.RedisClusterException as e:
+            if "connect" not in str(e).lower():  # "Redis Cluster cannot be connected": no node reachable
+                raise
+            raise StoreUnavailable(f"redis cluster {op} failed: {e}") from e
+        except redis.ResponseError as e:  # pipelines prefix the reply with the command's position
+            if not any(f"{code} " in str(e) for code in ("BUSY", "NOREPLICAS", "CLUSTERDOWN", "MASTERDOWN")):
+                raise
+            raise StoreUnavailable(f"redis {op} refused: {e}") from e
         finally:
             REDIS_LATENCY.labels(op).observe(time.perf_counter() - t0)
 
+    def _read(self, op: str, fn):  # type: ignore[no-untyped-def]
+        """Reads are idempotent: one retry on a connection error (a stale pooled connection)."""
+        with self._op(op):
+            try:
+                return fn()
+            except redis.ConnectionError:
+                return fn()
+
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        with self._op("get"):
-            if len(keys) == 1:
-                return [self.r.get(keys[0])]
-            return list(self.r.mget(keys)) if isinstance(self.r, redis.Redis) else self._pipe_get(keys)
+        if len(keys) == 1:
+            return [self._read("get", lambda: self.r.get(keys[0]))]
+        if not self.cluster:
+            return self._read("get", lambda: list(self.r.mget(keys)))
+        return self._read("get", lambda: self._pipe_get(keys))
 
     def _pipe_get(self, keys: Sequence[str]) -> list[bytes | None]:
-        pipe = self.r.pipeline()
+        pipe = self.r.pipeline(transaction=False)
         for k in keys:
             pipe.get(k)
         return pipe.execute()
@@ -102,7 +144,7 @@ class RedisStore:
         with self._op("cas"):
             pipe = self.r.pipeline(transaction=False)
             for key, expected, value in writes:
-                self.cas(keys=[key], args=[expected, value, ttl_s or 0], client=pipe)
+                pipe.execute_command("EVAL", CAS_SCRIPT, 1, key, expected, value, ttl_s or 0)
             return [bool(x) for x in pipe.execute()]
 
     def delete(self, key: str) -> bool:
@@ -110,8 +152,7 @@ class RedisStore:
             return bool(self.r.delete(key))
 
     def get(self, key: str) -> bytes | None:
-        with self._op("get"):
-            return self.r.get(key)
+        return self._read("get", lambda: self.r.get(key))
 
     def set(self, key: str, value: bytes) -> None:
         with self._op("set"):
@@ -121,10 +162,12 @@ class RedisStore:
         with self._op("incr"):
             return int(self.r.incrby(key, by))
 
+    def exists(self, key: str) -> bool:
+        return bool(self._read("exists", lambda: self.r.exists(key)))
+
     def ping(self) -> bool:
         try:
-            with self._op("ping"):
-                return bool(self.r.ping())
+            return bool(self._read("ping", self.r.ping))
         except StoreUnavailable:
             return False
 
@@ -180,6 +223,10 @@ class MemoryStore:
             n = int(self._live(key) or 0) + by
             self.data[key] = (str(n).encode(), None)
             return n
+
+    def exists(self, key: str) -> bool:
+        with self.lock:
+            return self._live(key) is not None
 
     def ping(self) -> bool:
         return True
