@@ -155,7 +155,7 @@ def dashboard_queries(dash: dict) -> list[tuple[str, str, str]]:
     return out
 
 
-def promql_ok() -> None:
+def check_promql_extraction() -> None:
     """The PromQL name extraction itself, on the shapes the dashboard uses."""
     assert promql_names('histogram_quantile(0.99, sum by (le, route) (rate(x_bucket{route=~"$route"}[$__rate_interval])))') == (
         {"x_bucket"}, {"le", "route"})
@@ -296,7 +296,7 @@ def test_dashboard_parses_and_uses_the_provisioned_datasource():
 
 
 def test_dashboard_uses_only_metrics_the_service_exports():
-    promql_ok()
+    check_promql_extraction()
     exported = exported_metrics()
     assert "holorec_http_request_duration_seconds_bucket" in exported and "holorec_events_total" in exported
     dash = json.loads(DASHBOARD.read_text())
