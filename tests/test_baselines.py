@@ -1,0 +1,123 @@
+"""The baselines (GRU4Rec, SASRec, ELASTIC) keep the step contract, constant state size, and learn."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import ModelConfig, build_model
+from model.state import pack, packed_size
+
+BASELINES = ("gru4rec", "elastic", "sasrec")
+N_ITEMS = 40
+
+
+def make(name: str, seed: int = 0, **kw: object):
+    torch.manual_seed(seed)
+    kw = {"max_len": 64, **kw}
+    cfg = ModelConfig(model=name, n_items=N_ITEMS, d_model=32, n_memory=100, top_k_memory=4, **kw)
+    return build_model(cfg).eval()
+
+
+def left_padded(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, N_ITEMS + 1, (batch, length), generator=g)
+    for b in range(batch):
+        items[b, : int(torch.randint(0, length, (1,), generator=g))] = 0  # random amount of left padding
+    return items
+
+
+def worst_step_gap(m, items: torch.Tensor) -> float:
+    """Largest |step - forward| over the real positions, stepping all rows from init_state (item 0 is a no-op)."""
+    with torch.no_grad():
+        full = m(items)  # (b, l, d)
+        state, worst = m.init_state(items.shape[0]), 0.0
+        for t in range(items.shape[1]):
+            h, state = m.step(items[:, t], state)
+            real = items[:, t] > 0
+            if real.any():
+                worst = max(worst, (h[real] - full[real, t]).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("batch,length", [(1, 1), (3, 9), (5, 40), (2, 64)])
+def test_step_reproduces_forward(name: str, batch: int, length: int) -> None:
+    assert worst_step_gap(make(name), left_padded(batch, length)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ("gru4rec", "elastic"))
+def test_step_reproduces_forward_past_max_len(name: str) -> None:
+    """Recurrent models have no window: stepping 3x max_len still matches forward over the whole sequence."""
+    assert worst_step_gap(make(name), left_padded(2, 192, seed=3)) < 1e-4
+
+
+def test_sasrec_window_slides_past_max_len() -> None:
+    """Past max_len, SASRec's step equals forward over the last max_len items (what training sees)."""
+    m = make("sasrec", max_len=8)
+    seq = torch.randint(1, N_ITEMS + 1, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        state = m.init_state(1)
+        for t in range(20):
+            h, state = m.step(seq[:, t], state)
+            window = seq[:, max(0, t - 7) : t + 1]
+            assert (h - m(window)[:, -1]).abs().max().item() < 1e-5
+        assert torch.equal(state["items"], seq[:, -8:])
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_left_padding_does_not_change_outputs(name: str) -> None:
+    m = make(name)
+    seq = torch.tensor([[5, 9, 2, 17]])
+    padded = torch.tensor([[0, 0, 0, 5, 9, 2, 17]])
+    with torch.no_grad():
+        assert torch.allclose(m(seq), m(padded)[:, 3:], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_shapes_tied_table_and_eval_determinism(name: str) -> None:
+    m = make(name, dropout=0.5)
+    items = left_padded(4, 10)
+    with torch.no_grad():
+        h = m(items)
+        assert h.shape == (4, 10, 32)
+        table = m.item_table()
+        assert table.shape == (N_ITEMS + 1, 32) and table[0].abs().max() == 0
+        assert m.score(h[:, -1]).shape == (4, N_ITEMS + 1)
+        assert torch.equal(m(items), h)  # dropout is off in eval mode
+    m.train()
+    loss = m.loss(items, torch.randint(0, N_ITEMS + 1, (4, 10)))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_packed_state_size_independent_of_history(name: str) -> None:
+    m = make(name)
+    with torch.no_grad():
+        _, short = m.replay([3])
+        _, long = m.replay(list(range(1, N_ITEMS + 1)) * 5)
+    for codec in ("float32", "float16", "int8"):
+        sizes = {len(b) for b in pack(short, codec) + pack(long, codec)}
+        assert sizes == {packed_size(m.init_state(1), codec)}
+
+
+@pytest.mark.parametrize("name", ("holomamba", *BASELINES))
+def test_learns_next_item(name: str) -> None:
+    """Item i is always followed by i + 1 (mod 20): 120 full-batch AdamW steps make that near-certain."""
+    torch.manual_seed(0)
+    n = 20
+    cfg = ModelConfig(model=name, n_items=n, d_model=32, n_layers=1, max_len=12, dropout=0.0, n_memory=64, top_k_memory=4)
+    m = build_model(cfg)
+    starts = torch.arange(30) % n  # (u,)
+    seqs = (starts[:, None] + torch.arange(11)) % n + 1  # (u, 11): i, i+1, ... (mod n), 1-based
+    seqs[::3, :4] = 0  # some rows left-padded
+    x, y = seqs[:, :-1], seqs[:, 1:] * (seqs[:, :-1] > 0)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    with torch.no_grad():
+        first = m.loss(x, y).item()
+    for _ in range(120):
+        loss = m.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 < first / 5
