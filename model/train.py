@@ -3,7 +3,8 @@
 An epoch is one pass over every training row (one row per user: inputs s[:-1], targets s[1:] of
 the user's training sequence, left-padded to max_len), so it covers every training position
 inside the window. Loss: full-softmax cross-entropy over all items (SeqRecModel.loss). AdamW,
-gradient norm clipped at 1. After each epoch: validation NDCG@10 (full ranking); the best
+gradient norm clipped at 1; a non-finite loss stops training (best weights kept, reason in the
+report). After each epoch: validation NDCG@10 (full ranking); the best
 epoch's weights are kept and training stops after `patience` epochs without improvement.
 Seeded: on CPU the same seed gives the same losses, bit for bit.
 
@@ -74,7 +75,7 @@ def train(
 
     best = validate()  # the untrained model is the bar to beat
     history: list[dict[str, Any]] = [{"epoch": 0, "valid": best}]
-    best_epoch, best_state, bad = 0, _copy_state(model), 0
+    best_epoch, best_state, bad, stopped = 0, _copy_state(model), 0, ""
     if progress:
         print(f"{ds.summary()}; {n_rows} training rows, {int((sp.targets > 0).sum())} positions; "
               f"{config.model}, {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -87,6 +88,9 @@ def train(
             rows = order[s : s + batch_size]
             x, y = sp.inputs[rows].to(device), sp.targets[rows].to(device)  # (b, l) each
             loss = model.loss(x, y)
+            if not torch.isfinite(loss):  # diverged: keep the best weights so far and say so
+                stopped = f"non-finite loss ({loss.item()}) at epoch {epoch}, step {s // batch_size + 1}"
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -94,6 +98,10 @@ def train(
             n = int((y > 0).sum())
             seen, total = seen + n, total + loss.item() * n
             bar.set_postfix(loss=f"{loss.item():.3f}", pos_s=f"{seen / (time.perf_counter() - t_epoch):,.0f}")
+        if stopped:
+            if progress:
+                print(f"stopping: {stopped}")
+            break
         seconds = time.perf_counter() - t_epoch
         valid = validate()
         history.append({"epoch": epoch, "loss": total / seen, "seconds": seconds, "positions_per_s": seen / seconds, "valid": valid})
@@ -117,6 +125,7 @@ def train(
         "model": config.model,
         "epochs_run": len(history) - 1,
         "best_epoch": best_epoch,
+        "stopped": stopped or ("early stopping" if bad >= patience else "epochs done"),
         "valid": best,
         "test": test,
         "popularity_test": evaluate_popularity(counts, *sp.eval_set("test")) if sp.test_targets else {},
