@@ -135,3 +135,30 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     got = json.loads(run.stdout)
     assert got["data"] == data and got["split"] == "test" and got["users"] == 80
     assert got["metrics"] == pytest.approx(test, abs=1e-9)
+
+
+def test_non_finite_loss_stops_training_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    import model.train as train_module
+
+    real = train_module.build_model
+
+    def broken(config: ModelConfig, item_attrs: Tensor | None = None) -> SeqRecModel:
+        net = real(config, item_attrs)
+        with torch.no_grad():
+            net.norm.weight.fill_(float("nan"))  # every output NaN from the first step on
+        return net
+
+    monkeypatch.setattr(train_module, "build_model", broken)
+    ds = synthetic(n_users=30, n_items=20, n_attrs=2, seed=0, seq_len=(5, 8))
+    _, report = train(ds, ModelConfig(d_model=16, max_len=8), epochs=2, progress=False)
+    assert report["stopped"].startswith("non-finite loss") and report["epochs_run"] == 0
+    assert report["test"]["HR@20"] == 0.0  # NaN scores rank the target last
+
+
+def test_bench_helpers() -> None:
+    from bench.accuracy import available_models
+    from bench.train_speed import one
+
+    assert "holomamba" in available_models()
+    row = one("holomamba", 8, 32, 1, "cpu", 16)
+    assert row["batch"] == 4 and row["positions_per_step"] == 32 and row["ms_per_step"] > 0 and row["rss_peak_mb"] > 0
