@@ -20,19 +20,46 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def parallel_scan(a: Tensor, b: Tensor) -> Tensor:
-    """h_t = a_t * h_{t-1} + b_t with h_{-1} = 0, over dim 1, in ceil(log2 l) tensor ops.
+def _doubling_scan(a: Tensor, b: Tensor) -> Tensor:
+    """h_t = a_t * h_{t-1} + b_t with h_{-1} = 0, over dim 1, in ceil(log2 l) rounds; no autograd.
 
     Hillis-Steele doubling: after the round with offset k, position t holds the composition of
     steps (t - 2k, t]. Exact (no log-space cancellation), O(l log l) work, no loop over l.
     """
     l, k = a.shape[1], 1
+    a, b = a.clone(), b.clone()
     while k < l:
-        b = torch.cat([b[:, :k], a[:, k:] * b[:, :-k] + b[:, k:]], dim=1)
+        b[:, k:] += a[:, k:] * b[:, :-k]  # the product is formed before b is written
         if 2 * k < l:
-            a = torch.cat([a[:, :k], a[:, k:] * a[:, :-k]], dim=1)
+            a[:, k:] = a[:, k:] * a[:, :-k]
         k *= 2
     return b
+
+
+class _Scan(torch.autograd.Function):
+    """The scan with its own backward, itself a scan run in reverse:
+    g_b[t] = g[t] + a[t+1] * g_b[t+1],  g_a[t] = g_b[t] * h[t-1].
+    Autograd through the doubling rounds would keep every round's tensors; this keeps a and h only.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        h = _doubling_scan(a, b)
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        a, h = ctx.saved_tensors
+        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)
+        gb = _doubling_scan(a_next.flip(1), g.flip(1)).flip(1)
+        h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+        return gb * h_prev, gb
+
+
+def parallel_scan(a: Tensor, b: Tensor) -> Tensor:  # (b, l, ...) twice -> (b, l, ...)
+    """h_t = a_t * h_{t-1} + b_t with h_{-1} = 0 along dim 1, differentiable."""
+    return _Scan.apply(a, b)
 
 
 class SelectiveSSM(nn.Module):
