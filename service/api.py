@@ -12,7 +12,7 @@ from service.engine import Engine, Event, RecQuery
 from service.metrics import render
 from service.settings import Settings
 
-ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any printable text; control characters are refused
+ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any printable text (unicode too); control characters are refused
 _ID_RE = re.compile(ID_PATTERN)
 
 
@@ -34,6 +34,13 @@ def require_api_key(settings: Annotated[Settings, Depends(get_settings)], x_api_
     expected = settings.api_key.get_secret_value().encode()
     if x_api_key is None or not hmac.compare_digest(x_api_key.encode(), expected):
         raise HTTPException(401, "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "X-API-Key"})
+
+
+def json_body(content_type: Annotated[str | None, Header()] = None) -> None:
+    """415 with a plain reason for a body that is not declared JSON (FastAPI would say 'not a valid dictionary')."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise HTTPException(415, f"Content-Type must be application/json (got {media[:100] or 'none'})")
 
 
 def user_id_param(request: Request, user_id: Annotated[str, Path(min_length=1)]) -> str:
@@ -88,7 +95,7 @@ router = APIRouter()
 secured = [Depends(require_api_key)]
 
 
-@router.post("/events", response_model=EventsOut, dependencies=secured)
+@router.post("/events", response_model=EventsOut, dependencies=[*secured, Depends(json_body)])
 async def post_events(body: EventsIn, engine: Annotated[Engine, Depends(get_engine)], settings: Annotated[Settings, Depends(get_settings)], request: Request) -> EventsOut:
     """Apply events in the order given per user; the write is done before this answers."""
     if len(body.events) > settings.max_events:

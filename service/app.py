@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -12,9 +13,10 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.checkpoint import load
+from model.checkpoint import Checkpoint, CheckpointError, load
 from service.api import router
 from service.batcher import Batcher
 from service.engine import Conflict, Engine
@@ -34,13 +36,14 @@ def make_store(s: Settings) -> StateStore:
     return RedisStore(s.redis_url, cluster=s.redis_cluster, timeout_s=s.store_timeout_s)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None = None) -> FastAPI:
+    """The app; the checkpoint is loaded at startup unless given (app_from_env loads it first to fail cleanly)."""
     s = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(s.torch_threads)
-        ckpt = load(s.checkpoint)
+        ckpt = checkpoint or load(s.checkpoint)
         engine = Engine(ckpt, make_store(s), s)
         MODEL_INFO.labels(ckpt.version, ckpt.model.config.model).set(1)
         window = s.batch_window_ms / 1000
@@ -154,9 +157,20 @@ async def _no_receive() -> Message:
 
 
 def app_from_env() -> FastAPI:
-    """uvicorn factory: settings from HOLOREC_* environment variables."""
+    """uvicorn factory: settings from HOLOREC_* environment variables. A bad setting or checkpoint (missing,
+    tampered, corrupt) ends the process with one clear line and exit status 3, never a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app(Settings())
+    try:
+        settings = Settings()
+        ckpt = load(settings.checkpoint)
+    except CheckpointError as e:
+        log.critical("holorec cannot start: checkpoint refused: %s", e)
+        sys.exit(3)
+    except ValidationError as e:
+        problems = "; ".join(f"HOLOREC_{'_'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors())
+        log.critical("holorec cannot start: bad settings: %s", problems)
+        sys.exit(3)
+    return create_app(settings, ckpt)
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
@@ -165,7 +179,11 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
     os.environ["HOLOREC_CHECKPOINT"] = checkpoint
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="holorec-metrics-")
-    load(checkpoint)  # fail fast, with the checkpoint's own error, before starting workers
+    try:
+        load(checkpoint)  # fail fast, with the checkpoint's own error, before starting workers
+    except CheckpointError as e:
+        print(f"holorec serve: checkpoint refused: {e}", file=sys.stderr)
+        sys.exit(2)
     base = f"http://{host}:{port}"
     print(f"holorec serving {checkpoint} on {base}  (API docs: {base}/docs)")
     print(f"  try: curl -s -X POST {base}/events -H 'Content-Type: application/json' "

@@ -73,13 +73,15 @@ class Engine:
         self.popular = [i for i in ckpt.popular if 0 < i <= len(ckpt.items)]
         self.attr_masks: dict[int, Tensor] = {}
         self.vocabs: dict[str, list[str]] = {self.version: ckpt.items}
-        self.vocab_saved = False  # this model's vocabulary goes to the store before its first write
+        self.vocab_checked = -math.inf  # when this model's vocabulary was last seen in the store
 
     def _save_vocab(self) -> None:
-        """Records keep item indices; a later model re-warms them through this id list."""
-        if not self.vocab_saved:
-            self.store.set(self._vocab_key(self.version), json.dumps(self.ckpt.items).encode())
-            self.vocab_saved = True
+        """Records keep item indices; a later model re-warms them through this id list. Checked again every
+        minute: an LRU Redis evicts this rarely read key first, and the next model needs it."""
+        if time.monotonic() - self.vocab_checked > 60:
+            if not self.store.exists(self._vocab_key(self.version)):
+                self.store.set(self._vocab_key(self.version), json.dumps(self.ckpt.items).encode())
+            self.vocab_checked = time.monotonic()
 
     # --- keys and records -----------------------------------------------------------
     def key(self, user_id: str) -> str:
@@ -133,6 +135,9 @@ class Engine:
         state, vec = self._advance(state, vec, histories)
         blobs = pack(state, self.s.state_codec)
         for i, r in enumerate(records):
+            if not histories[i] and r.applied:  # old vocabulary evicted (or no item kept): no state, so popularity
+                log.warning("state of version %s cannot be re-warmed (its vocabulary is gone): reset", r.model_version)
+                r.applied = 0
             r.model_version, r.codec, r.state = self.version, self.s.state_codec, blobs[i]
             r.vector = vec[i].numpy().astype(np.float32)
             r.window = np.zeros(self.max_len, np.int32)
@@ -142,7 +147,9 @@ class Engine:
     def _vocab(self, version: str) -> list[str] | None:
         if version not in self.vocabs:
             raw = self.store.get(self._vocab_key(version))
-            self.vocabs[version] = json.loads(raw) if raw else None  # type: ignore[assignment]
+            if not raw:  # not cached: it may be written later
+                return None
+            self.vocabs[version] = json.loads(raw)
         return self.vocabs[version]
 
     # --- the model ------------------------------------------------------------------

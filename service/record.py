@@ -3,7 +3,7 @@
     header (68 bytes, little-endian)
       magic "HREC" | format u16 | codec u8 | pad | revision u64 (offset 8) | events applied u64
       | updated_at f64 | last event timestamp f64 (NaN = none) | model version 16s
-      | window slots u16 | dedup slots u16 | dedup cursor u32 | crc32 of the body u32
+      | window slots u16 | dedup slots u16 | dedup cursor u32 | crc32 of the header before it and the body u32
     body
       window   int32[window slots]  last item indices, oldest first, left-padded with 0
       dedup    uint64[dedup slots]  hashes of the most recent event ids (a ring; 0 = empty)
@@ -27,7 +27,7 @@ import numpy as np
 
 from model.state import CODECS
 
-MAGIC, FORMAT = b"HREC", 1
+MAGIC, FORMAT = b"HREC", 2  # 2: the checksum covers the header too
 HEADER = struct.Struct("<4sHBxQQdd16sHHII")
 REVISION_OFFSET = 8  # the Lua CAS script depends on this
 
@@ -79,8 +79,8 @@ def encode(r: Record) -> bytes:
     ])
     version = r.model_version.encode()[:16].ljust(16, b"\0")
     head = HEADER.pack(MAGIC, FORMAT, CODECS.index(r.codec), r.revision, r.applied, r.updated_at, r.last_event_ts,
-                       version, len(r.window), len(r.dedup), r.dedup_pos, zlib.crc32(body))
-    return head + body
+                       version, len(r.window), len(r.dedup), r.dedup_pos, 0)[:-4]
+    return head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
 
 
 def decode(blob: bytes, model_version: str, vector_dim: int) -> Record:
@@ -91,8 +91,8 @@ def decode(blob: bytes, model_version: str, vector_dim: int) -> Record:
     if magic != MAGIC or fmt != FORMAT or codec >= len(CODECS):
         raise CorruptRecord(f"bad header (magic {magic!r}, format {fmt}, codec {codec})")
     body = memoryview(blob)[HEADER.size :]
-    if zlib.crc32(body) != crc:
-        raise CorruptRecord("body checksum mismatch (truncated or overwritten)")
+    if zlib.crc32(body, zlib.crc32(memoryview(blob)[: HEADER.size - 4])) != crc:
+        raise CorruptRecord("checksum mismatch (truncated or overwritten)")
     off = 4 * n_win + 8 * n_dedup
     if len(body) < off:
         raise CorruptRecord("body shorter than its window and dedup ring")

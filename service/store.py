@@ -18,6 +18,7 @@ the pool reconnects by itself on the next command.
 """
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -32,14 +33,16 @@ from redis.retry import Retry
 from service.metrics import REDIS_LATENCY
 from service.record import stored_revision
 
-# KEYS[1] record; ARGV[1] expected revision (0: must be absent); ARGV[2] new value; ARGV[3] TTL s (0: none)
+# KEYS[1] record; ARGV[1] the 8 revision bytes expected at offset 8 (all zero: absent or revision 0; empty: a
+# value shorter than 16 bytes, i.e. corrupt); ARGV[2] new value; ARGV[3] TTL s (0: none). Revisions are compared
+# as bytes: Lua numbers are doubles, exact only to 2^53, and a corrupt record can hold any 64-bit revision.
 CAS_SCRIPT = """
 local cur = redis.call('GET', KEYS[1])
-local rev = 0
+local rev = string.rep(string.char(0), 8)
 if cur then
-  if string.len(cur) < 16 then rev = -1 else rev = struct.unpack('<I8', cur, 9) end
+  if string.len(cur) < 16 then rev = '' else rev = string.sub(cur, 9, 16) end
 end
-if rev ~= tonumber(ARGV[1]) then return 0 end
+if rev ~= ARGV[1] then return 0 end
 if tonumber(ARGV[3]) > 0 then
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 else
@@ -144,7 +147,8 @@ class RedisStore:
         with self._op("cas"):
             pipe = self.r.pipeline(transaction=False)
             for key, expected, value in writes:
-                pipe.execute_command("EVAL", CAS_SCRIPT, 1, key, expected, value, ttl_s or 0)
+                rev = b"" if expected < 0 else struct.pack("<Q", expected)
+                pipe.execute_command("EVAL", CAS_SCRIPT, 1, key, rev, value, ttl_s or 0)
             return [bool(x) for x in pipe.execute()]
 
     def delete(self, key: str) -> bool:
