@@ -6,9 +6,10 @@ constant size whatever the history length.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from model.hrr import ItemEncoder
+from model.hrr import ItemEncoder, bind
 from model.protocol import ModelConfig, SeqRecModel, State
 from model.ssm import SelectiveSSM
 
@@ -24,6 +25,18 @@ class HoloMambaRec(SeqRecModel):
 
     def item_table(self) -> Tensor:  # (v, d)
         return self.encoder(self.item_attrs)
+
+    def embed(self, items: Tensor) -> Tensor:  # (...) -> (..., d): the rows of item_table for these items
+        """ItemEncoder's formula applied to just these rows: a served event must not re-encode the
+        whole catalogue (20x the rest of a step at 3706 items). tests/test_baselines.py checks it
+        equals indexing item_table()."""
+        v = self.encoder.item(items)  # (..., d)
+        attrs = self.item_attrs[items]  # (..., m)
+        if attrs.shape[-1] == 0:
+            return v
+        a = self.encoder.attr(attrs)  # (..., m, d)
+        n = (attrs > 0).sum(-1, keepdim=True)  # (..., 1)
+        return (v + a.sum(-2) + bind(v[..., None, :], a).sum(-2)) / torch.sqrt(1 + 2 * n)
 
     def forward(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
         mask = items > 0  # (b, l)

@@ -121,3 +121,15 @@ def test_learns_next_item(name: str) -> None:
         loss.backward()
         opt.step()
     assert loss.item() < 0.2 < first / 5
+
+
+def test_holomamba_embed_matches_item_table() -> None:
+    """HoloMambaRec encodes only the stepped items' rows; they must equal the full table's rows."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(model="holomamba", n_items=N_ITEMS, n_attrs=6, max_attrs=3, d_model=32)
+    attrs = torch.randint(0, 7, (N_ITEMS + 1, 3))
+    attrs[0] = 0
+    m = build_model(cfg, attrs)
+    items = left_padded(3, 8)
+    assert torch.allclose(m.embed(items), m.item_table()[items], atol=1e-6)
+    assert m.embed(items[:, 0]).shape == (3, 32)
