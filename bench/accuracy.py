@@ -60,11 +60,10 @@ def hardware(device: str) -> dict[str, Any]:
 
 
 def command() -> str:
-    """The command line as typed (`holorec ...` also when run as `python -m cli`), with HOLOREC_THREADS if set."""
+    """The command line as typed, with HOLOREC_THREADS if set."""
     env = f"HOLOREC_THREADS={os.environ['HOLOREC_THREADS']} " if os.environ.get("HOLOREC_THREADS") else ""
-    if Path(sys.argv[0]).name in ("holorec", "cli.py"):
-        return env + "holorec " + " ".join(sys.argv[1:])
-    return env + " ".join(["python", *sys.argv])
+    prog = {"holorec": "holorec", "cli.py": "python -m cli"}.get(Path(sys.argv[0]).name, "python " + sys.argv[0])
+    return env + " ".join([prog, *sys.argv[1:]])
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -83,13 +82,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(models, str):
         models = [m for m in models.split(",") if m]
     d_model = 32 if quick else 64
-    print(f"bench accuracy: {ds.summary()}; models {models}, {seeds} seed(s), {epochs} epochs, max_len {max_len}")
+    lr, batch_size = getattr(args, "lr", 1e-3), getattr(args, "batch_size", 128)
+    print(f"bench accuracy: {ds.summary()}; models {models}, {seeds} seed(s), {epochs} epochs, max_len {max_len}, lr {lr}, batch {batch_size}")
 
     runs: dict[str, list[dict[str, Any]]] = {}
     for name in models:
         for seed in range(seeds):
             cfg = ModelConfig(model=name, d_model=d_model, max_len=max_len, dropout=DEFAULT_DROPOUT[ds.kind])
-            _, rep = train(ds, cfg, epochs=epochs, seed=seed, device=args.device, progress=False)
+            _, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=args.device, progress=False)
             print(f"  {name} seed {seed}: test NDCG@10 {rep['test']['NDCG@10']:.4f} HR@10 {rep['test']['HR@10']:.4f} "
                   f"(best epoch {rep['best_epoch']}/{rep['epochs_run']}, {rep['train_seconds']:.0f} s)")
             runs.setdefault(name, []).append({"seed": seed, "test": rep["test"], "valid": rep["valid"], "best_epoch": rep["best_epoch"],
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "bench": "accuracy", "command": command(), "dataset": ds.name, "data": ds.source, "summary_line": ds.summary(),
         "protocol": "leave-one-out; full ranking over all items; history items kept; ties count against the target",
-        "epochs": epochs, "seeds": seeds, "max_len": max_len, "d_model": d_model, "dropout": DEFAULT_DROPOUT[ds.kind],
+        "epochs": epochs, "seeds": seeds, "max_len": max_len, "d_model": d_model, "dropout": DEFAULT_DROPOUT[ds.kind], "lr": lr, "batch_size": batch_size,
         "hardware": hardware(args.device), "runs": runs, "summary": summary, "popularity": popularity,
         "wall_seconds": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
@@ -121,7 +121,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['summary_line']}. {r['protocol']}.",
         f"Test split; mean ± std over {r['seeds']} seed(s); up to {r['epochs']} epochs (early stopping on validation NDCG@10), "
-        f"max_len {r['max_len']}, d_model {r['d_model']}, dropout {r['dropout']}.",
+        f"max_len {r['max_len']}, d_model {r['d_model']}, dropout {r['dropout']}, AdamW lr {r['lr']}, batch {r['batch_size']}.",
         "",
         "| model | " + " | ".join(METRICS) + " | train s |",
         "|---|" + "---|" * (len(METRICS) + 1),
