@@ -129,7 +129,7 @@ class RedisClusterServers:
             if out.returncode != 0:
                 raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
             for n in self.nodes:
-                _wait("cluster_state:ok", lambda n=n: b"cluster_state:ok" in n.client().execute_command("CLUSTER INFO"), 30)
+                _wait("cluster_state:ok", lambda n=n: n.client().cluster("info")["cluster_state"] == "ok", 30)
         except BaseException:
             self.stop()
             raise

@@ -171,7 +171,7 @@ class RedisStore:
 
     def ping(self) -> bool:
         try:
-            return bool(self._read("ping", self.r.ping))
+            return bool(self._read("ping", lambda: self.r.ping()))
         except StoreUnavailable:
             return False
 
