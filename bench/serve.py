@@ -1,0 +1,600 @@
+"""`holorec bench serve`: what serving costs, over real HTTP and a real Redis (issue 6).
+
+Sections (each a key of the result JSON, a table in OUT/serve.md):
+    o1         POST /events latency and stored record bytes for users whose history already holds
+               10 .. 100,000 events: constant-size state means constant cost
+    replay     the naive design (raw history in a Redis list, the model re-run over the last max_len
+               items per GET) against the stored-state path; in-process, Redis round trip in both
+    load       events/s and recommendations/s at concurrency 32 (and one event at concurrency 1),
+               1 and 2 uvicorn workers, micro-batching on and off, p50/p95/p99
+    catalogue  GET /recommend latency at 3.7k, 100k and 1M items (exact top-k by matrix product)
+    codec      bytes per user for float32/float16/int8 state packing and the NDCG@10 each costs,
+               stepping ML-100K test users with a pack/unpack round trip after every step
+
+The service runs as uvicorn subprocesses (service.app:app_from_env) on 127.0.0.1; the load
+generator is another process (`python -m bench.serve --loadgen SPEC`): asyncio + uvloop over raw
+keep-alive HTTP/1.1 connections, bounded by a request count and a deadline, latency measured per
+request from write to the last body byte. Checkpoints are random-weight HoloMambaRec models built
+on the spot (d_model 64, 2 layers, MovieLens-1M's 3,706 items and 18 genres) except the codec
+section, which needs a trained one: HOLOREC_BENCH_ML100K=DIR names a checkpoint trained by
+`holorec train --data /work/shared/data/ml-100k`; unset, one is trained here (--epochs).
+All Redis keys live under holorec:bench-serve-<random>:* and are deleted at the end.
+Figures are medians over repeats where repeated; the host and its load average are recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+N_ITEMS, N_GENRES, MAX_GENRES = 3706, 18, 3  # MovieLens-1M's catalogue; genres per item drawn at random
+D_MODEL, N_LAYERS, MAX_LEN = 64, 2, 200
+
+
+# --- the load generator (runs in its own process) -------------------------------------------
+def _request_maker(spec: dict[str, Any]):
+    """A function returning the next request's bytes, per spec["kind"]: event | batch | recommend."""
+    rng = random.Random(spec.get("seed", 0))
+    host = f"127.0.0.1:{spec['port']}"
+    users, n_users, n_items = spec.get("users"), spec.get("n_users", 10_000), spec["n_items"]
+    counter = [0]
+
+    def user() -> str:
+        if users:
+            counter[0] += 1
+            return users[counter[0] % len(users)]
+        return f"lu{rng.randrange(n_users)}"
+
+    def post(events: list[dict[str, str]]) -> bytes:
+        body = json.dumps({"events": events}).encode()
+        return (f"POST /events HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    kind = spec["kind"]
+    if kind == "event":
+        return lambda: post([{"user_id": user(), "item_id": f"i{rng.randrange(1, n_items + 1)}"}])
+    if kind == "batch":
+        return lambda: post([{"user_id": user(), "item_id": f"i{rng.randrange(1, n_items + 1)}"} for _ in range(spec["batch"])])
+    if kind == "recommend":
+        return lambda: f"GET /recommend/{user()}?k=10 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    raise ValueError(kind)
+
+
+async def _load(spec: dict[str, Any]) -> dict[str, Any]:
+    make = _request_maker(spec)
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    left = [spec["requests"]]
+    deadline = time.perf_counter() + spec["seconds"]
+
+    async def conn() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", spec["port"])
+        try:
+            while left[0] > 0 and time.perf_counter() < deadline:
+                left[0] -= 1
+                req = make()
+                t0 = time.perf_counter()
+                writer.write(req)
+                status = int((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                lat.append(time.perf_counter() - t0)
+                if status != 200:
+                    errors[str(status)] = errors.get(str(status), 0) + 1
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(conn() for _ in range(spec["concurrency"]))), spec["seconds"] + 30)
+    wall = time.perf_counter() - t0
+    return {"requests": len(lat), "seconds": wall, "errors": errors, **_percentiles(lat), "per_s": len(lat) / wall}
+
+
+def _percentiles(lat: list[float]) -> dict[str, float]:
+    if not lat:
+        return {"p50_ms": math.nan, "p95_ms": math.nan, "p99_ms": math.nan}
+    q = np.percentile(np.array(lat) * 1e3, [50, 95, 99])
+    return {"p50_ms": float(q[0]), "p95_ms": float(q[1]), "p99_ms": float(q[2])}
+
+
+def loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the load generator in a fresh process and return its figures."""
+    out = subprocess.run([sys.executable, "-m", "bench.serve", "--loadgen", json.dumps(spec)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=spec["seconds"] + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- the service under test --------------------------------------------------------------------
+class Server:
+    """service.app under uvicorn in a subprocess on a free loopback port."""
+
+    def __init__(self, checkpoint: Path, redis_url: str, namespace: str, workers: int = 1, **env: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        full = {**os.environ, "HOLOREC_CHECKPOINT": str(checkpoint), "HOLOREC_REDIS_URL": redis_url,
+                "HOLOREC_NAMESPACE": namespace, **{f"HOLOREC_{k.upper()}": str(v) for k, v in env.items()}}
+        self.metrics_dir = None
+        if workers > 1:  # as `holorec serve --workers` does
+            self.metrics_dir = tempfile.mkdtemp(prefix="holorec-bench-metrics-")
+            full["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        cmd = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._wait_ready(workers)
+
+    def _wait_ready(self, workers: int, timeout: float = 180) -> None:
+        import httpx
+
+        deadline, ok = time.time() + timeout, 0
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            try:
+                ok = ok + 1 if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200 else 0
+            except httpx.HTTPError:
+                ok = 0
+            if ok >= 3 * workers:  # several answers in a row: every worker is up, not just the first
+                time.sleep(0.5 if workers > 1 else 0)
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+def make_checkpoint(path: Path, n_items: int, *, genres: bool = True, max_len: int = MAX_LEN, model: str = "holomamba", seed: int = 0):
+    """Random (untrained) weights with the given catalogue; items are named i1..iN."""
+    from model import ModelConfig
+    from model.checkpoint import Checkpoint, save
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    n_attrs, m = (N_GENRES, MAX_GENRES) if genres else (0, 0)
+    attrs = torch.randint(0, n_attrs + 1, (n_items + 1, m), generator=g) if genres else torch.zeros(n_items + 1, 0, dtype=torch.long)
+    attrs[0] = 0
+    cfg = ModelConfig(model=model, n_items=n_items, n_attrs=n_attrs, max_attrs=m, d_model=D_MODEL, n_layers=N_LAYERS, max_len=max_len, dropout=0.0)
+    net = _build(cfg, attrs).eval()
+    ckpt = Checkpoint(net, [f"i{i}" for i in range(1, n_items + 1)], [f"g{j}" for j in range(1, n_attrs + 1)],
+                      list(range(1, min(n_items, 100) + 1)), {"dataset": "random weights for bench serve"})
+    save(ckpt, path)
+    return ckpt
+
+
+def _build(cfg, attrs=None):
+    from model import build_model
+
+    try:
+        return build_model(cfg, attrs)
+    except ValueError:
+        if cfg.model != "sasrec":
+            raise
+        from model.sasrec import SASRec  # build_model registers the baselines only once all of them are in
+
+        return SASRec(cfg, attrs)
+
+
+def _sasrec_available() -> bool:
+    try:
+        import model.sasrec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- sections ------------------------------------------------------------------------------------
+def section_o1(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str, Any]:
+    """Cost of one more event for users with 10 .. 100,000 events behind them."""
+    import httpx
+    import redis
+
+    from service.store import user_key
+
+    levels = [10, 300] if quick else [10, 1000, 10_000, 100_000]
+    rounds, per_round = (1, 10) if quick else (5, 60)
+    rng = random.Random(1)
+    r = redis.Redis.from_url(redis_url)
+    out: dict[str, Any] = {"levels": {}}
+    with Server(ckpt_dir, redis_url, ns) as srv, httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=600) as c:
+        t0 = time.perf_counter()
+        for lvl in levels:  # 1000-event requests; the longest history dominates
+            user, done = f"hist{lvl}", 0
+            while done < lvl:
+                n = min(1000, lvl - done)
+                resp = c.post("/events", json={"events": [{"user_id": user, "item_id": f"i{rng.randrange(1, N_ITEMS + 1)}"} for _ in range(n)]})
+                resp.raise_for_status()
+                done += n
+        out["prefill_s"] = time.perf_counter() - t0
+        out["prefill_events"] = sum(levels)
+        lat: dict[int, list[dict[str, Any]]] = {lvl: [] for lvl in levels}
+        for rnd in range(rounds):  # interleaved, so machine load drifts hit every level alike
+            for lvl in levels:
+                lat[lvl].append(loadgen({"kind": "event", "port": srv.port, "n_items": N_ITEMS, "users": [f"hist{lvl}"],
+                                         "concurrency": 1, "requests": per_round, "seconds": 60, "seed": rnd}))
+        for lvl in levels:
+            key = user_key(ns, f"hist{lvl}")
+            meta = c.get(f"/users/hist{lvl}").json()
+            out["levels"][str(lvl)] = {
+                "p50_ms": statistics.median(x["p50_ms"] for x in lat[lvl]),
+                "p99_ms": statistics.median(x["p99_ms"] for x in lat[lvl]),
+                "requests": sum(x["requests"] for x in lat[lvl]),
+                "errors": sum(sum(x["errors"].values()) for x in lat[lvl]),
+                "record_bytes": r.strlen(key),
+                "events_applied": meta["events_applied"],
+            }
+    lo, hi = out["levels"][str(levels[0])], out["levels"][str(levels[-1])]
+    out["p50_ratio_longest_to_shortest"] = hi["p50_ms"] / lo["p50_ms"]
+    out["record_bytes_constant"] = len({v["record_bytes"] for v in out["levels"].values()}) == 1
+    return out
+
+
+def section_replay(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[str, Any]:
+    """The naive design vs the stored-state path, per GET, in-process (both include the Redis round trip)."""
+    import redis
+
+    from model.checkpoint import load
+    from service.engine import Engine, Event, RecQuery
+    from service.settings import Settings
+    from service.store import RedisStore
+
+    lens = [50] if quick else [50, 200, 1000]
+    n_req = 5 if quick else 200
+    models = ["holomamba"] + (["sasrec"] if _sasrec_available() else [])
+    r = redis.Redis.from_url(redis_url)
+    rng = random.Random(2)
+    out: dict[str, Any] = {"max_len": {}, "models": models, "requests": n_req}
+    for L in lens:
+        row: dict[str, Any] = {}
+        history = [rng.randrange(1, N_ITEMS + 1) for _ in range(L)]
+        # holorec: the stored-state path through the real Engine and RedisStore
+        ckpt_dir = tmp / f"replay-holomamba-{L}"
+        make_checkpoint(ckpt_dir, N_ITEMS, max_len=L)
+        settings = Settings(checkpoint=str(ckpt_dir), redis_url=redis_url, namespace=ns)
+        engine = Engine(load(ckpt_dir), RedisStore(redis_url), settings)
+        user = f"replay{L}"
+        for s in range(0, L, 1000):
+            engine.apply([[Event(user, f"i{i}") for i in history[s : s + 1000]]])
+        engine.recommend([RecQuery(user)])  # warm
+        row["stored_state_ms"] = _median_ms(lambda: engine.recommend([RecQuery(user)]), n_req)
+        state_items = [x for x, _ in engine.recommend([RecQuery(user)])[0].items]
+        # the naive design: a Redis list of item indices, the model re-run over it per request
+        key = f"holorec:{ns}:naive:{L}"
+        r.delete(key)
+        r.rpush(key, *history)
+        r.ltrim(key, -L, -1)
+        for name in models:
+            if name == "holomamba":
+                net = engine.model
+            else:
+                from model import ModelConfig
+
+                net = _build(ModelConfig(model=name, n_items=N_ITEMS, d_model=D_MODEL, n_layers=N_LAYERS, max_len=L, dropout=0.0)).eval()
+            table = net.item_table().detach().clone()
+
+            def naive(net=net, table=table) -> list[int]:
+                items = [int(x) for x in r.lrange(key, -L, -1)]
+                with torch.inference_mode():
+                    h = net.user_vector(torch.tensor([items]))  # (1, d): the whole window, every request
+                    scores = h @ table.T
+                    scores[0, 0] = -math.inf
+                    scores[0, torch.tensor(items)] = -math.inf
+                    return torch.topk(scores, 10, dim=1).indices[0].tolist()
+
+            got = naive()
+            if name == "holomamba":
+                row["holomamba_same_top10"] = [f"i{j}" for j in got] == state_items
+            naive()
+            row[f"naive_{name}_ms"] = _median_ms(naive, max(n_req // (4 if L >= 1000 else 1), 10))
+            row[f"ratio_{name}"] = row[f"naive_{name}_ms"] / row["stored_state_ms"]
+        out["max_len"][str(L)] = row
+    return out
+
+
+def _median_ms(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def section_load(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str, Any]:
+    """Throughput and latency under load; each figure the median of `repeats` runs."""
+    repeats, seconds = (1, 2) if quick else (3, 6)
+    n = {"event": 100, "batch": 10, "recommend": 100, "event_c1": 20} if quick else \
+        {"event": 12_000, "batch": 800, "recommend": 12_000, "event_c1": 1000}
+    out: dict[str, Any] = {"concurrency": 32, "batch_events": 100, "repeats": repeats, "seconds_cap": seconds, "runs": {}}
+    for workers in (1,) if quick else (1, 2):
+        for batching in (True,) if quick else (True, False):
+            env = {} if batching else {"max_batch": "1"}
+            name = f"w{workers}_{'batch' if batching else 'nobatch'}"
+            res: dict[str, Any] = {}
+            with Server(ckpt_dir, redis_url, ns, workers=workers, **env) as srv:
+                # users with some history, so /recommend scores from state
+                loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": N_ITEMS, "n_users": 2000,
+                         "concurrency": 4, "requests": 10 if quick else 40, "seconds": 60})
+                cases = [("event_c1", {"kind": "event", "concurrency": 1}),
+                         ("event", {"kind": "event", "concurrency": 32}),
+                         ("batch100", {"kind": "batch", "batch": 100, "concurrency": 32}),
+                         ("recommend", {"kind": "recommend", "concurrency": 32, "n_users": 2000})]
+                for case, spec in cases:
+                    runs = [loadgen({**spec, "port": srv.port, "n_items": N_ITEMS, "seed": rep, "seconds": seconds,
+                                     "requests": n["batch" if case == "batch100" else case]}) for rep in range(repeats)]
+                    res[case] = _median_of(runs)
+                    if case == "batch100":
+                        res[case]["events_per_s"] = res[case]["per_s"] * 100
+            out["runs"][name] = res
+    return out
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        **{k: statistics.median(r[k] for r in runs) for k in ("per_s", "p50_ms", "p95_ms", "p99_ms")},
+        "requests": sum(r["requests"] for r in runs),
+        "errors": sum(sum(r["errors"].values()) for r in runs),
+    }
+
+
+def section_catalogue(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[str, Any]:
+    """GET /recommend latency as the catalogue grows; exact scoring (one matmul + top-k)."""
+    sizes = [2000] if quick else [3706, 100_000, 1_000_000]
+    n_req = {1: 20, 32: 64} if quick else {1: 400, 32: 2000}
+    out: dict[str, Any] = {"sizes": {}}
+    for size in sizes:
+        ckpt_dir = tmp / f"cat-{size}"
+        make_checkpoint(ckpt_dir, size, genres=False)
+        res: dict[str, Any] = {}
+        with Server(ckpt_dir, redis_url, ns) as srv:
+            loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": size, "n_users": 500,
+                     "concurrency": 2, "requests": 5 if quick else 20, "seconds": 60})
+            for conc in (1, 32):
+                res[f"c{conc}"] = loadgen({"kind": "recommend", "port": srv.port, "n_items": size, "n_users": 500,
+                                          "concurrency": conc, "requests": n_req[conc], "seconds": 20 if quick else 30})
+        out["sizes"][str(size)] = res
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return out
+
+
+def section_codec(tmp: Path, quick: bool, epochs: int) -> dict[str, Any]:
+    """Bytes per user per state codec, and NDCG@10 when every step goes through pack/unpack."""
+    from model.checkpoint import load
+    from model.evaluate import evaluate, metrics_from_ranks, ranks
+    from model.state import CODECS, pack, packed_size, unpack
+    from service import record as rec
+
+    if quick:
+        from model.data import split, synthetic
+
+        ds = synthetic(n_users=120, n_items=60, n_attrs=4, seed=0)
+        ckpt = make_checkpoint(tmp / "codec-quick", ds.n_items, genres=False, max_len=50)
+        net, source = ckpt.model, "synthetic data, random weights (--quick: figures meaningless)"
+    else:
+        from model.data import load as load_data, split
+
+        ds = load_data("/work/shared/data/ml-100k")
+        path = os.environ.get("HOLOREC_BENCH_ML100K")
+        if not path:
+            from model.train import cli_train
+
+            path = str(tmp / "ml100k")
+            cli_train(argparse.Namespace(data="/work/shared/data/ml-100k", attributes=None, model="holomamba", d_model=64,
+                                         layers=2, dropout=None, max_len=None, epochs=epochs, lr=1e-3, batch_size=128,
+                                         seed=0, device="cpu", patience=5, out=path))
+        ckpt = load(path)
+        net, source = ckpt.model, f"{path} (provenance: {json.dumps(ckpt.provenance)[:400]})"
+    sp = split(ds, net.config.max_len)
+    hist, targets = sp.eval_set("test")
+    L = net.config.max_len
+    seqs = [h[-L:] for h in hist]
+    template = net.init_state(1)
+    table = net.item_table().detach()
+    forward_ndcg = evaluate(net, hist, targets)["NDCG@10"]
+    out: dict[str, Any] = {"checkpoint": source, "users": len(seqs), "max_len": L, "forward_ndcg10": forward_ndcg, "codecs": {}}
+    base = None
+    for codec in ("none",) + CODECS:
+        with torch.inference_mode():
+            state = net.init_state(len(seqs))
+            vec = torch.zeros(len(seqs), net.config.d_model)
+            for t in range(max(len(s) for s in seqs)):
+                rows = torch.tensor([u for u, s in enumerate(seqs) if len(s) > t])
+                items = torch.tensor([seqs[u][t] for u in rows.tolist()])
+                h, new = net.step(items, {k: v[rows] for k, v in state.items()})
+                if codec != "none":  # what the service does between two events: store, load
+                    new = unpack(pack(new, codec), template, codec)
+                for k in state:
+                    state[k][rows] = new[k]
+                vec[rows] = h
+            m = metrics_from_ranks(ranks(vec @ table.T, torch.tensor(targets)))
+        if codec == "none":
+            base = m["NDCG@10"]
+            out["step_ndcg10"] = base
+            continue
+        state_b = packed_size(template, codec)
+        empty = rec.empty("v", codec, L, 256, net.config.d_model, pack(template, codec)[0])  # default 256 dedup slots
+        record_b = len(rec.encode(empty))
+        out["codecs"][codec] = {"state_bytes": state_b, "record_bytes": record_b, "ndcg10": m["NDCG@10"],
+                                "ndcg10_change": m["NDCG@10"] - base, "ndcg10_rel_change": (m["NDCG@10"] - base) / base if base else math.nan}
+    return out
+
+
+# --- driver -----------------------------------------------------------------------------------------
+def hardware() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def _load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import redis
+
+    quick = bool(getattr(args, "quick", False))
+    redis_url = getattr(args, "redis_url", None) or "redis://127.0.0.1:6379/0"
+    out_dir = Path(getattr(args, "out", "bench/results"))
+    only = os.environ.get("HOLOREC_BENCH_SECTIONS", "o1,replay,load,catalogue,codec").split(",")
+    ns = f"bench-serve-{uuid.uuid4().hex[:10]}"
+    tmp = Path(tempfile.mkdtemp(prefix="holorec-bench-serve-"))
+    result: dict[str, Any] = {"quick": quick, "hardware": hardware(), "load_avg": {"start": _load_avg()},
+                              "command": "holorec bench serve" + (" --quick" if quick else ""), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    t_all = time.perf_counter()
+    try:
+        ckpt_dir = tmp / "ml1m-size"
+        make_checkpoint(ckpt_dir, N_ITEMS)
+        sections = {"o1": lambda: section_o1(ckpt_dir, redis_url, ns, quick),
+                    "replay": lambda: section_replay(tmp, redis_url, ns, quick),
+                    "load": lambda: section_load(ckpt_dir, redis_url, ns, quick),
+                    "catalogue": lambda: section_catalogue(tmp, redis_url, ns, quick),
+                    "codec": lambda: section_codec(tmp, quick, getattr(args, "epochs", 10))}
+        for name, fn in sections.items():
+            if name not in only:
+                continue
+            t0 = time.perf_counter()
+            print(f"bench serve: {name} ...", flush=True)
+            result[name] = fn()
+            result[name]["seconds"] = time.perf_counter() - t0
+            result["load_avg"][name] = _load_avg()
+    finally:
+        r = redis.Redis.from_url(redis_url)
+        keys = list(r.scan_iter(f"holorec:{ns}:*", count=1000))
+        for s in range(0, len(keys), 1000):
+            r.delete(*keys[s : s + 1000])
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["seconds"] = time.perf_counter() - t_all
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "serve.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "serve.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+def _f(x: Any, nd: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{nd}f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    hw = res["hardware"]
+    lines = [f"# holorec serving benchmark{' (--quick: smoke test, not figures)' if res['quick'] else ''}", "",
+             f"Command: `{res['command']}` (from the repository root, Redis at 127.0.0.1:6379). "
+             f"Machine: {hw['cpu']}, {hw['cores']} cores, Python {hw['python']}, torch {hw['torch']}; "
+             f"shared with other jobs: load average (1/5/15 min) {res['load_avg']}. Started {res['started']}, took {res['seconds']:.0f} s.",
+             "Service: uvicorn subprocess(es), Redis, random-weight HoloMambaRec (d_model 64, 2 layers, max_len 200, 3,706 items, "
+             "18 genres) unless said otherwise; load from a separate asyncio process over loopback keep-alive connections.", ""]
+    if "o1" in res:
+        o = res["o1"]
+        lines += ["## 1. One more event costs the same whatever the history (POST /events, 1 event, concurrency 1)", "",
+                  "| events already applied | p50 ms | p99 ms | stored record bytes | requests |", "|---:|---:|---:|---:|---:|"]
+        for lvl, v in o["levels"].items():
+            lines.append(f"| {int(lvl):,} ({v['events_applied']:,} at the end) | {_f(v['p50_ms'])} | {_f(v['p99_ms'])} | {v['record_bytes']:,} | {v['requests']} |")
+        lines += ["", f"p50 ratio, longest to shortest history: **{o['p50_ratio_longest_to_shortest']:.2f}** (target <= 1.2); "
+                  f"record size constant: {o['record_bytes_constant']}. Prefill: {o['prefill_events']:,} events in 1000-event "
+                  f"requests over HTTP in {o['prefill_s']:.0f} s.", ""]
+    if "replay" in res:
+        rp = res["replay"]
+        lines += ["## 2. Stored state vs replaying history per request (in-process, no HTTP; both include the Redis round trip)", "",
+                  "Naive: the history in a Redis list; per GET, LRANGE the last max_len items, run the model's forward over them, "
+                  "score, top-10. holorec: per GET, GET the record, decode, score its stored user vector, top-10 (Engine.recommend). "
+                  f"Median of {rp['requests']} requests each (1000-long windows: a quarter as many).", "",
+                  "| max_len | holorec stored state ms | " + " | ".join(f"naive {m} ms | {m} / stored" for m in rp["models"]) + " |",
+                  "|---:|---:|" + "---:|---:|" * len(rp["models"])]
+        for L, v in rp["max_len"].items():
+            cells = " | ".join(f"{_f(v[f'naive_{m}_ms'])} | **{_f(v[f'ratio_{m}'], 1)}x**" for m in rp["models"])
+            lines.append(f"| {L} | {_f(v['stored_state_ms'], 3)} | {cells} |")
+        same = all(v.get("holomamba_same_top10", False) for v in rp["max_len"].values())
+        lines += ["", f"HoloMambaRec replay and stored state give the same top-10: {same}. "
+                  + ("" if "sasrec" in rp["models"] else "SASRec (model/sasrec.py) was not importable: not measured."), ""]
+    if "load" in res:
+        ld = res["load"]
+        lines += [f"## 3. Throughput and latency under load (concurrency {ld['concurrency']}; median of {ld['repeats']} runs, each capped at "
+                  f"{ld['seconds_cap']} s)", "",
+                  "Events go to random users out of 10,000 (a 100-event batch: 100 events, mostly distinct users, as a stream "
+                  "consumer would send). GET /recommend: users out of 2,000 with history. Micro-batching off = HOLOREC_MAX_BATCH=1.", "",
+                  "| workers | micro-batching | 1 event, c=1: p50 / p99 ms | 1-event requests/s | p50 / p95 / p99 ms | 100-event batches: events/s | p50 / p95 / p99 ms | GET /recommend req/s | p50 / p95 / p99 ms | errors |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, v in ld["runs"].items():
+            w, b = name[1], "on" if name.endswith("_batch") else "off"
+            e, bt, rc, c1 = v["event"], v["batch100"], v["recommend"], v["event_c1"]
+            errs = sum(x["errors"] for x in v.values())
+            lines.append(f"| {w} | {b} | {_f(c1['p50_ms'])} / {_f(c1['p99_ms'])} | {_f(e['per_s'], 0)} | {_f(e['p50_ms'], 1)} / {_f(e['p95_ms'], 1)} / {_f(e['p99_ms'], 1)} "
+                         f"| {_f(bt['events_per_s'], 0)} | {_f(bt['p50_ms'], 1)} / {_f(bt['p95_ms'], 1)} / {_f(bt['p99_ms'], 1)} "
+                         f"| {_f(rc['per_s'], 0)} | {_f(rc['p50_ms'], 1)} / {_f(rc['p95_ms'], 1)} / {_f(rc['p99_ms'], 1)} | {errs} |")
+        lines.append("")
+    if "catalogue" in res:
+        cat = res["catalogue"]
+        lines += ["## 4. Catalogue scale: GET /recommend, exact top-10 by one matrix product (1 worker, micro-batching on)", "",
+                  "| items | c=1 p50 ms | c=1 p99 ms | c=32 req/s | c=32 p50 ms | c=32 p99 ms |", "|---:|---:|---:|---:|---:|---:|"]
+        for size, v in cat["sizes"].items():
+            lines.append(f"| {int(size):,} | {_f(v['c1']['p50_ms'])} | {_f(v['c1']['p99_ms'])} | {_f(v['c32']['per_s'], 0)} | {_f(v['c32']['p50_ms'])} | {_f(v['c32']['p99_ms'])} |")
+        lines.append("")
+    if "codec" in res:
+        cd = res["codec"]
+        lines += ["## 5. State size per codec (HOLOREC_STATE_CODEC) and what it costs in accuracy", "",
+                  f"ML-100K test users ({cd['users']}; MovieLens-1M is not available on this machine), each stepped through the last "
+                  f"{cd['max_len']} items of their history, the state packed and unpacked after every step. Checkpoint: {cd['checkpoint']}. "
+                  f"NDCG@10 (full ranking): forward {cd['forward_ndcg10']:.4f}, step without packing {cd['step_ndcg10']:.4f}.", "",
+                  "| codec | state bytes / user | whole record bytes | NDCG@10 | change vs no packing |", "|---|---:|---:|---:|---:|"]
+        for codec, v in cd["codecs"].items():
+            lines.append(f"| {codec} | {v['state_bytes']:,} | {v['record_bytes']:,} | {v['ndcg10']:.4f} | {v['ndcg10_change']:+.4f} ({100 * v['ndcg10_rel_change']:+.2f}%) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--loadgen", required=True, help="JSON spec: kind, port, n_items, concurrency, requests, seconds, ...")
+    a = p.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(json.dumps(asyncio.run(_load(json.loads(a.loadgen)))))

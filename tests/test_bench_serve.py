@@ -1,0 +1,53 @@
+"""`holorec bench serve --quick` end to end: real uvicorn + Redis, the load generator, every section.
+
+A smoke test of the benchmark's plumbing: it checks the result has every figure and that the
+figures are sane (positive, no errors, constant record size), never that a timing target is met.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import redis
+
+from tests.conftest import REDIS_URL
+
+
+def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
+    from bench.serve import run
+
+    res = run(argparse.Namespace(out=str(tmp_path), quick=True, redis_url=REDIS_URL, epochs=1))
+    assert json.loads((tmp_path / "serve.json").read_text())["quick"] is True
+    md = (tmp_path / "serve.md").read_text()
+    assert "holorec bench serve --quick" in md and "## 5." in md
+    assert res["hardware"]["cores"] >= 1 and res["load_avg"]["start"]
+
+    o1 = res["o1"]
+    assert o1["record_bytes_constant"] and o1["p50_ratio_longest_to_shortest"] > 0
+    for lvl, v in o1["levels"].items():
+        assert v["errors"] == 0 and v["p50_ms"] > 0 and v["p99_ms"] >= v["p50_ms"] and v["record_bytes"] > 0
+        assert v["events_applied"] >= int(lvl)
+
+    for v in res["replay"]["max_len"].values():
+        assert v["stored_state_ms"] > 0 and v["holomamba_same_top10"]
+        for m in res["replay"]["models"]:
+            assert v[f"naive_{m}_ms"] > 0 and v[f"ratio_{m}"] > 0
+
+    for run_ in res["load"]["runs"].values():
+        for case in ("event_c1", "event", "batch100", "recommend"):
+            assert run_[case]["errors"] == 0 and run_[case]["requests"] > 0 and run_[case]["per_s"] > 0
+            assert 0 < run_[case]["p50_ms"] <= run_[case]["p95_ms"] <= run_[case]["p99_ms"]
+        assert run_["batch100"]["events_per_s"] == run_["batch100"]["per_s"] * 100
+
+    for v in res["catalogue"]["sizes"].values():
+        assert v["c1"]["errors"] == {} and v["c1"]["p50_ms"] > 0 and v["c32"]["per_s"] > 0
+
+    codecs = res["codec"]["codecs"]
+    assert set(codecs) == {"float32", "float16", "int8"}
+    assert codecs["float32"]["state_bytes"] == 2 * codecs["float16"]["state_bytes"] > codecs["int8"]["state_bytes"]
+    assert codecs["float32"]["ndcg10_change"] == 0.0  # float32 packing is lossless
+    assert all(math.isfinite(v["ndcg10"]) for v in codecs.values())
+
+    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter("holorec:bench-serve-*", count=1000))  # cleaned up
