@@ -1,8 +1,24 @@
 """HoloMambaRec: HRR item+attribute encoder -> dropout -> N selective SSM blocks -> norm, tied scoring.
 
-Shape letters: b batch, l length, d model dim, v items + 1, e inner dim, n state dim, k conv width.
+Shape letters: b batch, l length, d model dim, v items + 1, e inner dim, n state dim, k conv width,
+g bundle (items per SSM step), L groups (ceil(l / g)).
 The per-user serving state is, for each layer i, `conv{i}` (b, e, k-1) and `ssm{i}` (b, e, n):
 constant size whatever the history length.
+
+Temporal bundling (config.bundle = g > 1). A user's items are cut into consecutive groups of g,
+counted from their first item (left padding never shifts a group). Item slot i of a group is
+bound to a learned role vector r_i and the bound pairs are superposed into one encoder input,
+    x_j = sum_{i < p} bind(r_i, e_{item(j, i)}) / sqrt(g)        (p items of group j so far)
+so the SSM runs one step per group: g times fewer recurrent steps.
+Serving: the state holds the SSM states after the last *complete* group and `pending` (b, g-1),
+the item indices of the partial group (0 = empty slot). An event fills the next slot; the user
+vector is a "peek": one SSM step on the partial group's x_j from the committed state, not
+committed. When the group fills up (p = g) the same step is committed and `pending` clears.
+Training (`forward`) produces exactly those peeks for every item (SelectiveSSM.forward_peek):
+the committed recurrence runs over full groups, and the output at the p-th item of group j is
+the step on x_j with p items from the state after group j - 1. So `step` reproduces `forward`
+at every position, and training sees the partial-group inputs serving feeds the model.
+With g = 1 none of this is used and the model is the plain per-item HoloMambaRec.
 """
 from __future__ import annotations
 
@@ -22,6 +38,11 @@ class HoloMambaRec(SeqRecModel):
         self.drop = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList(SelectiveSSM(c.d_model, c.d_state, c.expand, c.d_conv) for _ in range(c.n_layers))
         self.norm = nn.LayerNorm(c.d_model)
+        if c.bundle < 1:
+            raise ValueError(f"bundle must be >= 1, got {c.bundle}")
+        self.g = c.bundle
+        if self.g > 1:  # slot roles, random HRR vectors N(0, 1/d) to start, learned jointly
+            self.roles = nn.Parameter(torch.randn(self.g, c.d_model) * c.d_model**-0.5)  # (g, d)
 
     def item_table(self) -> Tensor:  # (v, d)
         return self.encoder(self.item_attrs)
@@ -39,6 +60,8 @@ class HoloMambaRec(SeqRecModel):
         return (v + a.sum(-2) + bind(v[..., None, :], a).sum(-2)) / torch.sqrt(1 + 2 * n)
 
     def forward(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
+        if self.g > 1:
+            return self._forward_bundled(items)
         mask = items > 0  # (b, l)
         x = self.drop(self.embed(items))  # (b, l, d)
         for layer in self.layers:
@@ -49,11 +72,52 @@ class HoloMambaRec(SeqRecModel):
         state: State = {}
         for i, layer in enumerate(self.layers):
             state[f"conv{i}"], state[f"ssm{i}"] = layer.init_state(batch_size)
+        if self.g > 1:
+            state["pending"] = torch.zeros(batch_size, self.g - 1, dtype=torch.long)  # partial group, slot order
         return state
 
     def step(self, items: Tensor, state: State) -> tuple[Tensor, State]:  # (b,) -> (b, d)
+        if self.g > 1:
+            return self._step_bundled(items, state)
         x = self.drop(self.embed(items))  # (b, d)
         new: State = {}
         for i, layer in enumerate(self.layers):
             x, new[f"conv{i}"], new[f"ssm{i}"] = layer.step(x, state[f"conv{i}"], state[f"ssm{i}"])
+        return self.norm(x), new
+
+    # --- temporal bundling (g > 1) -----------------------------------------------------
+    def _group_input(self, slots: Tensor) -> Tensor:  # (..., g) item per slot, 0 = empty -> (..., g, d)
+        """Prefix bundles: [..., p, :] = sum_{i <= p} bind(r_i, e_i) / sqrt(g), the input after p + 1 items."""
+        bound = bind(self.roles, self.drop(self.embed(slots)))  # (..., g, d); empty slots bind a zero vector
+        return bound.cumsum(-2) / self.g**0.5
+
+    def _forward_bundled(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
+        b, l = items.shape
+        g, L = self.g, -(-l // self.g)
+        mask = items > 0  # (b, l)
+        k = mask.cumsum(1) - 1  # (b, l): index of each real item in the user's (windowed) history
+        groups = (k[:, -1:] + g) // g  # (b, 1): groups this row has, the last possibly partial
+        # real item -> flat slot (group position right-aligned, so groups are left-padded); padding -> a spill slot
+        flat = torch.where(mask, (L - groups + k.div(g, rounding_mode="floor")) * g + k % g, L * g)  # (b, l)
+        slots = torch.zeros(b, L * g + 1, dtype=items.dtype, device=items.device).scatter(1, flat, items)
+        slots = slots[:, :-1].view(b, L, g)  # (b, L, g)
+        x = self._group_input(slots)  # (b, L, g, d): x[:, j, p] = group j after p + 1 items
+        gmask = slots[..., 0] > 0  # (b, L)
+        for layer in self.layers:
+            x = layer.forward_peek(x, gmask)
+        x = self.norm(x).view(b, L * g, -1)  # (b, L g, d)
+        out = x.gather(1, flat.clamp(max=L * g - 1)[..., None].expand(-1, -1, x.shape[-1]))  # (b, l, d)
+        return out * mask[..., None]  # padding positions are zero
+
+    def _step_bundled(self, items: Tensor, state: State) -> tuple[Tensor, State]:  # (b,) -> (b, d)
+        pending = state["pending"]  # (b, g - 1)
+        p = (pending > 0).sum(1, keepdim=True)  # (b, 1): items already in the partial group
+        slots = torch.cat([pending, torch.zeros_like(pending[:, :1])], 1).scatter(1, p, items[:, None])  # (b, g)
+        x = self._group_input(slots).gather(1, p[..., None].expand(-1, -1, self.config.d_model))[:, 0]  # (b, d)
+        peek: State = {}
+        for i, layer in enumerate(self.layers):
+            x, peek[f"conv{i}"], peek[f"ssm{i}"] = layer.step(x, state[f"conv{i}"], state[f"ssm{i}"])
+        full = ((p[:, 0] == self.g - 1) & (items > 0))  # (b,): this item completes the group: commit the peek
+        new = {k: torch.where(full.view(-1, *[1] * (t.dim() - 1)), t, state[k]) for k, t in peek.items()}
+        new["pending"] = torch.where(full[:, None], 0, torch.where((items > 0)[:, None], slots[:, :-1], pending))
         return self.norm(x), new

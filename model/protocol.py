@@ -42,6 +42,7 @@ class ModelConfig:
     d_state: int = 16
     expand: int = 2
     d_conv: int = 4
+    bundle: int = 1  # holomamba: items bound to slot roles and bundled per SSM step (temporal bundling)
     # attention models (sasrec, elastic)
     n_heads: int = 2
     # elastic

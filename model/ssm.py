@@ -100,6 +100,32 @@ class SelectiveSSM(nn.Module):
         y = torch.einsum("blen,bln->ble", h, C) + self.D * u  # (b, l, e)
         return x + self.out_proj(y * F.silu(z))  # (b, l, d)
 
+    def forward_peek(self, x: Tensor, mask: Tensor) -> Tensor:  # (b, L, g, d), (b, L) bool -> (b, L, g, d)
+        """Temporal bundling's training path: at each group position j, g input streams x[:, j, p].
+
+        Stream g - 1 is the committed one: it runs the recurrence (conv window and h) exactly as
+        `forward` does. Every stream p is then read out as a `step` from the committed state
+        after position j - 1 would read it, without committing: conv window = committed inputs
+        j-k+1 .. j-1 plus stream p's own input, h = dA_p * h_{j-1} + dBu_p. That is what serving
+        does for a partial group ("peek"), so training sees what serving produces.
+        """
+        L = x.shape[1]
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # (b, L, g, e) each
+        u = u * mask[..., None, None]
+        uc = u[:, :, -1]  # (b, L, e): the committed stream
+        conv_c = self.conv(F.pad(uc.transpose(1, 2), (self.k - 1, 0)))[..., :L].transpose(1, 2)  # (b, L, e)
+        w_last = self.conv.weight[:, 0, -1]  # (e,): the tap on the current input
+        u = F.silu((conv_c - w_last * uc)[:, :, None] + w_last * u)  # (b, L, g, e): swap in each stream's input
+        dt, B, C = self._select(u)  # (b, L, g, e), (b, L, g, n), (b, L, g, n)
+        dt = dt * mask[..., None, None]
+        dA = torch.exp(dt[..., None] * -torch.exp(self.A_log))  # (b, L, g, e, n)
+        dBu = (dt * u)[..., None] * B[..., None, :]  # (b, L, g, e, n)
+        h = parallel_scan(dA[:, :, -1], dBu[:, :, -1])  # (b, L, e, n): committed states
+        h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # (b, L, e, n): state before j
+        h = dA * h_prev[:, :, None] + dBu  # (b, L, g, e, n): every stream read from the committed state
+        y = torch.einsum("blgen,blgn->blge", h, C) + self.D * u  # (b, L, g, e)
+        return x + self.out_proj(y * F.silu(z))  # (b, L, g, d)
+
     def init_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
         """conv: the last k-1 inputs of the conv, (b, e, k-1); ssm: h, (b, e, n). Both start at zero."""
         return torch.zeros(batch_size, self.e, self.k - 1), torch.zeros(batch_size, self.e, self.n)

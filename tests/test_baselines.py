@@ -1,4 +1,4 @@
-"""The baselines (GRU4Rec, SASRec, ELASTIC) keep the step contract, constant state size, and learn."""
+"""The baselines (GRU4Rec, SASRec, ELASTIC) and bundled HoloMambaRec keep the step contract, constant state size, and learn."""
 from __future__ import annotations
 
 import pytest
@@ -27,13 +27,14 @@ def left_padded(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 
 
 def worst_step_gap(m, items: torch.Tensor) -> float:
-    """Largest |step - forward| over the real positions, stepping all rows from init_state (item 0 is a no-op)."""
+    """Largest |step - forward| over the real positions, stepping all rows from init_state; padding rows keep their state."""
     with torch.no_grad():
         full = m(items)  # (b, l, d)
         state, worst = m.init_state(items.shape[0]), 0.0
         for t in range(items.shape[1]):
-            h, state = m.step(items[:, t], state)
+            h, new = m.step(items[:, t], state)
             real = items[:, t] > 0
+            state = {k: torch.where(real.view(-1, *[1] * (v.dim() - 1)), new[k], v) for k, v in state.items()}
             if real.any():
                 worst = max(worst, (h[real] - full[real, t]).abs().max().item())
     return worst
@@ -43,6 +44,43 @@ def worst_step_gap(m, items: torch.Tensor) -> float:
 @pytest.mark.parametrize("batch,length", [(1, 1), (3, 9), (5, 40), (2, 64)])
 def test_step_reproduces_forward(name: str, batch: int, length: int) -> None:
     assert worst_step_gap(make(name), left_padded(batch, length)) < 1e-4
+
+
+def bundled(g: int, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(model="holomamba", n_items=N_ITEMS, n_attrs=6, max_attrs=3, d_model=32, bundle=g)
+    attrs = torch.randint(0, 7, (N_ITEMS + 1, 3))
+    attrs[0] = 0
+    return build_model(cfg, attrs).eval()
+
+
+@pytest.mark.parametrize("g", [2, 3, 4])
+@pytest.mark.parametrize("batch,length", [(1, 1), (3, 7), (5, 33), (2, 64)])
+def test_bundled_holomamba_step_reproduces_forward(g: int, batch: int, length: int) -> None:
+    """Every item, including those that leave a group partial (served by a peek), matches forward."""
+    assert worst_step_gap(bundled(g), left_padded(batch, length, seed=g)) < 1e-4
+
+
+def test_bundled_state_commits_only_full_groups() -> None:
+    m = bundled(3)
+    with torch.no_grad():
+        _, s2 = m.replay([7, 8])
+        _, s3 = m.replay([7, 8, 9])
+        _, s5 = m.replay([7, 8, 9, 10, 11])
+    empty = m.init_state(1)
+    assert torch.equal(s2["pending"], torch.tensor([[7, 8]])) and torch.equal(s2["ssm0"], empty["ssm0"])
+    assert torch.equal(s3["pending"], torch.tensor([[0, 0]])) and not torch.equal(s3["ssm0"], empty["ssm0"])
+    assert torch.equal(s5["pending"], torch.tensor([[10, 11]])) and torch.equal(s5["ssm1"], s3["ssm1"])
+    assert len(pack(s2)[0]) == len(pack(m.replay(list(range(1, 41)) * 5)[1])[0]) == packed_size(empty)
+
+
+@pytest.mark.parametrize("name", [*BASELINES, "holomamba-bundle3"])
+def test_stepping_padding_is_a_no_op(name: str) -> None:
+    m = bundled(3) if name == "holomamba-bundle3" else make(name)
+    with torch.no_grad():
+        _, state = m.replay([4, 5])
+        _, after = m.step(torch.tensor([0]), state)
+    assert all(torch.equal(state[k], after[k]) for k in state)
 
 
 @pytest.mark.parametrize("name", ("gru4rec", "elastic"))
@@ -101,12 +139,13 @@ def test_packed_state_size_independent_of_history(name: str) -> None:
         assert sizes == {packed_size(m.init_state(1), codec)}
 
 
-@pytest.mark.parametrize("name", ("holomamba", *BASELINES))
-def test_learns_next_item(name: str) -> None:
+@pytest.mark.parametrize("name,bundle", [("holomamba", 1), ("holomamba", 3), *((b, 1) for b in BASELINES)])
+def test_learns_next_item(name: str, bundle: int) -> None:
     """Item i is always followed by i + 1 (mod 20): 120 full-batch AdamW steps make that near-certain."""
     torch.manual_seed(0)
     n = 20
-    cfg = ModelConfig(model=name, n_items=n, d_model=32, n_layers=1, max_len=12, dropout=0.0, n_memory=64, top_k_memory=4)
+    cfg = ModelConfig(model=name, n_items=n, d_model=32, n_layers=1, max_len=12, dropout=0.0, n_memory=64, top_k_memory=4,
+                      bundle=bundle)
     m = build_model(cfg)
     starts = torch.arange(30) % n  # (u,)
     seqs = (starts[:, None] + torch.arange(11)) % n + 1  # (u, 11): i, i+1, ... (mod n), 1-based
