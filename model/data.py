@@ -20,10 +20,11 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -220,7 +221,7 @@ def _from_rows(name: str, rows: list[Row], *, kind: str, source: str) -> Dataset
     return Dataset(name, users, seqs, items, kind=kind, source=source)
 
 
-def _lines(path: Path, encoding: str = "utf-8"):
+def _lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
     """(line number, stripped line) for every non-blank line."""
     try:
         with open(path, encoding=encoding, newline="") as f:
@@ -452,8 +453,8 @@ def synthetic(n_users: int = 600, n_items: int = 300, n_attrs: int = 12, seed: i
     """
     rng = np.random.default_rng(seed)
     clusters = [np.arange(c, n_items, n_attrs) for c in range(n_attrs)]  # 0-based item ids per cluster
-    successors = {}
-    zipf = {}
+    successors: dict[int, tuple[int, int, int]] = {}  # item -> (favourite, other, other)
+    zipf: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # cluster -> (members, Zipf weights)
     for members in clusters:
         perm = rng.permutation(members)
         for j, i in enumerate(perm):
@@ -496,9 +497,9 @@ def synthetic(n_users: int = 600, n_items: int = 300, n_attrs: int = 12, seed: i
     return Dataset("synthetic", users, sequences, items, attributes, item_attrs, kind="synthetic", source=source)
 
 
-def _synthetic_params(spec: str) -> dict:
+def _synthetic_params(spec: str) -> dict[str, Any]:
     """'synthetic' or 'synthetic:n_users=200,n_items=100,seed=1' -> synthetic() keyword arguments."""
-    params: dict = {}
+    params: dict[str, Any] = {}
     _, _, rest = spec.partition(":")
     lens = [8, 40]
     for part in filter(None, rest.split(",")):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from model.data import DataError, Dataset, cli_data, left_pad, load, split, synthetic
 
