@@ -156,16 +156,20 @@ class Engine:
     @torch.inference_mode()
     def _advance(self, state: dict[str, Tensor], vec: Tensor, seqs: list[list[int]]) -> tuple[dict[str, Tensor], Tensor]:
         """Step every user through their own item list; one batched step per position."""
+        n = len(seqs)
         for t in range(max((len(s) for s in seqs), default=0)):
             rows = [u for u, s in enumerate(seqs) if len(s) > t]
-            idx = torch.tensor(rows)
             items = torch.tensor([seqs[u][t] for u in rows])
             t0 = time.perf_counter()
-            h, new = self.model.step(items, {k: v[idx] for k, v in state.items()})
+            if len(rows) == n:  # everyone steps (one event per user, or equal counts): no gather/scatter
+                vec, state = self.model.step(items, state)
+            else:
+                idx = torch.tensor(rows)
+                h, new = self.model.step(items, {k: v[idx] for k, v in state.items()})
+                for k in state:
+                    state[k][idx] = new[k]
+                vec[idx] = h
             STEP_LATENCY.observe(time.perf_counter() - t0)
-            for k in state:
-                state[k][idx] = new[k]
-            vec[idx] = h
         return state, vec
 
     # --- events -----------------------------------------------------------------------
@@ -262,7 +266,7 @@ class Engine:
         if rewrites:  # re-warmed or reset (corrupt) records; losing the race means someone wrote newer state
             self.store.cas_many(rewrites, self.s.state_ttl_s)
         with_state = [i for i, (r, _, _) in enumerate(loaded) if r.applied > 0]
-        out: list[RecResult] = [self._popular(q) for q in queries]
+        out: list[RecResult] = [self._popular(q) if r.applied <= 0 else None for q, (r, _, _) in zip(queries, loaded)]  # type: ignore[misc]
         if with_state:
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -270,7 +274,7 @@ class Engine:
                 scores = h @ self.table.T  # (n, v)
                 scores[:, 0] = -math.inf
                 for row, i in enumerate(with_state):
-                    scores[row, self._excluded(queries[i], loaded[i][0])] = -math.inf
+                    self._exclude(scores[row], queries[i], loaded[i][0])
                 top = torch.topk(scores, min(max(queries[i].k for i in with_state), scores.shape[1] - 1), dim=1)
             SCORE_LATENCY.observe(time.perf_counter() - t0)
             for row, i in enumerate(with_state):
@@ -286,25 +290,36 @@ class Engine:
         r.updated_at = time.time()
         return r
 
-    def _excluded(self, q: RecQuery, r: rec.Record | None) -> Tensor:
-        """(v,) True where an item must not be recommended to this query."""
-        mask = torch.zeros(len(self.ckpt.items) + 1, dtype=torch.bool)
+    def _excluded_ids(self, q: RecQuery, r: rec.Record | None) -> list[int]:
+        """Item indices this query must not get: padding, the seen window, the explicit exclusions."""
+        ids = [0] + [self.ckpt.item_index[x] for x in q.exclude if x in self.ckpt.item_index]
         if q.exclude_seen and r is not None:
-            mask[torch.from_numpy(r.window.astype(np.int64))] = True
-        ids = [self.ckpt.item_index[x] for x in q.exclude if x in self.ckpt.item_index]
-        mask[ids] = True
+            ids += r.window.tolist()  # padding slots are 0, already excluded
+        return ids
+
+    def _exclude(self, scores: Tensor, q: RecQuery, r: rec.Record | None) -> None:
+        """Set to -inf, in place, the (v,) scores of items this query must not get. By index, so a
+        query costs its exclusions, not the catalogue size; only an attribute filter touches every item."""
+        scores[torch.tensor(self._excluded_ids(q, r))] = -math.inf
         if q.attribute is not None:
             keep = self.attribute_mask(q.attribute)
-            mask |= ~keep if keep is not None else True
-        mask[0] = True
-        return mask
+            if keep is None:
+                scores.fill_(-math.inf)
+            else:
+                scores.masked_fill_(~keep, -math.inf)
 
     def _popular(self, q: RecQuery) -> RecResult:
         """The fallback for users without state: most interacted items in training, filtered alike."""
-        banned = self._excluded(q, None)
-        n = len(self.popular)
-        items = [(self.ckpt.items[i - 1], 1.0 - rank / n) for rank, i in enumerate(self.popular) if not banned[i]]
-        return RecResult(items[: q.k], "popular")
+        banned = set(self._excluded_ids(q, None))
+        keep = self.attribute_mask(q.attribute) if q.attribute is not None else None
+        n, items = len(self.popular), []
+        for rank, i in enumerate(self.popular):
+            if i in banned or (q.attribute is not None and (keep is None or not bool(keep[i]))):
+                continue
+            items.append((self.ckpt.items[i - 1], 1.0 - rank / n))
+            if len(items) == q.k:
+                break
+        return RecResult(items, "popular")
 
     # --- users ---------------------------------------------------------------------------
     def user_meta(self, user_id: str) -> dict | None:
