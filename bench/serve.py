@@ -483,7 +483,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     only = os.environ.get("HOLOREC_BENCH_SECTIONS", "o1,replay,load,catalogue,codec").split(",")
     ns = f"bench-serve-{uuid.uuid4().hex[:10]}"
     tmp = Path(tempfile.mkdtemp(prefix="holorec-bench-serve-"))
-    result: dict[str, Any] = {"quick": quick, "hardware": hardware(), "load_avg": {"start": _load_avg()},
+    result: dict[str, Any] = {"quick": quick, "namespace": ns, "hardware": hardware(), "load_avg": {"start": _load_avg()},
                               "command": "holorec bench serve" + (" --quick" if quick else ""), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     t_all = time.perf_counter()
     try:
