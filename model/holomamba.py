@@ -113,7 +113,7 @@ class HoloMambaRec(SeqRecModel):
         pending = state["pending"]  # (b, g - 1)
         p = (pending > 0).sum(1, keepdim=True)  # (b, 1): items already in the partial group
         slots = torch.cat([pending, torch.zeros_like(pending[:, :1])], 1).scatter(1, p, items[:, None])  # (b, g)
-        x = self._group_input(slots).gather(1, p[..., None].expand(-1, -1, self.config.d_model))[:, 0]  # (b, d)
+        x = bind(self.roles, self.drop(self.embed(slots))).sum(-2) / self.g**0.5  # (b, d): slots past p are empty
         peek: State = {}
         for i, layer in enumerate(self.layers):
             x, peek[f"conv{i}"], peek[f"ssm{i}"] = layer.step(x, state[f"conv{i}"], state[f"ssm{i}"])
