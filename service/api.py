@@ -6,14 +6,14 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from service.engine import Engine, Event, RecQuery
 from service.metrics import render
 from service.settings import Settings
 
 ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any printable text (unicode too); control characters are refused
-_ID_RE = re.compile(ID_PATTERN)
+_ID_RE = re.compile(ID_PATTERN.strip("^$"))  # used with fullmatch: Python's $ also matches before a final newline
 
 
 # --- dependencies ---------------------------------------------------------------------
@@ -51,7 +51,7 @@ def check_user_id(user_id: str, settings: Settings, where: tuple[str | int, ...]
     problem = None
     if len(user_id) > settings.max_user_id_len:
         problem = f"user_id is longer than {settings.max_user_id_len} characters"
-    elif not _ID_RE.match(user_id):
+    elif not _ID_RE.fullmatch(user_id):
         problem = "user_id must be non-empty and free of control characters"
     if problem:
         raise HTTPException(422, [{"loc": list(where), "msg": problem, "type": "value_error"}])
@@ -63,7 +63,7 @@ class EventIn(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     user_id: str = Field(min_length=1, pattern=ID_PATTERN, examples=["u1"])
     item_id: str = Field(min_length=1, max_length=512, pattern=ID_PATTERN, examples=["i42"])
-    timestamp: int | float | None = Field(None, ge=0, le=1e13, description="seconds or milliseconds since the epoch")
+    timestamp: StrictInt | StrictFloat | None = Field(None, ge=0, le=1e13, description="seconds or milliseconds since the epoch")
     event_id: str | None = Field(None, min_length=1, max_length=256, pattern=ID_PATTERN, description="deduplication key, unique per user")
 
 

@@ -11,9 +11,11 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.checkpoint import Checkpoint, CheckpointError, load
@@ -62,10 +64,17 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
     app.state.settings = s
     app.include_router(router)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's words
+            return JSONResponse({"detail": "the body could not be parsed as JSON (invalid UTF-8, nesting too deep, "
+                                 "or a number too long)", "error": "bad_body"}, 400)
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # loc, msg and type only: echoing the input back could be 10 kB, or NaN, which JSON cannot carry
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        errors = [{"loc": list(e.get("loc", ())), "msg": _plain(e), "type": e.get("type", "")} for e in exc.errors()]
         return JSONResponse({"detail": errors}, 422)
 
     @app.exception_handler(StoreUnavailable)
@@ -89,6 +98,13 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
     app.add_middleware(Timing)
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # outermost: refuse before anything reads
     return app
+
+
+def _plain(error: dict) -> str:
+    """A validation message a client can act on (pydantic's own, except for the id pattern's regex)."""
+    if error.get("type") == "string_pattern_mismatch":
+        return "must be free of control characters (U+0000 to U+001F, U+007F)"
+    return error.get("msg", "")
 
 
 class Timing:
@@ -117,7 +133,8 @@ class Timing:
 
 
 class BodyLimit:
-    """413 for bodies over `limit` bytes, by Content-Length or, when streamed, by counting."""
+    """413 for bodies over `limit` bytes, by Content-Length or, when streamed (chunked), by reading at most
+    `limit` + 1 bytes before the app sees any: FastAPI turns any error raised while it reads a body into a 400."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -125,31 +142,32 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await self._too_large(send)
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
+        if length is not None or b"transfer-encoding" not in headers:
+            return await self.app(scope, receive, send)  # declared size within the limit, or no body
+        chunks, seen, more = [], 0, True
+        while more:
             msg = await receive()
-            seen += len(msg.get("body", b""))
+            if msg["type"] != "http.request":
+                return  # the client went away
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            more = msg.get("more_body", False)
             if seen > self.limit:
-                raise _TooLarge
-            return msg
+                return await self._too_large(send)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._too_large(send)
+        async def replayed() -> Message:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
 
     async def _too_large(self, send: Send) -> None:
         resp = JSONResponse({"detail": f"request body larger than {self.limit} bytes", "error": "too_large"}, 413)
         await resp({"type": "http"}, _no_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _no_receive() -> Message:
