@@ -123,14 +123,18 @@ def _markdown(r: dict[str, Any]) -> str:
         f"Test split; mean ± std over {r['seeds']} seed(s); up to {r['epochs']} epochs (early stopping on validation NDCG@10), "
         f"max_len {r['max_len']}, d_model {r['d_model']}, dropout {r['dropout']}, AdamW lr {r['lr']}, batch {r['batch_size']}.",
         "",
-        "| model | " + " | ".join(METRICS) + " | train s |",
-        "|---|" + "---|" * (len(METRICS) + 1),
+        "| model | " + " | ".join(METRICS) + " | train s | best epoch / run |",
+        "|---|" + "---|" * (len(METRICS) + 2),
     ]
     for name, s in r["summary"].items():
         cells = [f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['train_seconds'][0]:.0f} ± {s['train_seconds'][1]:.0f} |")
-    lines.append("| popularity | " + " | ".join(f"{r['popularity'][m]:.4f}" for m in METRICS) + " | - |")
+        epochs = ", ".join(f"{x['best_epoch']}/{x['epochs_run']}" for x in r["runs"][name])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['train_seconds'][0]:.0f} ± {s['train_seconds'][1]:.0f} | {epochs} |")
+    lines.append("| popularity | " + " | ".join(f"{r['popularity'][m]:.4f}" for m in METRICS) + " | - | - |")
     lines += [
+        "",
+        "A best epoch equal to the epochs run means validation NDCG@10 was still rising: that model is under-trained "
+        "at this budget, and the table compares budgets as much as models.",
         "",
         f"Command: `{r['command']}`",
         f"Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['torch_threads']} torch threads, device {hw['device']}"
