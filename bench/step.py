@@ -93,7 +93,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines += ["", "Every model's state is the same size after 1 event or 100,000 (SASRec's is its window of max_len item ids). "
               "A bundled HoloMambaRec still runs one SSM step per event (a peek, or the commit of a full group); "
               "bundling shortens the recurrence in training, not the per-event cost.",
-              "", f"Command: `{meta['command']}`  ", f"Hardware: {meta['hardware']}  ", f"Wall time: {meta['wall_s']:.0f} s", ""]
+              "", f"Command: `{meta['command']}`  ", f"Hardware: {meta['hardware']}  ",
+              f"Load average (1 min) before/after: {meta['load_avg_1m_before_after'][0]:.1f} / {meta['load_avg_1m_before_after'][1]:.1f}  ",
+              f"Wall time: {meta['wall_s']:.0f} s", ""]
     return "\n".join(lines)
 
 
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     threads = int(os.environ.get("HOLOREC_THREADS", "1"))
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]  # other processes on the machine: timings are only as quiet as it is
     quick = getattr(args, "quick", False)
     rows = []
     for name, kw in MODELS:
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{row['model']:20s} params {row['params']:>9,}  state {row['state_bytes']['float32']:>6,} B  "
               + "  ".join(f"b={b}: {row['step'][str(b)]['median_ms']:.3f} ms" for b in BATCHES), flush=True)
     meta = {"command": command(), "hardware": hardware("cpu"), "threads": threads, "quick": quick,
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0, "load_avg_1m_before_after": [load_before, os.getloadavg()[0]]}
     result = {"meta": meta, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
