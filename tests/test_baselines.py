@@ -172,3 +172,16 @@ def test_holomamba_embed_matches_item_table() -> None:
     items = left_padded(3, 8)
     assert torch.allclose(m.embed(items), m.item_table()[items], atol=1e-6)
     assert m.embed(items[:, 0]).shape == (3, 32)
+
+
+@pytest.mark.parametrize("name", [*BASELINES, "holomamba-bundle3"])
+def test_checkpoint_round_trip(name: str, tmp_path) -> None:
+    from model.checkpoint import Checkpoint, load, save
+
+    m = bundled(3) if name == "holomamba-bundle3" else make(name)
+    save(Checkpoint(m, [f"item{i}" for i in range(1, N_ITEMS + 1)]), tmp_path)
+    back = load(tmp_path).model
+    assert back.config == m.config
+    items = left_padded(3, 9)
+    with torch.no_grad():
+        assert torch.equal(m.score(m.user_vector(items)), back.score(back.user_vector(items)))
