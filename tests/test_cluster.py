@@ -44,6 +44,7 @@ def test_sixteen_clients_four_processes_on_a_cluster(cluster: RedisClusterServer
     assert set(r["responses"]) <= {"200", "503"}, r["responses"]
     assert r["events_acknowledged"] == r["events_sent"] == r["events_applied"] > 0
     assert r["users_with_applied_ne_acknowledged"] == 0 and r["users_with_history_mismatch"] == 0, r["per_user"]
+    assert r["cas_conflicts_retried"] > 0  # the processes really did race for the same records
 
 
 def test_service_starts_while_cluster_is_unreachable(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ def test_four_processes_sixteen_clients_one_redis(bench_ckpt: Path, redis_server
     assert set(r["responses"]) <= {"200", "503"}, r["responses"]
     assert r["events_acknowledged"] == r["events_sent"] == r["events_applied"] > 0
     assert r["users_with_applied_ne_acknowledged"] == 0 and r["users_with_history_mismatch"] == 0, r["per_user"]
+    assert r["cas_conflicts_retried"] > 0  # the processes really did race for the same records
 
 
 def test_eviction_and_a_full_redis(ckpt_dir: Path, ckpt_b_dir: Path, tmp_path: Path) -> None:
