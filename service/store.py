@@ -14,7 +14,9 @@ StoreUnavailable, which the API answers with 503 + Retry-After. redis-py's own r
 a compare-and-set whose reply was lost may have been applied, and only the caller's event ids can
 make its retry safe, so the decision goes back to the client. Reads alone are retried once on a
 connection error, which is what a pooled connection left over from before a Redis restart gives;
-the pool reconnects by itself on the next command.
+the pool reconnects by itself on the next command. After a timeout (a hung Redis) the store fails
+fast for a quarter second, so requests queued behind the timed-out batch are not held a second
+timeout each.
 """
 from __future__ import annotations
 
@@ -94,6 +96,9 @@ class RedisStore:
         self.opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10,
                          retry=Retry(NoBackoff(), 0))
         self._client: redis.Redis | redis.cluster.RedisCluster | None = None
+        # after a timeout, fail fast for a moment: requests queued behind a timed-out batch get their 503 at once
+        # instead of each waiting out a timeout of its own, so none waits much past timeout_s
+        self.cooldown_s, self.failing_until = min(timeout_s, 0.25), 0.0
         if not cluster:  # a plain client connects lazily by itself; a cluster client reads the topology here
             self._client = redis.Redis.from_url(url, **self.opts)
 
@@ -107,9 +112,14 @@ class RedisStore:
     @contextmanager
     def _op(self, op: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        if time.monotonic() < self.failing_until:
+            raise StoreUnavailable(f"redis {op} not tried: the store timed out less than {self.cooldown_s} s ago")
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError, *UNAVAILABLE) as e:
+        except redis.TimeoutError as e:
+            self.failing_until = time.monotonic() + self.cooldown_s
+            raise StoreUnavailable(f"redis {op} failed: {type(e).__name__}: {e}") from e
+        except (redis.ConnectionError, *UNAVAILABLE) as e:
             raise StoreUnavailable(f"redis {op} failed: {type(e).__name__}: {e}") from e
         except redis.exceptions.RedisClusterException as e:
             if "connect" not in str(e).lower():  # "Redis Cluster cannot be connected": no node reachable

@@ -46,8 +46,8 @@ def test_redis_killed_and_frozen_under_load(bench_ckpt: Path, tmp_path: Path) ->
     assert r["events_applied_twice"] == 0
     assert r["events_lost"] <= r["acked_in_fsync_window_before_kill"]  # only what everysec allows
     assert r["events_applied"] == r["events_acknowledged"] - r["events_lost"]
-    # a frozen Redis costs a request at most its own batch's timed-out round trip and the batch ahead of it
-    assert r["max_request_latency_s"] < 2 * TIMEOUT_S + 1.0, r
+    # a frozen Redis costs a request one timed-out round trip: those queued behind it fail fast
+    assert r["max_request_latency_s"] < TIMEOUT_S + 0.75, r
 
 
 def test_four_processes_sixteen_clients_one_redis(bench_ckpt: Path, redis_server: RedisServer, tmp_path: Path) -> None:
