@@ -2,9 +2,10 @@
 
 For each model at a MovieLens-1M-sized config (3706 items, 18 genres, d_model 64, 2 layers,
 max_len 200; HoloMambaRec also with temporal bundling of 4): the parameter count, the packed
-per-user state in bytes for each codec of model/state.py, and the wall time of one batched `step` on CPU at batch sizes 1, 64 and 1024
-(median over repeats after warm-up, under torch.inference_mode(), a fixed thread count:
-HOLOREC_THREADS or 1). Writes OUT/step.md and OUT/step.json.
+per-user state in bytes for each codec of model/state.py, and the wall time of one batched
+`step` on CPU at batch sizes 1, 64 and 1024 (median over repeats after warm-up, under
+torch.inference_mode(), a fixed thread count: HOLOREC_THREADS or 1). Writes OUT/step.md and
+OUT/step.json, with the 1-minute load average: on a shared machine timings are only as quiet as it is.
 
 The weights are untrained (timing does not depend on their values); the state is advanced a
 few events first so SASRec's window and the recurrent states are not trivially empty.

@@ -79,7 +79,8 @@ class InterestMemory(nn.Module):
         top, at = score.topk(min(self.k, k1 * k1), dim=-1)  # (..., k)
         w = torch.softmax(top, dim=-1)  # (..., k)
         index = index.gather(-1, at)
-        out = F.embedding_bag(index.reshape(-1, index.shape[-1]), self.values, per_sample_weights=w.reshape(-1, w.shape[-1]), mode="sum")
+        k = index.shape[-1]  # weighted sum of k rows per query, without materialising (..., k, d)
+        out = F.embedding_bag(index.reshape(-1, k), self.values, per_sample_weights=w.reshape(-1, k), mode="sum")
         return out.view(*x.shape)  # (..., d)
 
 
@@ -102,7 +103,8 @@ class DispatcherLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(c.dropout), nn.Linear(d, d))
         self.drop = nn.Dropout(c.dropout)
 
-    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # (..., d) -> a (..., m, h), v (..., h, e), dispatch weights (..., h, m)
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(..., d) -> expert scores a (..., m, h), values v (..., h, e), dispatch weights (..., h, m)."""
         q, k, v = self.qkv(self.norm1(x)).unflatten(-1, (3, self.h, self.e)).unbind(-3)  # (..., h, e) each
         a = torch.einsum("...he,mhe->...mh", k, self.experts) / self.e**0.5  # (..., m, h)
         w = torch.softmax(torch.einsum("...he,mhe->...hm", q, self.experts) / self.e**0.5, dim=-1)  # (..., h, m)
@@ -178,7 +180,8 @@ class Elastic(SeqRecModel):
         x = self.drop(self.embed(items))  # (b, d)
         new: State = {}
         for i, layer in enumerate(self.layers):
-            x, new[f"max{i}"], new[f"den{i}"], new[f"num{i}"] = layer.step(x, state[f"max{i}"], state[f"den{i}"], state[f"num{i}"])
+            acc = state[f"max{i}"], state[f"den{i}"], state[f"num{i}"]
+            x, new[f"max{i}"], new[f"den{i}"], new[f"num{i}"] = layer.step(x, *acc)
         real = items > 0  # item 0 leaves the state as it was
         new = {k: torch.where(real.view(-1, *[1] * (t.dim() - 1)), t, state[k]) for k, t in new.items()}
         return self.norm(x), new
