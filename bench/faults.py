@@ -243,6 +243,7 @@ class Tally:
     acks: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, events) per 200
     status: Counter = field(default_factory=Counter)  # HTTP status (or exception name) -> responses
     retries: int = 0
+    duplicates: int = 0  # events a retry found already applied (their first attempt's answer was lost)
     bad_503: list[str] = field(default_factory=list)  # 503s without Retry-After or a JSON error
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (start, seconds) per request
     unacked: int = 0  # events still unacknowledged when the retry budget ran out
@@ -280,6 +281,7 @@ def client_loop(url: str, cid: int, users: list[str], tally: Tally, stop: thread
                         body = r.json()
                         assert body["applied"] + body["duplicate"] == len(events), body
                         tally.acked[user] += len(events)
+                        tally.duplicates += body["duplicate"]
                         items = tally.acked_items.setdefault(user, Counter())
                         items.update(e["item_id"] for e in events)
                         tally.acks.append((time.monotonic(), len(events)))
@@ -379,6 +381,7 @@ def outage(workdir: Path, checkpoint: Path, *, n_users: int = 10, n_clients: int
             "acked_in_fsync_window_before_kill": in_window,
             "responses": dict(tally.status),
             "client_retries": tally.retries,
+            "retried_events_found_already_applied": tally.duplicates,
             "503_without_retry_after_or_json": len(tally.bad_503),
             "readyz_503_while_down": bool(ready_down), "readyz_503_while_frozen": bool(ready_frozen),
             "readyz_at_end": ready_end,
@@ -475,7 +478,7 @@ def _markdown(r: dict) -> str:
              f"with the same ids. Redis: `{o['redis']}`; HOLOREC_STORE_TIMEOUT_S={o['store_timeout_s']}.", "",
              "| figure | value |", "| --- | --- |"]
     for k in ("events_sent", "events_acknowledged", "events_applied", "events_lost", "events_applied_twice",
-              "events_unacknowledged", "acked_in_fsync_window_before_kill", "down_s", "frozen_s", "responses",
+              "events_unacknowledged", "retried_events_found_already_applied", "acked_in_fsync_window_before_kill", "down_s", "frozen_s", "responses",
               "503_without_retry_after_or_json", "readyz_503_while_down", "readyz_503_while_frozen",
               "service_ready_after_restart_s", "first_ack_after_restart_s", "max_request_latency_s",
               "max_request_latency_while_frozen_s"):
@@ -485,7 +488,8 @@ def _markdown(r: dict) -> str:
               "`appendfsync everysec` leaves at risk is a crash of the host itself (power, kernel): up to about 1 s "
               f"(2 s when an fsync runs late) of acknowledged events; here the {AOF_WINDOW_S:.0f} s before the kill "
               f"held {o['acked_in_fsync_window_before_kill']}. Events answered 503 were retried with the same ids and "
-              "applied once.", ""]
+              f"applied once; {o['retried_events_found_already_applied']} of those retries found their event already "
+              "applied (the write had landed, its answer had not) and were answered as duplicates.", ""]
     for k in ("concurrency_redis", "concurrency_cluster"):
         c = r[k]
         lines += [f"## {c['scenario']}", "", f"{c['clients']} clients, {c['users']} users, {c['seconds']} s: "
