@@ -36,6 +36,34 @@ def _doubling_scan(a: Tensor, b: Tensor) -> Tensor:
     return b
 
 
+def _chunked_scan(a: Tensor, b: Tensor, chunk: int = 16) -> Tensor:
+    """The same recurrence, chunked: a loop over the `chunk` positions of a chunk, all chunks at once.
+
+    Within each chunk the recurrence runs position by position on (b, l/chunk, ...) slices while
+    also accumulating the chunk's decay P_t = a_1 ... a_t; the true state at each chunk's end comes
+    from a doubling scan over the few chunk carries; then h_t += P_t * carry of the previous chunk.
+    About four passes over the (b, l, ...) tensors instead of the doubling scan's three per round:
+    on a CPU, where these tensors do not fit in cache, that is what the time is.
+    """
+    bsz, l, rest = a.shape[0], a.shape[1], a.shape[2:]
+    t_len = min(chunk, l)
+    nc = -(-l // t_len)
+    pad = nc * t_len - l
+    if pad:  # identity steps in front (a = 1, b = 0) leave every later state unchanged
+        a = torch.cat([a.new_ones(bsz, pad, *rest), a], dim=1)
+        b = torch.cat([b.new_zeros(bsz, pad, *rest), b], dim=1)
+    a, b = a.reshape(bsz, nc, t_len, *rest), b.reshape(bsz, nc, t_len, *rest)  # (b, c, t, ...)
+    h, p = torch.empty_like(b), torch.empty_like(a)
+    h[:, :, 0], p[:, :, 0] = b[:, :, 0], a[:, :, 0]
+    for t in range(1, t_len):
+        h[:, :, t] = torch.addcmul(b[:, :, t], a[:, :, t], h[:, :, t - 1])
+        p[:, :, t] = a[:, :, t] * p[:, :, t - 1]
+    if nc > 1:
+        carry = _doubling_scan(p[:, :, -1], h[:, :, -1])  # (b, c, ...) true state at each chunk's end
+        h[:, 1:] += p[:, 1:] * carry[:, :-1, None]
+    return h.reshape(bsz, nc * t_len, *rest)[:, pad:]
+
+
 class _Scan(torch.autograd.Function):
     """The scan with its own backward, itself a scan run in reverse:
     g_b[t] = g[t] + a[t+1] * g_b[t+1],  g_a[t] = g_b[t] * h[t-1].
@@ -44,7 +72,7 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
-        h = _doubling_scan(a, b)
+        h = _chunked_scan(a, b)
         ctx.save_for_backward(a, h)
         return h
 
@@ -52,7 +80,7 @@ class _Scan(torch.autograd.Function):
     def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         a, h = ctx.saved_tensors
         a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)
-        gb = _doubling_scan(a_next.flip(1), g.flip(1)).flip(1)
+        gb = _chunked_scan(a_next.flip(1), g.flip(1)).flip(1)
         h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
         return gb * h_prev, gb
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from model import build_model
@@ -67,6 +68,7 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     valid_h, valid_t = sp.eval_set("valid")
     n_rows = sp.inputs.shape[0]
+    lengths = (sp.inputs > 0).sum(1)  # (rows,) real positions per training row
     if n_rows == 0:
         raise ValueError(f"{ds.name}: no user has two training items; nothing to train on")
 
@@ -81,15 +83,15 @@ def train(
               f"{config.model}, {sum(p.numel() for p in model.parameters()):,} parameters")
     for epoch in range(1, epochs + 1):
         model.train()
-        order = torch.randperm(n_rows, generator=shuffle)
-        bar = tqdm(range(0, n_rows, batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False)
+        batches = length_buckets(lengths, batch_size, shuffle)
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
         t_epoch, seen, total = time.perf_counter(), 0, 0.0
-        for s in bar:
-            rows = order[s : s + batch_size]
-            x, y = sp.inputs[rows].to(device), sp.targets[rows].to(device)  # (b, l) each
+        for s, rows in enumerate(bar):
+            width = int(lengths[rows].max())  # left padding beyond the longest row changes no output: cut it
+            x, y = sp.inputs[rows, -width:].to(device), sp.targets[rows, -width:].to(device)  # (b, width) each
             loss = model.loss(x, y)
             if not torch.isfinite(loss):  # diverged: keep the best weights so far and say so
-                stopped = f"non-finite loss ({loss.item()}) at epoch {epoch}, step {s // batch_size + 1}"
+                stopped = f"non-finite loss ({loss.item()}) at epoch {epoch}, step {s + 1}"
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -142,6 +144,19 @@ def train(
     if out is not None:
         save(ckpt, out)
     return ckpt, report
+
+
+def length_buckets(lengths: Tensor, batch_size: int, g: torch.Generator, pool: int = 50) -> list[Tensor]:
+    """A shuffled epoch's batches, each of rows with similar lengths.
+
+    Rows are shuffled, sorted by length within pools of `pool` batches, cut into batches, and the
+    batches shuffled. Every row is seen once per epoch, as with a plain shuffle, but a batch of
+    short histories (most of Beauty's) is no longer padded to the longest in the dataset.
+    """
+    order = torch.randperm(len(lengths), generator=g)
+    pools = [p[torch.argsort(lengths[p], stable=True)] for p in order.split(batch_size * pool)]
+    batches = [b for p in pools for b in p.split(batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
