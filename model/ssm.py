@@ -86,7 +86,8 @@ class _Scan(torch.autograd.Function):
 
 
 def parallel_scan(a: Tensor, b: Tensor) -> Tensor:  # (b, l, ...) twice -> (b, l, ...)
-    """h_t = a_t * h_{t-1} + b_t with h_{-1} = 0 along dim 1, differentiable."""
+    """h_t = a_t * h_{t-1} + b_t with h_{-1} = 0 along dim 1, differentiable; a and b broadcast."""
+    a, b = torch.broadcast_tensors(a, b)  # autograd sums the gradient back to each input's shape
     return _Scan.apply(a, b)
 
 
