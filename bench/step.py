@@ -3,8 +3,9 @@
 For each model at a MovieLens-1M-sized config (3706 items, 18 genres, d_model 64, 2 layers,
 max_len 200; HoloMambaRec also with temporal bundling of 4): the parameter count, the packed
 per-user state in bytes for each codec of model/state.py, and the wall time of one batched
-`step` on CPU at batch sizes 1, 64 and 1024 (median over repeats after warm-up, under
-torch.inference_mode(), a fixed thread count: HOLOREC_THREADS or 1). Writes OUT/step.md and
+`step` on CPU at batch sizes 1, 64 and 1024: median over rounds after warm-up, one step per
+model per round, models interleaved so that load from other processes hits every model alike;
+under torch.inference_mode(), a fixed thread count (HOLOREC_THREADS or 1). Writes OUT/step.md and
 OUT/step.json, with the 1-minute load average: on a shared machine timings are only as quiet as it is.
 
 The weights are untrained (timing does not depend on their values); the state is advanced a
@@ -29,6 +30,7 @@ from model.state import CODECS, packed_size
 MODELS = (("holomamba", {}), ("holomamba", {"bundle": 4}), ("gru4rec", {}), ("elastic", {}), ("sasrec", {}))
 BEFORE = "holomamba (before: full-table embed)"  # the step as first committed: embed = index a freshly encoded item_table()
 BATCHES = (1, 64, 1024)
+ROUNDS, QUICK_ROUNDS = {1: 300, 64: 60, 1024: 9}, {1: 20, 64: 5, 1024: 3}  # SASRec's b=1024 step alone takes seconds
 N_ITEMS, N_ATTRS, MAX_ATTRS = 3706, 18, 3  # MovieLens-1M: 3706 rated movies, 18 genres, <= 3 kept per movie here
 
 
@@ -43,40 +45,38 @@ def item_attrs(seed: int = 0) -> torch.Tensor:
     return attrs  # (v, m)
 
 
-def time_step(model: torch.nn.Module, batch: int, budget_s: float, max_repeats: int) -> dict[str, float]:
-    """Median and spread of one `step` at this batch size, in milliseconds."""
-    g = torch.Generator().manual_seed(batch)
-    with torch.inference_mode():
-        state = model.init_state(batch)
-        for _ in range(5):  # warm-up, and a non-empty state
-            _, state = model.step(torch.randint(1, N_ITEMS + 1, (batch,), generator=g), state)
-        items = torch.randint(1, N_ITEMS + 1, (batch,), generator=g)
-        times: list[float] = []
-        t_end = time.perf_counter() + budget_s
-        while len(times) < max_repeats and (len(times) < 5 or time.perf_counter() < t_end):
-            t0 = time.perf_counter()
-            model.step(items, state)
-            times.append(time.perf_counter() - t0)
-    ms = sorted(1e3 * t for t in times)
-    return {"median_ms": statistics.median(ms), "p10_ms": ms[len(ms) // 10], "p90_ms": ms[(9 * len(ms)) // 10], "repeats": len(ms)}
-
-
-def measure(name: str, quick: bool, full_table_embed: bool = False, **kw: Any) -> dict[str, Any]:
+def build(name: str, full_table_embed: bool = False, **kw: Any) -> tuple[str, SeqRecModel]:
     torch.manual_seed(0)
     model = build_model(config(name, **kw), item_attrs()).eval()
     if full_table_embed:  # SeqRecModel.embed re-encodes all items per call: what HoloMambaRec.embed now avoids
         model.embed = lambda items: SeqRecModel.embed(model, items)  # type: ignore[method-assign]
-    template = model.init_state(1)
-    row: dict[str, Any] = {
-        "model": BEFORE if full_table_embed else name + "".join(f" ({k} {v})" for k, v in kw.items()),
-        "config": kw,
-        "params": sum(p.numel() for p in model.parameters()),
-        "state_bytes": {c: packed_size(template, c) for c in CODECS},
-        "step": {},
-    }
-    for b in BATCHES:
-        row["step"][str(b)] = time_step(model, b, budget_s=0.5 if quick else 3.0, max_repeats=20 if quick else 300)
-    return row
+    return (BEFORE if full_table_embed else name + "".join(f" ({k} {v})" for k, v in kw.items())), model
+
+
+def time_steps(models: dict[str, SeqRecModel], batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """One `step` per model per round, models interleaved so load spikes from other processes hit all alike.
+
+    Returns per model the median, p10 and p90 in milliseconds over the rounds.
+    """
+    g = torch.Generator().manual_seed(batch)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    with torch.inference_mode():
+        states, items = {}, torch.randint(1, N_ITEMS + 1, (batch,), generator=g)
+        for label, model in models.items():
+            state = model.init_state(batch)
+            for _ in range(3):  # warm-up, and a non-empty state
+                _, state = model.step(torch.randint(1, N_ITEMS + 1, (batch,), generator=g), state)
+            states[label] = state
+        for _ in range(rounds):
+            for label, model in models.items():
+                t0 = time.perf_counter()
+                model.step(items, states[label])
+                times[label].append(time.perf_counter() - t0)
+    out = {}
+    for label, ts in times.items():
+        ms = sorted(1e3 * t for t in ts)
+        out[label] = {"median_ms": statistics.median(ms), "p10_ms": ms[len(ms) // 10], "p90_ms": ms[(9 * len(ms)) // 10], "repeats": len(ms)}
+    return out
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -84,7 +84,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "# One served event: `step` cost per model",
         "",
         f"Config: {N_ITEMS} items, {N_ATTRS} attributes (<= {MAX_ATTRS} per item), d_model 64, 2 layers, max_len 200. "
-        f"CPU, torch.inference_mode(), {meta['threads']} thread(s); median of repeats (p10-p90 in brackets).",
+        f"CPU, torch.inference_mode(), {meta['threads']} thread(s); median over interleaved rounds (p10-p90 in brackets).",
         "",
         "| model | params | state B/user fp32 | fp16 | int8 | step b=1 (ms) | b=64 (ms) | b=1024 (ms) | b=1024 per user (us) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -111,12 +111,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]  # other processes on the machine: timings are only as quiet as it is
     quick = getattr(args, "quick", False)
-    rows = []
-    for name, kw, before in [(n, k, False) for n, k in MODELS] + [("holomamba", {}, True)]:
-        row = measure(name, quick, full_table_embed=before, **kw)
-        rows.append(row)
-        print(f"{row['model']:20s} params {row['params']:>9,}  state {row['state_bytes']['float32']:>6,} B  "
-              + "  ".join(f"b={b}: {row['step'][str(b)]['median_ms']:.3f} ms" for b in BATCHES), flush=True)
+    models = dict(build(n, **k) for n, k in MODELS)
+    models.__setitem__(*build("holomamba", full_table_embed=True))
+    rows = [{"model": label, "params": sum(p.numel() for p in m.parameters()),
+             "state_bytes": {c: packed_size(m.init_state(1), c) for c in CODECS}, "step": {}} for label, m in models.items()]
+    for b in BATCHES:
+        rounds = QUICK_ROUNDS[b] if quick else ROUNDS[b]
+        timed = time_steps(models, b, rounds)
+        for row in rows:
+            row["step"][str(b)] = timed[row["model"]]
+        print(f"b={b}: " + "  ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in timed.items()), flush=True)
     meta = {"command": command(), "hardware": hardware("cpu"), "threads": threads, "quick": quick,
             "wall_s": time.perf_counter() - t0, "load_avg_1m_before_after": [load_before, os.getloadavg()[0]]}
     result = {"meta": meta, "rows": rows}
