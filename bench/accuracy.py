@@ -53,7 +53,8 @@ def hardware(device: str) -> dict[str, Any]:
     except OSError:
         pass
     hw: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "device": device, "torch": torch.__version__, "python": platform.python_version()}
+                          "device": device, "torch": torch.__version__, "python": platform.python_version(),
+                          "load_average_at_start": os.getloadavg()[0]}  # the machine may be shared: timings depend on it
     if device.startswith("cuda") and torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
     return hw
@@ -138,7 +139,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"Command: `{r['command']}`",
         f"Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['torch_threads']} torch threads, device {hw['device']}"
-        + (f" ({hw['gpu']})" if "gpu" in hw else "") + f"; torch {hw['torch']}.",
+        + (f" ({hw['gpu']})" if "gpu" in hw else "") + f"; torch {hw['torch']}; load average {hw.get('load_average_at_start', float('nan')):.1f} at start.",
         f"Wall time: {r['wall_seconds']:.0f} s, finished {r['finished']}.",
         "",
     ]

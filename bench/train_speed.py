@@ -128,7 +128,8 @@ def _markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {row['model']} | {row['length']} | {row['batch']} | {row['ms_per_step']:.0f} | {row['positions_per_s']:,.0f} | "
                          f"{row['s_per_100k_positions']:.1f} | {mem:.0f} |")
     lines += ["", f"Command: `{r['command']}`",
-              f"Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['torch_threads']} torch threads, device {hw['device']}; torch {hw['torch']}.",
+              f"Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['torch_threads']} torch threads, device {hw['device']}; torch {hw['torch']}; "
+              f"load average {hw.get('load_average_at_start', float('nan')):.1f} at start.",
               f"Wall time: {r['wall_seconds']:.0f} s, finished {r['finished']}.", ""]
     return "\n".join(lines)
 
