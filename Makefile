@@ -23,7 +23,7 @@ run: demo
 	$(VENV)/bin/holorec serve --checkpoint $(DEMO) --host $(HOST) --port $(PORT)
 
 test: install
-	@bash deploy/ensure-redis.sh
+	@bash deploy/test-prereqs.sh
 	$(PY) -m pytest
 
 bench: install

@@ -28,6 +28,28 @@ METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 MODEL_NAMES = ("holomamba", "sasrec", "gru4rec", "elastic")
 
 
+def model_config(name: str, **kw: Any) -> ModelConfig:
+    """A table row name to its config: a registered model, or holomamba-bG for temporal bundling with g = G."""
+    base, _, bundle = name.partition("-b")
+    if base == "holomamba" and bundle.isdigit():
+        return ModelConfig(model=base, bundle=int(bundle), **kw)
+    return ModelConfig(model=name, **kw)
+
+
+@torch.no_grad()
+def step_ms(model: torch.nn.Module, batch: int = 1, steps: int = 200) -> float:
+    """Mean wall time of one serving `step` (eval mode, CPU, one thread's worth), after a warm-up."""
+    model = model.cpu().eval()
+    state = model.init_state(batch)
+    items = torch.randint(1, model.config.n_items + 1, (steps + 20, batch))
+    for i in range(20):
+        _, state = model.step(items[i], state)
+    t = time.perf_counter()
+    for i in range(20, steps + 20):
+        _, state = model.step(items[i], state)
+    return (time.perf_counter() - t) / steps * 1e3
+
+
 def available_models() -> list[str]:
     """The names build_model accepts right now (baselines appear as their modules land)."""
     names = []
@@ -89,15 +111,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {}
     for name in models:
         for seed in range(seeds):
-            cfg = ModelConfig(model=name, d_model=d_model, max_len=max_len, dropout=DEFAULT_DROPOUT[ds.kind])
-            _, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=args.device, progress=False)
+            cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=DEFAULT_DROPOUT[ds.kind])
+            ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=args.device, progress=False)
             print(f"  {name} seed {seed}: test NDCG@10 {rep['test']['NDCG@10']:.4f} HR@10 {rep['test']['HR@10']:.4f} "
                   f"(best epoch {rep['best_epoch']}/{rep['epochs_run']}, {rep['train_seconds']:.0f} s)")
             runs.setdefault(name, []).append({"seed": seed, "test": rep["test"], "valid": rep["valid"], "best_epoch": rep["best_epoch"],
-                                              "epochs_run": rep["epochs_run"], "train_seconds": rep["train_seconds"]})
+                                              "epochs_run": rep["epochs_run"], "train_seconds": rep["train_seconds"],
+                                              "step_ms_b1": step_ms(ckpt.model)})
     popularity = evaluate_popularity(ds.train_counts(), *split(ds, max_len).eval_set("test"))
 
-    summary = {name: {m: _mean_std([r["test"][m] for r in rs]) for m in METRICS} | {"train_seconds": _mean_std([r["train_seconds"] for r in rs])}
+    summary = {name: {m: _mean_std([r["test"][m] for r in rs]) for m in METRICS} | {"train_seconds": _mean_std([r["train_seconds"] for r in rs]),
+                                                                  "step_ms_b1": _mean_std([r["step_ms_b1"] for r in rs])}
                for name, rs in runs.items()}
     result = {
         "bench": "accuracy", "command": command(), "dataset": ds.name, "data": ds.source, "summary_line": ds.summary(),
@@ -124,15 +148,18 @@ def _markdown(r: dict[str, Any]) -> str:
         f"Test split; mean ± std over {r['seeds']} seed(s); up to {r['epochs']} epochs (early stopping on validation NDCG@10), "
         f"max_len {r['max_len']}, d_model {r['d_model']}, dropout {r['dropout']}, AdamW lr {r['lr']}, batch {r['batch_size']}.",
         "",
-        "| model | " + " | ".join(METRICS) + " | train s | best epoch / run |",
-        "|---|" + "---|" * (len(METRICS) + 2),
+        "| model | " + " | ".join(METRICS) + " | train s | step ms (b=1) | best epoch / run |",
+        "|---|" + "---|" * (len(METRICS) + 3),
     ]
     for name, s in r["summary"].items():
         cells = [f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in METRICS]
         epochs = ", ".join(f"{x['best_epoch']}/{x['epochs_run']}" for x in r["runs"][name])
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['train_seconds'][0]:.0f} ± {s['train_seconds'][1]:.0f} | {epochs} |")
-    lines.append("| popularity | " + " | ".join(f"{r['popularity'][m]:.4f}" for m in METRICS) + " | - | - |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['train_seconds'][0]:.0f} ± {s['train_seconds'][1]:.0f} | {s.get('step_ms_b1', (float('nan'), 0))[0]:.2f} | {epochs} |")
+    lines.append("| popularity | " + " | ".join(f"{r['popularity'][m]:.4f}" for m in METRICS) + " | - | - | - |")
     lines += [
+        "",
+        "holomamba-bG is HoloMambaRec with temporal bundling: G items bound to slot roles per SSM step. "
+        "step ms: one serving `step` for one user (eval mode, CPU), mean of 200 after a warm-up; SASRec's step re-runs its window.",
         "",
         "A best epoch equal to the epochs run means validation NDCG@10 was still rising: that model is under-trained "
         "at this budget, and the table compares budgets as much as models.",

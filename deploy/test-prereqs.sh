@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# Make sure a Redis answers on 127.0.0.1:6379 for the tests: use one that is running, else start
-# one (installing Debian's redis-server first when we are root and it is missing), else say how.
+# What `make test` needs besides the venv:
+# 1. a Redis answering on 127.0.0.1:6379: use one that is running, else start one (installing
+#    Debian's redis-server first when we are root and it is missing), else say how;
+# 2. a compose client, so the compose file is checked by `docker compose config` too: when neither
+#    `docker compose` nor `docker-compose` is here and we are root on Debian, install Debian's
+#    docker-compose (it validates the file without a Docker daemon). Without it that one test skips.
 set -euo pipefail
+can_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; }
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null && can_apt; then
+  echo "no compose client: installing Debian's docker-compose to validate docker-compose.yml" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
+    || echo "could not install docker-compose; the compose client check will skip" >&2
+fi
 ping() { python3 - <<'PY'
 import socket, sys
 try:
@@ -13,7 +23,7 @@ PY
 }
 ping && exit 0
 if ! command -v redis-server >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if can_apt; then
     echo "redis-server not found: installing Debian's redis-server" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
   else
