@@ -1,8 +1,10 @@
 """create_app(settings) -> FastAPI, and `serve` behind `holorec serve`."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -191,6 +193,13 @@ def app_from_env() -> FastAPI:
     return create_app(settings, ckpt)
 
 
+def curl_example(ckpt: Checkpoint, base: str) -> str:
+    """A POST /events line that works as printed: two of this checkpoint's most popular item ids."""
+    ids = [ckpt.items[i - 1] for i in (ckpt.popular or range(1, len(ckpt.items) + 1))[:2]]
+    events = json.dumps({"events": [{"user_id": "alice", "item_id": i} for i in ids]})
+    return f"curl -s -X POST {base}/events -H 'Content-Type: application/json' -d {shlex.quote(events)}"
+
+
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     import uvicorn
 
@@ -198,13 +207,12 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: i
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="holorec-metrics-")
     try:
-        load(checkpoint)  # fail fast, with the checkpoint's own error, before starting workers
+        ckpt = load(checkpoint)  # fail fast, with the checkpoint's own error, before starting workers
     except CheckpointError as e:
         print(f"holorec serve: checkpoint refused: {e}", file=sys.stderr)
         sys.exit(2)
     base = f"http://{host}:{port}"
     print(f"holorec serving {checkpoint} on {base}  (API docs: {base}/docs)")
-    print(f"  try: curl -s -X POST {base}/events -H 'Content-Type: application/json' "
-          "-d '{\"events\": [{\"user_id\": \"alice\", \"item_id\": \"1\"}]}'")
+    print(f"  try: {curl_example(ckpt, base)}")
     print(f"       curl -s '{base}/recommend/alice?k=5'")
     uvicorn.run("service.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="info")

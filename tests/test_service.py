@@ -1,6 +1,10 @@
 """The service over real HTTP (uvicorn subprocess) against the real Redis, with a tiny trained model."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +17,7 @@ import torch
 from model.checkpoint import load
 from service.record import decode
 from service.store import user_key
-from tests.conftest import REDIS_URL, tiny_sequences, train_tiny
+from tests.conftest import REDIS_URL, ROOT, free_port, tiny_sequences, train_tiny, wait_ready
 
 
 def post(c: httpx.Client, events: list[dict]) -> httpx.Response:
@@ -169,3 +173,25 @@ def test_api_key_and_metrics(ckpt_dir: Path, server_factory) -> None:
                  "holorec_model_step_duration_seconds_bucket", "holorec_redis_duration_seconds_bucket", "holorec_batch_size_bucket",
                  'holorec_events_total{outcome="applied"}', 'holorec_recommendations_total{source="state"}', "holorec_model_info"):
         assert name in text, name
+
+
+def test_serve_prints_curl_lines_that_work_as_printed(ckpt_dir: Path):
+    """`holorec serve` (embedded store) prints a URL and two curl lines; run them verbatim through a shell."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOLOREC_")} | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--checkpoint", str(ckpt_dir), "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        printed = [proc.stdout.readline() for _ in range(3)]
+        assert f"http://127.0.0.1:{port}/docs" in printed[0]
+        curls = [line.split("try:", 1)[-1].strip() for line in printed[1:]]
+        assert all(c.startswith("curl ") for c in curls), printed
+        wait_ready(proc, f"http://127.0.0.1:{port}")
+        posted = json.loads(subprocess.run(["bash", "-c", curls[0]], capture_output=True, text=True, check=True).stdout)
+        assert posted["applied"] == 2 and not posted["unknown_items"], posted
+        rec = json.loads(subprocess.run(["bash", "-c", curls[1]], capture_output=True, text=True, check=True).stdout)
+        assert rec["source"] == "state" and len(rec["items"]) == 5, rec
+    finally:
+        proc.terminate()
+        proc.wait(10)
