@@ -1,6 +1,6 @@
 """Selective state space block (Mamba-style, Gu & Dao 2023, sec. 3) with two paths over one set of weights.
 
-    forward(x, mask)       training: the whole (left-padded) sequence at once, parallel scan over l
+    forward(x, mask)       training: the whole (left-padded) sequence at once, chunked selective scan
     step(x_t, conv, ssm)   serving: one position, explicit state in, explicit state out
 
 Shape letters: b batch, l length, d model dim, e inner dim (expand * d), n state dim,
