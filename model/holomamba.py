@@ -23,6 +23,7 @@ With g = 1 none of this is used and the model is the plain per-item HoloMambaRec
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.hrr import ItemEncoder, bind
@@ -50,7 +51,9 @@ class HoloMambaRec(SeqRecModel):
     def embed(self, items: Tensor) -> Tensor:  # (...) -> (..., d): the rows of item_table for these items
         """ItemEncoder's formula applied to just these rows: a served event must not re-encode the
         whole catalogue (20x the rest of a step at 3706 items). tests/test_baselines.py checks it
-        equals indexing item_table()."""
+        equals indexing item_table(). Without gradients (serving) the cached table is cheaper still."""
+        if not torch.is_grad_enabled():
+            return F.embedding(items, self.table())
         v = self.encoder.item(items)  # (..., d)
         attrs = self.item_attrs[items]  # (..., m)
         if attrs.shape[-1] == 0:

@@ -97,11 +97,28 @@ class SeqRecModel(nn.Module):
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------
+    def table(self) -> Tensor:  # (v, d)
+        """item_table(), computed once per weight update when no gradient is wanted (serving, evaluation).
+
+        HoloMambaRec's table is an encoder over the whole catalogue (FFT binding with attributes):
+        recomputing it for every served event or evaluation batch is most of their cost. The cache is
+        keyed on the parameters' and buffers' storage and in-place version counters, so an optimizer
+        step, a load_state_dict or a .to() invalidates it; with gradients on it is never used.
+        """
+        if torch.is_grad_enabled():
+            return self.item_table()
+        if not hasattr(self, "_table_deps"):
+            self._table_deps = [*self.parameters(), *self.buffers()]
+        key = tuple((t.data_ptr(), t._version) for t in self._table_deps)
+        if getattr(self, "_table_key", None) != key:
+            self._table_cache, self._table_key = self.item_table().detach(), key
+        return self._table_cache
+
     def embed(self, items: Tensor) -> Tensor:  # (...) -> (..., d): rows of item_table
-        return F.embedding(items, self.item_table())
+        return F.embedding(items, self.table())
 
     def score(self, h: Tensor) -> Tensor:  # (b, d) -> (b, v)
-        return h @ self.item_table().T
+        return h @ self.table().T
 
     def user_vector(self, items: Tensor) -> Tensor:  # (b, l) left-padded -> (b, d)
         return self.forward(items)[:, -1]

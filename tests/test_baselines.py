@@ -172,6 +172,14 @@ def test_holomamba_embed_matches_item_table() -> None:
     items = left_padded(3, 8)
     assert torch.allclose(m.embed(items), m.item_table()[items], atol=1e-6)
     assert m.embed(items[:, 0]).shape == (3, 32)
+    # without gradients (serving, evaluation) the table is cached; a weight update must invalidate it
+    with torch.no_grad():
+        before = m.embed(items)
+        assert torch.allclose(before, m.item_table()[items], atol=1e-6)
+        m.encoder.attr.weight.mul_(2.0)  # what an optimizer step or load_state_dict does: in place
+        after = m.embed(items)
+        assert torch.allclose(after, m.item_table()[items], atol=1e-6) and not torch.allclose(after, before)
+        assert torch.allclose(m.score(after[:, -1]), after[:, -1] @ m.item_table().T, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", [*BASELINES, "holomamba-bundle3"])
