@@ -95,7 +95,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(f"| {r['model']} | {r['params']:,} | {s['float32']:,} | {s['float16']:,} | {s['int8']:,} | "
                      f"{cell['1']} | {cell['64']} | {cell['1024']} | {1e3 * st['1024']['median_ms'] / 1024:.1f} |")
     lines += ["", f"`{BEFORE}` is the same model stepped the way it was first committed, re-encoding the whole "
-              "catalogue's HRR item table on every event; HoloMambaRec.embed now encodes only the stepped items.",
+              "catalogue's HRR item table on every event; without gradients HoloMambaRec now indexes its item table, encoded once per weight update (SeqRecModel.table).",
               "", "Every model's state is the same size after 1 event or 100,000 (SASRec's is its window of max_len item ids). "
               "A bundled HoloMambaRec still runs one SSM step per event (a peek, or the commit of a full group); "
               "bundling shortens the recurrence in training, not the per-event cost.",
