@@ -28,7 +28,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import socket
@@ -459,15 +458,9 @@ def section_codec(tmp: Path, quick: bool, epochs: int) -> dict[str, Any]:
 
 # --- driver -----------------------------------------------------------------------------------------
 def hardware() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    from bench.accuracy import hardware as machine
+
+    return machine("cpu")
 
 
 def _load_avg() -> list[float]:

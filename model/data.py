@@ -240,16 +240,21 @@ def _number(path: Path, n: int, field_name: str, value: str) -> float:
         raise DataError(f"{path}:{n}: {field_name} {value!r} is not a number") from None
 
 
-def _load_ml100k(folder: Path) -> Dataset:
+def _ratings(path: Path, sep: str, layout: str) -> list[Row]:
+    """GroupLens ratings: user, item, rating, timestamp per line; every rating counts as an interaction."""
     rows: list[Row] = []
-    data = folder / "u.data"
-    for n, line in _lines(data, "latin-1"):
-        parts = line.split("\t")
+    for n, line in _lines(path, "latin-1"):
+        parts = line.split(sep)
         if len(parts) != 4:
-            raise DataError(f"{data}:{n}: expected 4 tab-separated fields (user item rating timestamp), got {len(parts)}")
+            raise DataError(f"{path}:{n}: expected 4 {layout}, got {len(parts)} fields")
         user, item, rating, ts = parts
-        _number(data, n, "rating", rating)
-        rows.append((user, item, _number(data, n, "timestamp", ts)))
+        _number(path, n, "rating", rating)
+        rows.append((user, item, _number(path, n, "timestamp", ts)))
+    return rows
+
+
+def _load_ml100k(folder: Path) -> Dataset:
+    rows = _ratings(folder / "u.data", "\t", "tab-separated fields (user item rating timestamp)")
     ds = _from_rows("ml-100k", rows, kind="movielens", source=str(folder.resolve()))
     genres = _ml100k_genres(folder)
     item_file = folder / "u.item"
@@ -282,15 +287,7 @@ def _ml100k_genres(folder: Path) -> list[str]:
 
 
 def _load_ml1m(folder: Path) -> Dataset:
-    rows: list[Row] = []
-    ratings = folder / "ratings.dat"
-    for n, line in _lines(ratings, "latin-1"):
-        parts = line.split("::")
-        if len(parts) != 4:
-            raise DataError(f"{ratings}:{n}: expected user::movie::rating::timestamp, got {len(parts)} fields")
-        user, item, rating, ts = parts
-        _number(ratings, n, "rating", rating)
-        rows.append((user, item, _number(ratings, n, "timestamp", ts)))
+    rows = _ratings(folder / "ratings.dat", "::", "'::'-separated fields (user::movie::rating::timestamp)")
     ds = _from_rows("ml-1m", rows, kind="movielens", source=str(folder.resolve()))
     movies = folder / "movies.dat"
     if movies.is_file():
