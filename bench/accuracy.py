@@ -1,6 +1,6 @@
 """`holorec bench accuracy`: train and evaluate every registered model on one dataset, several seeds.
 
-Writes OUT/accuracy_<dataset>.md (mean +- std over seeds of the test HR/NDCG@5/10/20, MRR and
+Writes OUT/accuracy_<dataset>_<epochs>ep.md (mean +- std over seeds of the test HR/NDCG@5/10/20, MRR and
 training wall time, next to the popularity baseline) and .json (every run), with the exact
 command, the hardware and the total wall time. Protocol: leave-one-out, full ranking over all
 items, history items kept as candidates, pessimistic ties (model/evaluate.py).
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"accuracy_{ds.name}"
+    stem = out / f"accuracy_{ds.name}_{epochs}ep"  # one file per budget: 10 epochs (the paper's) and to convergence
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text(_markdown(result))
     print(f"wrote {stem}.md and {stem}.json")
