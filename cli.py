@@ -28,9 +28,16 @@ def _data(a: argparse.Namespace) -> None:
 
 
 def _serve(a: argparse.Namespace) -> None:
-    from service.app import serve
+    from pydantic import ValidationError
 
-    serve(a.checkpoint, host=a.host, port=a.port, workers=a.workers)
+    from service.app import serve
+    from service.settings import Settings
+
+    try:
+        workers = a.workers or Settings().workers
+    except ValidationError as e:
+        sys.exit(f"holorec serve: invalid HOLOREC_* setting: {e}")
+    serve(a.checkpoint, host=a.host, port=a.port, workers=workers)
 
 
 def _bench(a: argparse.Namespace) -> None:
@@ -77,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=int, help="uvicorn worker processes (default: HOLOREC_WORKERS, else 1)")
     s.set_defaults(func=_serve)
 
     b = sub.add_parser("bench", help="benchmarks; results go to bench/results/")
