@@ -54,13 +54,7 @@ class HoloMambaRec(SeqRecModel):
         equals indexing item_table(). Without gradients (serving) the cached table is cheaper still."""
         if not torch.is_grad_enabled():
             return F.embedding(items, self.table())
-        v = self.encoder.item(items)  # (..., d)
-        attrs = self.item_attrs[items]  # (..., m)
-        if attrs.shape[-1] == 0:
-            return v
-        a = self.encoder.attr(attrs)  # (..., m, d)
-        n = (attrs > 0).sum(-1, keepdim=True)  # (..., 1)
-        return (v + a.sum(-2) + bind(v[..., None, :], a).sum(-2)) / torch.sqrt(1 + 2 * n)
+        return self.encoder.encode(self.encoder.item(items), self.item_attrs[items])
 
     def forward(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
         if self.g > 1:

@@ -8,6 +8,7 @@ unbind(bind(a, b), a) ~ b, noisier as more bindings are bundled into c.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -49,10 +50,14 @@ class ItemEncoder(nn.Module):
                 emb.weight[0].zero_()
 
     def forward(self, item_attrs: Tensor) -> Tensor:  # (v, m) attribute ids, 0 = none -> (v, d)
-        v = self.item.weight  # (v, d), row 0 zero
-        if item_attrs.shape[1] == 0:
+        return self.encode(self.item.weight, item_attrs)
+
+    def encode(self, v: Tensor, item_attrs: Tensor) -> Tensor:  # (..., d) item vectors, (..., m) their attributes -> (..., d)
+        """The formula for any set of items. Binding is linear, so sum_j v (*) a_j = v (*) sum_j a_j:
+        one FFT binding per item whatever its number of attributes."""
+        if item_attrs.shape[-1] == 0:
             return v
-        a = self.attr(item_attrs)  # (v, m, d); padding slots are zero vectors
-        bound = bind(v[:, None, :], a)  # (v, m, d); zero where a is padding
-        n = (item_attrs > 0).sum(1, keepdim=True).float()  # (v, 1)
-        return (v + a.sum(1) + bound.sum(1)) / torch.sqrt(1 + 2 * n)  # (v, d)
+        flat = item_attrs.reshape(-1, item_attrs.shape[-1])  # (N, m)
+        s = F.embedding_bag(flat, self.attr.weight, mode="sum", padding_idx=0).view(v.shape)  # (..., d): sum_j a_j
+        n = (item_attrs > 0).sum(-1, keepdim=True)  # (..., 1)
+        return (v + s + bind(v, s)) / torch.sqrt(1 + 2 * n)
