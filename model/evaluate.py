@@ -69,11 +69,16 @@ def evaluate(
     was_training = model.training
     model.eval()
     L = model.config.max_len
+    # users in order of history length, each batch padded only to its longest: left padding changes no
+    # output (tests/test_model_core.py), and the metrics are means, so the order does not matter
+    order = sorted(range(len(targets)), key=lambda u: min(len(histories[u]), L))
     all_ranks = []
-    for s in range(0, len(targets), batch_size):
-        hist, tgt = histories[s : s + batch_size], torch.tensor(targets[s : s + batch_size], dtype=torch.long)
-        x = left_pad(hist, L).to(device)  # (b, l)
-        scores = model.score(model.user_vector(x)).float().cpu()  # (b, v)
+    for s in range(0, len(order), batch_size):
+        users = order[s : s + batch_size]
+        hist, tgt = [histories[u] for u in users], torch.tensor([targets[u] for u in users], dtype=torch.long)
+        x = left_pad(hist, L)  # (b, L)
+        width = max(1, min(L, max(len(h) for h in hist)))
+        scores = model.score(model.user_vector(x[:, -width:].to(device))).float().cpu()  # (b, v)
         if exclude_seen:
             _mask_seen(scores, hist, tgt)
         all_ranks.append(ranks(scores, tgt))
