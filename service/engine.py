@@ -271,8 +271,7 @@ class Engine:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 h = torch.from_numpy(np.stack([loaded[i][0].vector for i in with_state]))  # (n, d)
-                scores = h @ self.table.T  # (n, v)
-                scores[:, 0] = -math.inf
+                scores = h @ self.table.T  # (n, v); padding is excluded with the rest
                 for row, i in enumerate(with_state):
                     self._exclude(scores[row], queries[i], loaded[i][0])
                 top = torch.topk(scores, min(max(queries[i].k for i in with_state), scores.shape[1] - 1), dim=1)
@@ -290,17 +289,17 @@ class Engine:
         r.updated_at = time.time()
         return r
 
-    def _excluded_ids(self, q: RecQuery, r: rec.Record | None) -> list[int]:
-        """Item indices this query must not get: padding, the seen window, the explicit exclusions."""
-        ids = [0] + [self.ckpt.item_index[x] for x in q.exclude if x in self.ckpt.item_index]
+    def _excluded_ids(self, q: RecQuery, r: rec.Record | None) -> np.ndarray:
+        """(n,) item indices this query must not get: padding, the explicit exclusions, the seen window."""
+        ids = np.array([0] + [self.ckpt.item_index[x] for x in q.exclude if x in self.ckpt.item_index], dtype=np.int64)
         if q.exclude_seen and r is not None:
-            ids += r.window.tolist()  # padding slots are 0, already excluded
+            ids = np.concatenate([ids, r.window])  # padding slots are 0, already excluded
         return ids
 
     def _exclude(self, scores: Tensor, q: RecQuery, r: rec.Record | None) -> None:
         """Set to -inf, in place, the (v,) scores of items this query must not get. By index, so a
         query costs its exclusions, not the catalogue size; only an attribute filter touches every item."""
-        scores[torch.tensor(self._excluded_ids(q, r))] = -math.inf
+        scores[torch.from_numpy(self._excluded_ids(q, r))] = -math.inf
         if q.attribute is not None:
             keep = self.attribute_mask(q.attribute)
             if keep is None:
@@ -310,7 +309,7 @@ class Engine:
 
     def _popular(self, q: RecQuery) -> RecResult:
         """The fallback for users without state: most interacted items in training, filtered alike."""
-        banned = set(self._excluded_ids(q, None))
+        banned = set(self._excluded_ids(q, None).tolist())
         keep = self.attribute_mask(q.attribute) if q.attribute is not None else None
         n, items = len(self.popular), []
         for rank, i in enumerate(self.popular):
