@@ -18,6 +18,7 @@ from torch import Tensor
 from model.checkpoint import Checkpoint
 from model.state import pack, packed_size, unpack
 from service import record as rec
+from service.index import IVFIndex
 from service.metrics import CAS_CONFLICTS, ERRORS, EVENTS, RECOMMENDATIONS, SCORE_LATENCY, STATE_REBUILDS, STEP_LATENCY, USERS_SEEN
 from service.settings import Settings
 from service.store import StateStore, StoreUnavailable, user_key
@@ -70,6 +71,7 @@ class Engine:
         self.empty_state = pack(self.template, settings.state_codec)[0]
         with torch.inference_mode():
             self.table = self.model.item_table().detach().clone()  # (v, d)
+        self.index = IVFIndex(self.table, settings.ann_lists, settings.ann_probe) if settings.ann_lists else None
         self.popular = [i for i in ckpt.popular if 0 < i <= len(ckpt.items)]
         self.attr_masks: dict[int, Tensor] = {}
         self.vocabs: dict[str, list[str]] = {self.version: ckpt.items}
@@ -271,15 +273,20 @@ class Engine:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 h = torch.from_numpy(np.stack([loaded[i][0].vector for i in with_state]))  # (n, d)
-                scores = h @ self.table.T  # (n, v); padding is excluded with the rest
+                exact = h @ self.table.T if self.index is None else None  # (n, v): one product for the batch
                 for row, i in enumerate(with_state):
-                    self._exclude(scores[row], queries[i], loaded[i][0])
-                top = torch.topk(scores, min(max(queries[i].k for i in with_state), scores.shape[1] - 1), dim=1)
+                    q = queries[i]
+                    if exact is not None:
+                        cand, scores = None, exact[row]
+                    elif q.attribute is None:
+                        cand, scores = self.index.search(h[row])  # type: ignore[union-attr]
+                    else:  # an attribute filter could leave the probed clusters short of k items: score all
+                        cand, scores = None, self.table @ h[row]
+                    self._exclude(scores, q, loaded[i][0], cand)
+                    top = torch.topk(scores, min(q.k, len(scores)))
+                    idx = top.indices if cand is None else cand[top.indices]
+                    out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.values.tolist()) if v > -math.inf], "state")
             SCORE_LATENCY.observe(time.perf_counter() - t0)
-            for row, i in enumerate(with_state):
-                vals, idx = top.values[row, : queries[i].k].tolist(), top.indices[row, : queries[i].k].tolist()
-                items = [(self.ckpt.items[j - 1], v) for j, v in zip(idx, vals) if v > -math.inf]
-                out[i] = RecResult(items, "state")
         for r in out:
             RECOMMENDATIONS.labels(r.source).inc()
         return out
@@ -296,16 +303,21 @@ class Engine:
             ids = np.concatenate([ids, r.window])  # padding slots are 0, already excluded
         return ids
 
-    def _exclude(self, scores: Tensor, q: RecQuery, r: rec.Record | None) -> None:
-        """Set to -inf, in place, the (v,) scores of items this query must not get. By index, so a
-        query costs its exclusions, not the catalogue size; only an attribute filter touches every item."""
-        scores[torch.from_numpy(self._excluded_ids(q, r))] = -math.inf
+    def _exclude(self, scores: Tensor, q: RecQuery, r: rec.Record | None, cand: Tensor | None = None) -> None:
+        """Set to -inf, in place, the scores of items this query must not get: scores (v,) of every item,
+        or (m,) of the items `cand` (the index's candidates). By index, so a query costs its exclusions,
+        not the catalogue size; only an attribute filter touches every item."""
+        banned = torch.from_numpy(self._excluded_ids(q, r))
+        if cand is None:
+            scores[banned] = -math.inf
+        else:
+            scores.masked_fill_(torch.isin(cand, banned), -math.inf)
         if q.attribute is not None:
             keep = self.attribute_mask(q.attribute)
             if keep is None:
                 scores.fill_(-math.inf)
             else:
-                scores.masked_fill_(~keep, -math.inf)
+                scores.masked_fill_(~(keep if cand is None else keep[cand]), -math.inf)
 
     def _popular(self, q: RecQuery) -> RecResult:
         """The fallback for users without state: most interacted items in training, filtered alike."""

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     max_user_id_len: int = Field(256, ge=1, le=4096, description="longer user ids get 422")
     batch_window_ms: float = Field(2.0, ge=0, description="micro-batch gathering window")
     max_batch: int = Field(256, ge=1, description="requests per micro-batch; 1 turns micro-batching off")
+    ann_lists: int = Field(0, ge=0, description="approximate top-k over this many k-means clusters of the items (IVF); 0 = exact")
+    ann_probe: int = Field(32, ge=1, description="clusters scored per request when ann_lists > 0")
     torch_threads: int = Field(1, ge=1, description="intra-op threads for the model")
     store_timeout_s: float = Field(1.0, gt=0, description="Redis socket timeout; past it requests get 503")
     cas_retries: int = Field(50, ge=1, description="compare-and-set attempts per user before giving up with 503")
