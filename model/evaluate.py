@@ -76,9 +76,8 @@ def evaluate(
     for s in range(0, len(order), batch_size):
         users = order[s : s + batch_size]
         hist, tgt = [histories[u] for u in users], torch.tensor([targets[u] for u in users], dtype=torch.long)
-        x = left_pad(hist, L)  # (b, L)
-        width = max(1, min(L, max(len(h) for h in hist)))
-        scores = model.score(model.user_vector(x[:, -width:].to(device))).float().cpu()  # (b, v)
+        x = left_pad(hist, max(1, min(L, max(len(h) for h in hist))))  # (b, width <= L)
+        scores = model.score(model.user_vector(x.to(device))).float().cpu()  # (b, v)
         if exclude_seen:
             _mask_seen(scores, hist, tgt)
         all_ranks.append(ranks(scores, tgt))

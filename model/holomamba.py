@@ -23,7 +23,6 @@ With g = 1 none of this is used and the model is the plain per-item HoloMambaRec
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.hrr import ItemEncoder, bind
@@ -53,7 +52,7 @@ class HoloMambaRec(SeqRecModel):
         whole catalogue (20x the rest of a step at 3706 items). tests/test_baselines.py checks it
         equals indexing item_table(). Without gradients (serving) the cached table is cheaper still."""
         if not torch.is_grad_enabled():
-            return F.embedding(items, self.table())
+            return super().embed(items)
         return self.encoder.encode(self.encoder.item(items), self.item_attrs[items])
 
     def forward(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)

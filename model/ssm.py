@@ -114,11 +114,7 @@ class _SelectiveScan(torch.autograd.Function):
         l = dt.shape[1]
         dtc, xc, Bc, Cc = _chunk(dt), _chunk(dt * u), _chunk(B), _chunk(C)  # (b, c, T, e) and (b, c, T, n)
         h_in = _chunk_inputs(dtc, xc, Bc, A)  # (b, c, e, n): true state entering each chunk
-        y = torch.empty_like(xc)  # (b, c, T, e)
-        h = h_in
-        for t in range(dtc.shape[2]):
-            h = torch.exp(dtc[:, :, t, :, None] * A) * h + xc[:, :, t, :, None] * Bc[:, :, t, None, :]
-            y[:, :, t] = (h @ Cc[:, :, t, :, None])[..., 0]
+        _, y = _within_chunks(dtc, xc, Bc, A, h_in, Cc)  # (b, c, T, e)
         ctx.save_for_backward(dt, u, A, B, C, h_in)
         return _unchunk(y, l)
 
@@ -172,13 +168,23 @@ def _unchunk(x: Tensor, l: int) -> Tensor:  # (b, c, T, f) -> (b, l, f)
     return x.reshape(b, c * T, f)[:, c * T - l :]
 
 
+def _within_chunks(dtc: Tensor, xc: Tensor, Bc: Tensor, A: Tensor, h: Tensor, Cc: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The recurrence over the T positions of every chunk at once, from states h (b, c, e, n) entering
+    the chunks: -> the chunks' end states (b, c, e, n), and y (b, c, T, e) when C is given."""
+    y = torch.empty_like(xc) if Cc is not None else None
+    for t in range(dtc.shape[2]):
+        h = torch.exp(dtc[:, :, t, :, None] * A) * h + xc[:, :, t, :, None] * Bc[:, :, t, None, :]
+        if y is not None:
+            y[:, :, t] = (h @ Cc[:, :, t, :, None])[..., 0]  # type: ignore[index]
+    return h, y
+
+
 def _chunk_inputs(dtc: Tensor, xc: Tensor, Bc: Tensor, A: Tensor) -> Tensor:  # -> (b, c, e, n)
     """The true state entering each chunk: each chunk's end state from zero, then a scan over chunks."""
     h = torch.zeros(*dtc.shape[:2], *A.shape, dtype=dtc.dtype, device=dtc.device)
     if dtc.shape[1] == 1:
         return h
-    for t in range(dtc.shape[2]):
-        h = torch.exp(dtc[:, :, t, :, None] * A) * h + xc[:, :, t, :, None] * Bc[:, :, t, None, :]
+    h, _ = _within_chunks(dtc, xc, Bc, A, h)
     decay = torch.exp(dtc.sum(2)[..., None] * A)  # (b, c, e, n)
     ends = _doubling_scan(decay, h)  # (b, c, e, n): true state at each chunk's end
     return torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)
