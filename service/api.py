@@ -17,18 +17,20 @@ _ID_RE = re.compile(ID_PATTERN.strip("^$"))  # used with fullmatch: Python's $ a
 
 
 # --- dependencies ---------------------------------------------------------------------
-def get_settings(request: Request) -> Settings:
+# async, though none awaits: FastAPI runs a plain `def` dependency on a worker thread, a thread hop per
+# dependency per request, which costs more than the check itself.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         raise HTTPException(503, "model not loaded", headers={"Retry-After": "1"})
     return engine
 
 
-def require_api_key(settings: Annotated[Settings, Depends(get_settings)], x_api_key: Annotated[str | None, Header()] = None) -> None:
+async def require_api_key(settings: Annotated[Settings, Depends(get_settings)], x_api_key: Annotated[str | None, Header()] = None) -> None:
     if settings.api_key is None:
         return
     expected = settings.api_key.get_secret_value().encode()
@@ -36,14 +38,14 @@ def require_api_key(settings: Annotated[Settings, Depends(get_settings)], x_api_
         raise HTTPException(401, "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "X-API-Key"})
 
 
-def json_body(content_type: Annotated[str | None, Header()] = None) -> None:
+async def json_body(content_type: Annotated[str | None, Header()] = None) -> None:
     """415 with a plain reason for a body that is not declared JSON (FastAPI would say 'not a valid dictionary')."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         raise HTTPException(415, f"Content-Type must be application/json (got {media[:100] or 'none'})")
 
 
-def user_id_param(request: Request, user_id: Annotated[str, Path(min_length=1)]) -> str:
+async def user_id_param(request: Request, user_id: Annotated[str, Path(min_length=1)]) -> str:
     return check_user_id(user_id, request.app.state.settings)
 
 
