@@ -74,6 +74,8 @@ def _request_maker(spec: dict[str, Any]):
         return lambda: post([{"user_id": user(), "item_id": f"i{rng.randrange(1, n_items + 1)}"} for _ in range(spec["batch"])])
     if kind == "recommend":
         return lambda: f"GET /recommend/{user()}?k=10 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    if kind == "livez":  # the floor: uvicorn + FastAPI answering a route that does nothing
+        return lambda: f"GET /livez HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
     raise ValueError(kind)
 
 
@@ -112,9 +114,9 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _percentiles(lat: list[float]) -> dict[str, float]:
     if not lat:
-        return {"p50_ms": math.nan, "p95_ms": math.nan, "p99_ms": math.nan}
+        return {"p50_ms": math.nan, "p95_ms": math.nan, "p99_ms": math.nan, "mean_ms": math.nan}
     q = np.percentile(np.array(lat) * 1e3, [50, 95, 99])
-    return {"p50_ms": float(q[0]), "p95_ms": float(q[1]), "p99_ms": float(q[2])}
+    return {"p50_ms": float(q[0]), "p95_ms": float(q[1]), "p99_ms": float(q[2]), "mean_ms": float(np.mean(lat) * 1e3)}
 
 
 def loadgen(spec: dict[str, Any]) -> dict[str, Any]:
@@ -340,8 +342,8 @@ def _median_ms(fn, n: int) -> float:
 def section_load(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str, Any]:
     """Throughput and latency under load; each figure the median of `repeats` runs."""
     repeats, seconds = (1, 2) if quick else (3, 6)
-    n = {"event": 100, "batch": 10, "recommend": 100, "event_c1": 20} if quick else \
-        {"event": 12_000, "batch": 800, "recommend": 12_000, "event_c1": 1000}
+    n = {"event": 100, "batch": 10, "recommend": 100, "event_c1": 20, "livez": 100, "livez_c1": 20} if quick else \
+        {"event": 12_000, "batch": 800, "recommend": 12_000, "event_c1": 1000, "livez": 12_000, "livez_c1": 1000}
     out: dict[str, Any] = {"concurrency": 32, "batch_events": 100, "repeats": repeats, "seconds_cap": seconds, "runs": {}}
     for workers in (1,) if quick else (1, 2):
         for batching in (True,) if quick else (True, False):
@@ -352,17 +354,56 @@ def section_load(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[s
                 # users with some history, so /recommend scores from state
                 loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": N_ITEMS, "n_users": 2000,
                          "concurrency": 4, "requests": 10 if quick else 40, "seconds": 60})
-                cases = [("event_c1", {"kind": "event", "concurrency": 1}),
+                cases = [("livez_c1", {"kind": "livez", "concurrency": 1}),
+                         ("event_c1", {"kind": "event", "concurrency": 1}),
+                         ("livez", {"kind": "livez", "concurrency": 32}),
                          ("event", {"kind": "event", "concurrency": 32}),
                          ("batch100", {"kind": "batch", "batch": 100, "concurrency": 32}),
                          ("recommend", {"kind": "recommend", "concurrency": 32, "n_users": 2000})]
                 for case, spec in cases:
+                    before = _server_sums(srv.port)
                     runs = [loadgen({**spec, "port": srv.port, "n_items": N_ITEMS, "seed": rep, "seconds": seconds,
                                      "requests": n["batch" if case == "batch100" else case]}) for rep in range(repeats)]
                     res[case] = _median_of(runs)
+                    if case == "event_c1":
+                        res[case]["breakdown"] = _breakdown(before, _server_sums(srv.port), runs)
                     if case == "batch100":
                         res[case]["events_per_s"] = res[case]["per_s"] * 100
             out["runs"][name] = res
+    return out
+
+
+# (metric, labels) whose per-request mean the c=1 event breakdown reports; sums and counts are scraped from /metrics
+SERVER_PARTS = {"server": ("holorec_http_request_duration_seconds", {"route": "/events", "method": "POST", "status": "200"}),
+                "redis_get": ("holorec_redis_duration_seconds", {"op": "get"}),
+                "redis_cas": ("holorec_redis_duration_seconds", {"op": "cas"}),
+                "model_step": ("holorec_model_step_duration_seconds", {})}
+
+
+def _server_sums(port: int) -> dict[str, tuple[float, float]]:
+    """part -> (sum of seconds, count) from the service's own histograms (all workers, when multiprocess)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    got = {part: [0.0, 0.0] for part in SERVER_PARTS}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            for part, (name, labels) in SERVER_PARTS.items():
+                if smp.name in (f"{name}_sum", f"{name}_count") and all(smp.labels.get(k) == v for k, v in labels.items()):
+                    got[part][smp.name.endswith("_count")] += smp.value
+    return {k: (v[0], v[1]) for k, v in got.items()}
+
+
+def _breakdown(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean ms per request of each part over `runs` (one event per request, so one GET, CAS and step each)."""
+    n = sum(r["requests"] for r in runs)
+    out = {"client_mean_ms": sum(r["mean_ms"] * r["requests"] for r in runs) / n}
+    for part in SERVER_PARTS:
+        out[f"{part}_ms"] = (after[part][0] - before[part][0]) / n * 1e3
+        out[f"{part}_count"] = after[part][1] - before[part][1]
+    out["app_rest_ms"] = out["server_ms"] - out["redis_get_ms"] - out["redis_cas_ms"] - out["model_step_ms"]
+    out["outside_app_ms"] = out["client_mean_ms"] - out["server_ms"]
     return out
 
 
@@ -496,6 +537,23 @@ def _load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _cpu_ticks() -> list[int]:
+    """The machine's CPU time so far, from /proc/stat: user nice system idle iowait irq softirq steal (empty off Linux)."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def _cpu_share(t0: list[int], t1: list[int]) -> dict[str, float]:
+    """Busy and stolen percent of all CPU time between two readings. Steal is time the hypervisor gave our
+    virtual CPUs to other guests: on a shared VM it is what makes one run of this benchmark slower than the next."""
+    d = [b - a for a, b in zip(t0, t1)]
+    if len(d) < 8 or sum(d) <= 0:
+        return {}
+    return {"busy_pct": round(100 * (sum(d) - d[3] - d[4] - d[7]) / sum(d), 1), "steal_pct": round(100 * d[7] / sum(d), 1)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import redis
 
@@ -505,7 +563,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     only = os.environ.get("HOLOREC_BENCH_SECTIONS", "o1,replay,load,catalogue,codec").split(",")
     ns = f"bench-serve-{uuid.uuid4().hex[:10]}"
     tmp = Path(tempfile.mkdtemp(prefix="holorec-bench-serve-"))
-    result: dict[str, Any] = {"quick": quick, "namespace": ns, "hardware": hardware(), "load_avg": {"start": _load_avg()},
+    result: dict[str, Any] = {"quick": quick, "namespace": ns, "hardware": hardware(), "load_avg": {"start": _load_avg()}, "cpu": {},
                               "command": "holorec bench serve" + (" --quick" if quick else ""), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     t_all = time.perf_counter()
     try:
@@ -519,11 +577,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, fn in sections.items():
             if name not in only:
                 continue
-            t0 = time.perf_counter()
+            t0, ticks = time.perf_counter(), _cpu_ticks()
             print(f"bench serve: {name} ...", flush=True)
             result[name] = fn()
             result[name]["seconds"] = time.perf_counter() - t0
             result["load_avg"][name] = _load_avg()
+            result["cpu"][name] = _cpu_share(ticks, _cpu_ticks())
     finally:
         r = redis.Redis.from_url(redis_url)
         keys = list(r.scan_iter(f"holorec:{ns}:*", count=1000))
@@ -547,7 +606,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# holorec serving benchmark{' (--quick: smoke test, not figures)' if res['quick'] else ''}", "",
              f"Command: `{res['command']}` (from the repository root, Redis at 127.0.0.1:6379). "
              f"Machine: {hw['cpu']}, {hw['cores']} cores, Python {hw['python']}, torch {hw['torch']}; "
-             f"shared with other jobs: load average (1/5/15 min) {res['load_avg']}. Started {res['started']}, took {res['seconds']:.0f} s.",
+             f"shared with other jobs: load average (1/5/15 min) {res['load_avg']}; CPU busy and stolen by the hypervisor, % of all CPU time "
+             f"per section: {res.get('cpu', {})}. Started {res['started']}, took {res['seconds']:.0f} s.",
              "Service: uvicorn subprocess(es), Redis, random-weight HoloMambaRec (d_model 64, 2 layers, max_len 200, 3,706 items, "
              "18 genres) unless said otherwise; load from a separate asyncio process over loopback keep-alive connections.", ""]
     if "o1" in res:
@@ -588,6 +648,23 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {w} | {b} | {_f(c1['p50_ms'])} / {_f(c1['p99_ms'])} | {_f(e['per_s'], 0)} | {_f(e['p50_ms'], 1)} / {_f(e['p95_ms'], 1)} / {_f(e['p99_ms'], 1)} "
                          f"| {_f(bt['events_per_s'], 0)} | {_f(bt['p50_ms'], 1)} / {_f(bt['p95_ms'], 1)} / {_f(bt['p99_ms'], 1)} "
                          f"| {_f(rc['per_s'], 0)} | {_f(rc['p50_ms'], 1)} / {_f(rc['p95_ms'], 1)} / {_f(rc['p99_ms'], 1)} | {errs} |")
+        lines += ["", "The floor, and where one event's time goes. GET /livez does no work: it is what uvicorn, FastAPI and the load "
+                  "generator cost alone on this machine. The breakdown is per request over the c=1 event runs: the client's mean "
+                  "round trip; the service's own histograms (holorec_http_request_duration_seconds for POST /events, "
+                  "holorec_redis_duration_seconds, holorec_model_step_duration_seconds, scraped from /metrics before and after); "
+                  "rest of the app = FastAPI routing and validation, the micro-batcher's hand-off to its thread, record and state "
+                  "(de)coding; outside the app = HTTP parsing in uvicorn, the kernel's loopback and the load generator.", "",
+                  "| workers | micro-batching | GET /livez c=1 p50 / p99 ms | GET /livez c=32 req/s | p50 / p95 / p99 ms "
+                  "| 1 event c=1: client mean ms | in the app | Redis GET | Redis CAS | model step | rest of the app | outside the app |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, v in ld["runs"].items():
+            if "livez" not in v:  # results from before the floor was measured
+                continue
+            w, b = name[1], "on" if name.endswith("_batch") else "off"
+            l1, lz, bd = v["livez_c1"], v["livez"], v["event_c1"].get("breakdown", {})
+            parts = " | ".join(_f(bd.get(f"{k}_ms"), 3) for k in ("client_mean", "server", "redis_get", "redis_cas", "model_step", "app_rest", "outside_app"))
+            lines.append(f"| {w} | {b} | {_f(l1['p50_ms'])} / {_f(l1['p99_ms'])} | {_f(lz['per_s'], 0)} "
+                         f"| {_f(lz['p50_ms'], 1)} / {_f(lz['p95_ms'], 1)} / {_f(lz['p99_ms'], 1)} | {parts} |")
         lines.append("")
     if "catalogue" in res:
         cat = res["catalogue"]

@@ -36,10 +36,14 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
             assert v[f"naive_{m}_ms"] > 0 and v[f"ratio_{m}"] > 0
 
     for run_ in res["load"]["runs"].values():
-        for case in ("event_c1", "event", "batch100", "recommend"):
+        for case in ("livez_c1", "event_c1", "livez", "event", "batch100", "recommend"):
             assert run_[case]["errors"] == 0 and run_[case]["requests"] > 0 and run_[case]["per_s"] > 0
             assert 0 < run_[case]["p50_ms"] <= run_[case]["p95_ms"] <= run_[case]["p99_ms"]
         assert run_["batch100"]["events_per_s"] == run_["batch100"]["per_s"] * 100
+        bd = run_["event_c1"]["breakdown"]  # from the service's own histograms: one GET, one CAS, one step per event
+        assert bd["server_count"] == bd["redis_cas_count"] == bd["model_step_count"] == run_["event_c1"]["requests"]
+        assert 0 < bd["model_step_ms"] < bd["server_ms"] < bd["client_mean_ms"] and bd["redis_get_ms"] > 0
+    assert set(res["cpu"]) == {"o1", "replay", "load", "catalogue", "codec"} and "steal_pct" in res["cpu"]["load"]
 
     for v in res["catalogue"]["sizes"].values():
         assert v["c1"]["errors"] == {} and v["c1"]["p50_ms"] > 0 and v["c32"]["per_s"] > 0
