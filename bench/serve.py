@@ -50,7 +50,7 @@ D_MODEL, N_LAYERS, MAX_LEN = 64, 2, 200
 
 # --- the load generator (runs in its own process) -------------------------------------------
 def _request_maker(spec: dict[str, Any]):
-    """A function returning the next request's bytes, per spec["kind"]: event | batch | recommend."""
+    """A function returning the next request's bytes and its (first) user, per spec["kind"]: event | batch | recommend | livez."""
     rng = random.Random(spec.get("seed", 0))
     host = f"127.0.0.1:{spec['port']}"
     users, n_users, n_items = spec.get("users"), spec.get("n_users", 10_000), spec["n_items"]
@@ -62,10 +62,13 @@ def _request_maker(spec: dict[str, Any]):
             return users[counter[0] % len(users)]
         return f"lu{rng.randrange(n_users)}"
 
-    def post(events: list[dict[str, str]]) -> bytes:
+    def post(events: list[dict[str, str]]) -> tuple[bytes, str]:
         body = json.dumps({"events": events}).encode()
         return (f"POST /events HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body, events[0]["user_id"]
+
+    def get(path: str, u: str = "") -> tuple[bytes, str]:
+        return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), u
 
     kind = spec["kind"]
     if kind == "event":
@@ -73,15 +76,16 @@ def _request_maker(spec: dict[str, Any]):
     if kind == "batch":
         return lambda: post([{"user_id": user(), "item_id": f"i{rng.randrange(1, n_items + 1)}"} for _ in range(spec["batch"])])
     if kind == "recommend":
-        return lambda: f"GET /recommend/{user()}?k=10 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        return lambda: (lambda u: get(f"/recommend/{u}?k=10", u))(user())
     if kind == "livez":  # the floor: uvicorn + FastAPI answering a route that does nothing
-        return lambda: f"GET /livez HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        return lambda: get("/livez")
     raise ValueError(kind)
 
 
 async def _load(spec: dict[str, Any]) -> dict[str, Any]:
     make = _request_maker(spec)
     lat: list[float] = []
+    by_user: dict[str, tuple[list[float], dict[str, int]]] = {}  # with spec["by_user"]: latencies, errors by the request's user
     errors: dict[str, int] = {}
     left = [spec["requests"]]
     deadline = time.perf_counter() + spec["seconds"]
@@ -91,7 +95,7 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
         try:
             while left[0] > 0 and time.perf_counter() < deadline:
                 left[0] -= 1
-                req = make()
+                req, tag = make()
                 t0 = time.perf_counter()
                 writer.write(req)
                 status = int((await reader.readline()).split()[1])
@@ -101,15 +105,21 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
                         length = int(line.split(b":")[1])
                 await reader.readexactly(length)
                 lat.append(time.perf_counter() - t0)
+                mine = by_user.setdefault(tag, ([], {}))
+                mine[0].append(lat[-1])
                 if status != 200:
                     errors[str(status)] = errors.get(str(status), 0) + 1
+                    mine[1][str(status)] = mine[1].get(str(status), 0) + 1
         finally:
             writer.close()
 
     t0 = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(conn() for _ in range(spec["concurrency"]))), spec["seconds"] + 30)
     wall = time.perf_counter() - t0
-    return {"requests": len(lat), "seconds": wall, "errors": errors, **_percentiles(lat), "per_s": len(lat) / wall}
+    out = {"requests": len(lat), "seconds": wall, "errors": errors, **_percentiles(lat), "per_s": len(lat) / wall}
+    if spec.get("by_user"):
+        out["by_user"] = {u: {"requests": len(v), "errors": e, **_percentiles(v)} for u, (v, e) in by_user.items()}
+    return out
 
 
 def _percentiles(lat: list[float]) -> dict[str, float]:
@@ -231,10 +241,10 @@ def section_o1(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str
     from service.store import user_key
 
     levels = [10, 300] if quick else [10, 1000, 10_000, 100_000]
-    rounds, per_round = (1, 10) if quick else (5, 60)
+    rounds, per_round = (1, 10) if quick else (5, 200)
     rng = random.Random(1)
     r = redis.Redis.from_url(redis_url)
-    out: dict[str, Any] = {"levels": {}}
+    out: dict[str, Any] = {"levels": {}, "rounds": rounds}
     with Server(ckpt_dir, redis_url, ns) as srv, httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=600) as c:
         t0 = time.perf_counter()
         for lvl in levels:  # 1000-event requests; the longest history dominates
@@ -247,10 +257,11 @@ def section_o1(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str
         out["prefill_s"] = time.perf_counter() - t0
         out["prefill_events"] = sum(levels)
         lat: dict[int, list[dict[str, Any]]] = {lvl: [] for lvl in levels}
-        for rnd in range(rounds):  # interleaved, so machine load drifts hit every level alike
+        for rnd in range(rounds):  # the levels take turns request by request, so the machine's drifts hit each alike
+            res = loadgen({"kind": "event", "port": srv.port, "n_items": N_ITEMS, "users": [f"hist{lvl}" for lvl in levels],
+                           "concurrency": 1, "requests": per_round * len(levels), "seconds": 60, "seed": rnd, "by_user": True})
             for lvl in levels:
-                lat[lvl].append(loadgen({"kind": "event", "port": srv.port, "n_items": N_ITEMS, "users": [f"hist{lvl}"],
-                                         "concurrency": 1, "requests": per_round, "seconds": 60, "seed": rnd}))
+                lat[lvl].append(res["by_user"][f"hist{lvl}"])
         for lvl in levels:
             key = user_key(ns, f"hist{lvl}")
             meta = c.get(f"/users/hist{lvl}").json()
@@ -282,7 +293,9 @@ def section_replay(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[str,
     models = ["holomamba"] + (["sasrec"] if _sasrec_available() else [])
     r = redis.Redis.from_url(redis_url)
     rng = random.Random(2)
-    out: dict[str, Any] = {"max_len": {}, "models": models, "requests": n_req}
+    threads = Settings.model_fields["torch_threads"].default  # both designs get what a service worker runs with
+    torch.set_num_threads(threads)  # the driver puts the default back after each section
+    out: dict[str, Any] = {"max_len": {}, "models": models, "requests": n_req, "torch_threads": threads}
     for L in lens:
         row: dict[str, Any] = {}
         history = [rng.randrange(1, N_ITEMS + 1) for _ in range(L)]
@@ -574,9 +587,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "load": lambda: section_load(ckpt_dir, redis_url, ns, quick),
                     "catalogue": lambda: section_catalogue(tmp, redis_url, ns, quick),
                     "codec": lambda: section_codec(tmp, quick, getattr(args, "epochs", 10))}
+        threads = torch.get_num_threads()
         for name, fn in sections.items():
             if name not in only:
                 continue
+            torch.set_num_threads(threads)
             t0, ticks = time.perf_counter(), _cpu_ticks()
             print(f"bench serve: {name} ...", flush=True)
             result[name] = fn()
@@ -616,7 +631,9 @@ def markdown(res: dict[str, Any]) -> str:
                   "| events already applied | p50 ms | p99 ms | stored record bytes | requests |", "|---:|---:|---:|---:|---:|"]
         for lvl, v in o["levels"].items():
             lines.append(f"| {int(lvl):,} ({v['events_applied']:,} at the end) | {_f(v['p50_ms'])} | {_f(v['p99_ms'])} | {v['record_bytes']:,} | {v['requests']} |")
-        lines += ["", f"p50 ratio, longest to shortest history: **{o['p50_ratio_longest_to_shortest']:.2f}** (target <= 1.2); "
+        lines += ["", f"The levels take turns request by request on one connection ({o.get('rounds', '?')} rounds; p50 and p99 are medians "
+                  "over the rounds), so the machine's drifts hit every level alike. "
+                  f"p50 ratio, longest to shortest history: **{o['p50_ratio_longest_to_shortest']:.2f}** (target <= 1.2); "
                   f"record size constant: {o['record_bytes_constant']}. Prefill: {o['prefill_events']:,} events in 1000-event "
                   f"requests over HTTP in {o['prefill_s']:.0f} s.", ""]
     if "replay" in res:
@@ -624,7 +641,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["## 2. Stored state vs replaying history per request (in-process, no HTTP; both include the Redis round trip)", "",
                   "Naive: the history in a Redis list; per GET, LRANGE the last max_len items, run the model's forward over them, "
                   "score, top-10. holorec: per GET, GET the record, decode, score its stored user vector, top-10 (Engine.recommend). "
-                  f"Median of {rp['requests']} requests each (1000-long windows: a quarter as many).", "",
+                  f"Median of {rp['requests']} requests each (1000-long windows: a quarter as many); torch threads: "
+                  f"{rp.get('torch_threads', 'default')} for both, as a service worker runs (HOLOREC_TORCH_THREADS).", "",
                   "| max_len | holorec stored state ms | " + " | ".join(f"naive {m} ms | {m} / stored" for m in rp["models"]) + " |",
                   "|---:|---:|" + "---:|---:|" * len(rp["models"])]
         for L, v in rp["max_len"].items():

@@ -142,7 +142,7 @@ def delete_user(user_id: Annotated[str, Depends(user_id_param)], engine: Annotat
 
 
 @router.get("/livez")
-def livez() -> dict:
+async def livez() -> dict:  # on the event loop: a blocked loop is what a liveness probe must notice
     return {"status": "alive"}
 
 
