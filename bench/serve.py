@@ -10,6 +10,8 @@ Sections (each a key of the result JSON, a table in OUT/serve.md):
     catalogue  GET /recommend latency at 3.7k, 100k and 1M items: exact top-k by matrix product, and the IVF index
     codec      bytes per user for float32/float16/int8 state packing and the NDCG@10 each costs,
                stepping ML-100K test users with a pack/unpack round trip after every step
+    profile    where the time goes: py-spy samples of the service under GET /recommend and 1-event
+               POST /events at concurrency 32, by part (HTTP stack, Redis client, model, ...) and function
 
 The service runs as uvicorn subprocesses (service.app:app_from_env) on 127.0.0.1; the load
 generator is another process (`python -m bench.serve --loadgen SPEC`): asyncio + uvloop over raw
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import statistics
@@ -309,6 +312,7 @@ def section_replay(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[str,
             engine.apply([[Event(user, f"i{i}") for i in history[s : s + 1000]]])
         engine.recommend([RecQuery(user)])  # warm
         row["stored_state_ms"] = _median_ms(lambda: engine.recommend([RecQuery(user)]), n_req)
+        row["redis_get_ms"] = _median_ms(lambda: engine.store.get_many([engine.key(user)]), n_req)  # the floor of both designs
         state_items = [x for x, _ in engine.recommend([RecQuery(user)])[0].items]
         # the naive design: a Redis list of item indices, the model re-run over it per request
         key = f"holorec:{ns}:naive:{L}"
@@ -539,6 +543,59 @@ def section_codec(tmp: Path, quick: bool, epochs: int) -> dict[str, Any]:
     return out
 
 
+# where the time goes: categories a sampled frame's file falls in, first match wins (innermost frame = self time)
+PROFILE_PARTS = [("model and torch", ("/torch/", "/model/")), ("Redis client", ("/redis/",)),
+                 ("holorec service code", ("/service/",)),
+                 ("HTTP stack: uvicorn, Starlette, FastAPI, pydantic", ("/uvicorn/", "/starlette/", "/fastapi/", "/pydantic", "/httptools/", "/anyio/")),
+                 ("waiting and hand-offs: the event loop's poll, thread queues (asyncio, uvloop, threading)", ("/asyncio/", "/threading.py", "/concurrent/", "/queue.py", "/uvloop/")),
+                 ("metrics (prometheus_client)", ("/prometheus_client/",))]
+
+
+def section_profile(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str, Any]:
+    """py-spy samples of the (one-worker) service under GET /recommend and 1-event POST /events at concurrency 32."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return {"skipped": "py-spy is not installed (pip install -e '.[dev]')"}
+    seconds = 2 if quick else 8
+    out: dict[str, Any] = {"sample_seconds": seconds, "rate_hz": 250, "cases": {}}
+    with Server(ckpt_dir, redis_url, ns) as srv:
+        loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": N_ITEMS, "n_users": 2000,
+                 "concurrency": 4, "requests": 10 if quick else 40, "seconds": 60})
+        for case, spec in [("recommend", {"kind": "recommend", "n_users": 2000}), ("event", {"kind": "event"})]:
+            raw = Path(tempfile.mkstemp(suffix=".txt")[1])
+            spy_proc = subprocess.Popen([spy, "record", "-p", str(srv.proc.pid), "-d", str(seconds), "-r", "250", "-f", "raw",
+                                         "-o", str(raw), "--nonblocking", "--full-filenames"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(0.5)  # py-spy attached before the load starts
+            load = loadgen({**spec, "port": srv.port, "n_items": N_ITEMS, "concurrency": 32, "requests": 10**6, "seconds": seconds - 1})
+            _, err = spy_proc.communicate(timeout=seconds + 60)
+            if spy_proc.returncode != 0 or not raw.exists():
+                return {"skipped": f"py-spy failed: {err.decode()[-300:]}"}
+            out["cases"][case] = {"per_s": load["per_s"], **_profile_shares(raw.read_text())}
+            raw.unlink()
+    return out
+
+
+def _profile_shares(raw: str) -> dict[str, Any]:
+    """py-spy's raw (collapsed) stacks -> share of samples per part (by the innermost frame) and the top functions."""
+    parts: dict[str, int] = {}
+    funcs: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")[1:]  # the first entry names the thread
+        if not frames or not count.isdigit():
+            continue
+        n, inner = int(count), frames[-1]  # "function (path:line)"
+        total += n
+        part = next((name for name, keys in PROFILE_PARTS if any(k in inner for k in keys)), "other (C code, interpreter)")
+        parts[part] = parts.get(part, 0) + n
+        fn = re.sub(r"\((?:/\S+/site-packages/|/\S+/lib/python3\.\d+/|" + re.escape(str(ROOT)) + "/)", "(", re.sub(r":\d+\)$", ")", inner))
+        funcs[fn] = funcs.get(fn, 0) + n
+    top = sorted(funcs.items(), key=lambda kv: -kv[1])[:12]
+    return {"samples": total, "parts": {k: v / total for k, v in sorted(parts.items(), key=lambda kv: -kv[1])} if total else {},
+            "top_functions": [{"function": f, "share": v / total} for f, v in top] if total else []}
+
+
 # --- driver -----------------------------------------------------------------------------------------
 def hardware() -> dict[str, Any]:
     from bench.accuracy import hardware as machine
@@ -573,7 +630,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = bool(getattr(args, "quick", False))
     redis_url = getattr(args, "redis_url", None) or "redis://127.0.0.1:6379/0"
     out_dir = Path(getattr(args, "out", "bench/results"))
-    only = os.environ.get("HOLOREC_BENCH_SECTIONS", "o1,replay,load,catalogue,codec").split(",")
+    only = os.environ.get("HOLOREC_BENCH_SECTIONS", "o1,replay,load,catalogue,codec,profile").split(",")
     ns = f"bench-serve-{uuid.uuid4().hex[:10]}"
     tmp = Path(tempfile.mkdtemp(prefix="holorec-bench-serve-"))
     result: dict[str, Any] = {"quick": quick, "namespace": ns, "hardware": hardware(), "load_avg": {"start": _load_avg()}, "cpu": {},
@@ -586,7 +643,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "replay": lambda: section_replay(tmp, redis_url, ns, quick),
                     "load": lambda: section_load(ckpt_dir, redis_url, ns, quick),
                     "catalogue": lambda: section_catalogue(tmp, redis_url, ns, quick),
-                    "codec": lambda: section_codec(tmp, quick, getattr(args, "epochs", 10))}
+                    "codec": lambda: section_codec(tmp, quick, getattr(args, "epochs", 10)),
+                    "profile": lambda: section_profile(ckpt_dir, redis_url, ns, quick)}
         threads = torch.get_num_threads()
         for name, fn in sections.items():
             if name not in only:
@@ -643,11 +701,11 @@ def markdown(res: dict[str, Any]) -> str:
                   "score, top-10. holorec: per GET, GET the record, decode, score its stored user vector, top-10 (Engine.recommend). "
                   f"Median of {rp['requests']} requests each (1000-long windows: a quarter as many); torch threads: "
                   f"{rp.get('torch_threads', 'default')} for both, as a service worker runs (HOLOREC_TORCH_THREADS).", "",
-                  "| max_len | holorec stored state ms | " + " | ".join(f"naive {m} ms | {m} / stored" for m in rp["models"]) + " |",
-                  "|---:|---:|" + "---:|---:|" * len(rp["models"])]
+                  "| max_len | holorec stored state ms | of which the Redis GET | " + " | ".join(f"naive {m} ms | {m} / stored" for m in rp["models"]) + " |",
+                  "|---:|---:|---:|" + "---:|---:|" * len(rp["models"])]
         for L, v in rp["max_len"].items():
             cells = " | ".join(f"{_f(v[f'naive_{m}_ms'])} | **{_f(v[f'ratio_{m}'], 1)}x**" for m in rp["models"])
-            lines.append(f"| {L} | {_f(v['stored_state_ms'], 3)} | {cells} |")
+            lines.append(f"| {L} | {_f(v['stored_state_ms'], 3)} | {_f(v.get('redis_get_ms'), 3)} | {cells} |")
         same = all(v.get("holomamba_same_top10", False) for v in rp["max_len"].values())
         lines += ["", f"HoloMambaRec replay and stored state give the same top-10: {same}. "
                   + ("" if "sasrec" in rp["models"] else "SASRec (model/sasrec.py) was not importable: not measured."), ""]
@@ -706,6 +764,25 @@ def markdown(res: dict[str, Any]) -> str:
         for codec, v in cd["codecs"].items():
             lines.append(f"| {codec} | {v['state_bytes']:,} | {v['record_bytes']:,} | {v['ndcg10']:.4f} | {v['ndcg10_change']:+.4f} ({100 * v['ndcg10_rel_change']:+.2f}%) |")
         lines.append("")
+    if "profile" in res:
+        pf = res["profile"]
+        lines += ["## 6. Where the time goes under load (py-spy, 1 worker, concurrency 32)", ""]
+        if "skipped" in pf:
+            lines += [f"Not measured: {pf['skipped']}.", ""]
+        else:
+            cases = pf["cases"]
+            lines += [f"`py-spy record` at {pf['rate_hz']} Hz for {pf['sample_seconds']} s on the uvicorn process while the load generator "
+                      "runs. Each sample counts for its innermost Python frame (a torch kernel or a socket call counts for the "
+                      "Python line that made it); shares are of every sample of every thread, waiting included.", "",
+                      "| part | " + " | ".join(f"{c} ({_f(v['per_s'], 0)} req/s while sampled)" for c, v in cases.items()) + " |",
+                      "|---|" + "---:|" * len(cases)]
+            names = sorted({p for v in cases.values() for p in v["parts"]}, key=lambda p: -max(v["parts"].get(p, 0) for v in cases.values()))
+            for name in names:
+                lines.append(f"| {name} | " + " | ".join(f"{100 * v['parts'].get(name, 0):.1f}%" for v in cases.values()) + " |")
+            lines.append("")
+            for c, v in cases.items():
+                top = "; ".join(f"`{t['function']}` {100 * t['share']:.1f}%" for t in v["top_functions"])
+                lines += [f"Top functions by own samples, {c}: {top}.", ""]
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
         assert v["events_applied"] >= int(lvl)
 
     for v in res["replay"]["max_len"].values():
-        assert v["stored_state_ms"] > 0 and v["holomamba_same_top10"]
+        assert v["stored_state_ms"] > 0 and v["holomamba_same_top10"] and v["redis_get_ms"] > 0
         for m in res["replay"]["models"]:
             assert v[f"naive_{m}_ms"] > 0 and v[f"ratio_{m}"] > 0
 
@@ -43,7 +43,10 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
         bd = run_["event_c1"]["breakdown"]  # from the service's own histograms: one GET, one CAS, one step per event
         assert bd["server_count"] == bd["redis_cas_count"] == bd["model_step_count"] == run_["event_c1"]["requests"]
         assert 0 < bd["model_step_ms"] < bd["server_ms"] < bd["client_mean_ms"] and bd["redis_get_ms"] > 0
-    assert set(res["cpu"]) == {"o1", "replay", "load", "catalogue", "codec"} and "steal_pct" in res["cpu"]["load"]
+    assert set(res["cpu"]) == {"o1", "replay", "load", "catalogue", "codec", "profile"} and "steal_pct" in res["cpu"]["load"]
+    for case in ("recommend", "event"):  # py-spy comes with the dev extra; a skipped profile would say why
+        prof = res["profile"]["cases"][case]
+        assert prof["samples"] > 0 and abs(sum(prof["parts"].values()) - 1) < 1e-9 and prof["top_functions"]
 
     for v in res["catalogue"]["sizes"].values():
         assert v["c1"]["errors"] == {} and v["c1"]["p50_ms"] > 0 and v["c32"]["per_s"] > 0
