@@ -20,7 +20,7 @@ request from write to the last body byte. Checkpoints are random-weight HoloMamb
 on the spot (d_model 64, 2 layers, MovieLens-1M's 3,706 items and 18 genres) except the codec
 section, which needs a trained one: HOLOREC_BENCH_ML100K=DIR names a checkpoint trained by
 `holorec train --data /work/shared/data/ml-100k`; unset, one is trained here (--epochs).
-All Redis keys live under holorec:bench-serve-<random>:* and are deleted at the end.
+All Redis keys live under holorec:bench-serve-<random>-<section>:* and are deleted at the end.
 Figures are medians over repeats where repeated; the host and its load average are recorded.
 """
 from __future__ import annotations
@@ -447,7 +447,7 @@ def section_catalogue(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[s
 
         def timed(**env: str) -> dict[str, Any]:
             res: dict[str, Any] = {}
-            with Server(ckpt_dir, redis_url, ns, **env) as srv:
+            with Server(ckpt_dir, redis_url, f"{ns}-{size}", **env) as srv:  # each catalogue is another checkpoint
                 loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": size, "n_users": 500,
                          "concurrency": 2, "requests": 5 if quick else 20, "seconds": 60})
                 for conc in (1, 32):
@@ -639,12 +639,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         ckpt_dir = tmp / "ml1m-size"
         make_checkpoint(ckpt_dir, N_ITEMS)
-        sections = {"o1": lambda: section_o1(ckpt_dir, redis_url, ns, quick),
-                    "replay": lambda: section_replay(tmp, redis_url, ns, quick),
-                    "load": lambda: section_load(ckpt_dir, redis_url, ns, quick),
-                    "catalogue": lambda: section_catalogue(tmp, redis_url, ns, quick),
+        # a namespace per section: a user written under another checkpoint would be re-warmed (replayed) when read
+        sections = {"o1": lambda: section_o1(ckpt_dir, redis_url, f"{ns}-o1", quick),
+                    "replay": lambda: section_replay(tmp, redis_url, f"{ns}-replay", quick),
+                    "load": lambda: section_load(ckpt_dir, redis_url, f"{ns}-load", quick),
+                    "catalogue": lambda: section_catalogue(tmp, redis_url, f"{ns}-catalogue", quick),
                     "codec": lambda: section_codec(tmp, quick, getattr(args, "epochs", 10)),
-                    "profile": lambda: section_profile(ckpt_dir, redis_url, ns, quick)}
+                    "profile": lambda: section_profile(ckpt_dir, redis_url, f"{ns}-profile", quick)}
         threads = torch.get_num_threads()
         for name, fn in sections.items():
             if name not in only:
@@ -658,7 +659,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["cpu"][name] = _cpu_share(ticks, _cpu_ticks())
     finally:
         r = redis.Redis.from_url(redis_url)
-        keys = list(r.scan_iter(f"holorec:{ns}:*", count=1000))
+        keys = list(r.scan_iter(f"holorec:{ns}*", count=1000))
         for s in range(0, len(keys), 1000):
             r.delete(*keys[s : s + 1000])
         shutil.rmtree(tmp, ignore_errors=True)

@@ -57,4 +57,4 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
     assert codecs["float32"]["ndcg10_change"] == 0.0  # float32 packing is lossless
     assert all(math.isfinite(v["ndcg10"]) for v in codecs.values())
 
-    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(f"holorec:{res['namespace']}:*", count=1000))  # cleaned up
+    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(f"holorec:{res['namespace']}*", count=1000))  # cleaned up
