@@ -108,11 +108,13 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
                         length = int(line.split(b":")[1])
                 await reader.readexactly(length)
                 lat.append(time.perf_counter() - t0)
-                mine = by_user.setdefault(tag, ([], {}))
-                mine[0].append(lat[-1])
                 if status != 200:
                     errors[str(status)] = errors.get(str(status), 0) + 1
-                    mine[1][str(status)] = mine[1].get(str(status), 0) + 1
+                if spec.get("by_user"):
+                    mine = by_user.setdefault(tag, ([], {}))
+                    mine[0].append(lat[-1])
+                    if status != 200:
+                        mine[1][str(status)] = mine[1].get(str(status), 0) + 1
         finally:
             writer.close()
 
