@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
         app.state.engine = engine
         # Everything alive now (torch, the model, FastAPI's schemas: some 200,000 objects) lives as long as the
         # process. Left in the collector's oldest generation, each full collection walks all of it: under load that
-        # stalled the event loop 120-140 ms every second or two (p99 of GET /recommend at c=32: 140 ms -> 16 ms).
+        # stalled the event loop 116-138 ms every second or two (p99 of GET /recommend at c=32: 130-142 ms -> 14-16 ms).
         gc.collect()
         gc.freeze()
         log.info("holorec ready: model %s version %s, %d items, store %s", ckpt.model.config.model, ckpt.version, len(ckpt.items), engine.store.kind)
