@@ -24,6 +24,11 @@ def post(c: httpx.Client, events: list[dict]) -> httpx.Response:
     return c.post("/events", json={"events": events})
 
 
+def users_seen(c: httpx.Client) -> float:
+    """The holorec_users_seen gauge: users created minus users deleted, counted in the store."""
+    return next(float(line.split()[1]) for line in c.get("/metrics").text.splitlines() if line.startswith("holorec_users_seen "))
+
+
 def expected_top(ckpt_dir: Path, history: list[int], k: int) -> tuple[list[str], list[float]]:
     """What the model's parallel forward over the same history recommends."""
     ckpt = load(ckpt_dir)
@@ -132,12 +137,17 @@ def test_duplicates_popularity_attributes_and_delete(ckpt_dir: Path, server_fact
         assert (first.json()["applied"], first.json()["duplicate"]) == (1, 1)
         assert (again.json()["applied"], again.json()["duplicate"]) == (1, 1)
         assert c.get("/users/d").json()["events_applied"] == 2
+        assert users_seen(c) == 1  # created once, however many events
+        post(c, [{"user_id": "d2", "item_id": "item-4"}])
+        assert users_seen(c) == 2
         genre = c.get("/recommend/d", params={"k": 20, "attribute": "genre-2", "exclude": "item-5,item-9"}).json()
         j = ckpt.attribute_index["genre-2"]
         allowed = {ckpt.items[i - 1] for i in range(1, 41) if j in ckpt.model.item_attrs[i].tolist()}
         got = {x["item_id"] for x in genre["items"]}
         assert got and got <= allowed - {"item-5", "item-9", "item-1", "item-3"}
         assert c.delete("/users/d").json()["deleted"] is True
+        assert c.delete("/users/d").json()["deleted"] is False  # idempotent, counted once
+        assert users_seen(c) == 1
         assert c.get("/users/d").status_code == 404
         assert c.get("/recommend/d").json()["source"] == "popular"
 
