@@ -79,7 +79,10 @@ def _request_maker(spec: dict[str, Any]):
     if kind == "batch":
         return lambda: post([{"user_id": user(), "item_id": f"i{rng.randrange(1, n_items + 1)}"} for _ in range(spec["batch"])])
     if kind == "recommend":
-        return lambda: (lambda u: get(f"/recommend/{u}?k=10", u))(user())
+        def recommend() -> tuple[bytes, str]:
+            u = user()
+            return get(f"/recommend/{u}?k=10", u)
+        return recommend
     if kind == "livez":  # the floor: uvicorn + FastAPI answering a route that does nothing
         return lambda: get("/livez")
     raise ValueError(kind)
@@ -88,7 +91,8 @@ def _request_maker(spec: dict[str, Any]):
 async def _load(spec: dict[str, Any]) -> dict[str, Any]:
     make = _request_maker(spec)
     lat: list[float] = []
-    by_user: dict[str, tuple[list[float], dict[str, int]]] = {}  # with spec["by_user"]: latencies, errors by the request's user
+    split = bool(spec.get("by_user"))
+    by_user: dict[str, tuple[list[float], dict[str, int]]] = {}  # when split: latencies, errors by the request's user
     errors: dict[str, int] = {}
     left = [spec["requests"]]
     deadline = time.perf_counter() + spec["seconds"]
@@ -110,7 +114,7 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
                 lat.append(time.perf_counter() - t0)
                 if status != 200:
                     errors[str(status)] = errors.get(str(status), 0) + 1
-                if spec.get("by_user"):
+                if split:
                     mine = by_user.setdefault(tag, ([], {}))
                     mine[0].append(lat[-1])
                     if status != 200:
@@ -122,7 +126,7 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
     await asyncio.wait_for(asyncio.gather(*(conn() for _ in range(spec["concurrency"]))), spec["seconds"] + 30)
     wall = time.perf_counter() - t0
     out = {"requests": len(lat), "seconds": wall, "errors": errors, **_percentiles(lat), "per_s": len(lat) / wall}
-    if spec.get("by_user"):
+    if split:
         out["by_user"] = {u: {"requests": len(v), "errors": e, **_percentiles(v)} for u, (v, e) in by_user.items()}
     return out
 
@@ -560,11 +564,11 @@ def section_profile(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dic
         return {"skipped": "py-spy is not installed (pip install -e '.[dev]')"}
     seconds = 2 if quick else 8
     out: dict[str, Any] = {"sample_seconds": seconds, "rate_hz": 250, "cases": {}}
-    with Server(ckpt_dir, redis_url, ns) as srv:
+    with Server(ckpt_dir, redis_url, ns) as srv, tempfile.TemporaryDirectory() as tmp:
         loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": N_ITEMS, "n_users": 2000,
                  "concurrency": 4, "requests": 10 if quick else 40, "seconds": 60})
         for case, spec in [("recommend", {"kind": "recommend", "n_users": 2000}), ("event", {"kind": "event"})]:
-            raw = Path(tempfile.mkstemp(suffix=".txt")[1])
+            raw = Path(tmp) / f"{case}.txt"
             spy_proc = subprocess.Popen([spy, "record", "-p", str(srv.proc.pid), "-d", str(seconds), "-r", "250", "-f", "raw",
                                          "-o", str(raw), "--nonblocking", "--full-filenames"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)  # py-spy attached before the load starts
@@ -573,7 +577,6 @@ def section_profile(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dic
             if spy_proc.returncode != 0 or not raw.exists():
                 return {"skipped": f"py-spy failed: {err.decode()[-300:]}"}
             out["cases"][case] = {"per_s": load["per_s"], **_profile_shares(raw.read_text())}
-            raw.unlink()
     return out
 
 
@@ -683,7 +686,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"Command: `{res['command']}` (from the repository root, Redis at 127.0.0.1:6379). "
              f"Machine: {hw['cpu']}, {hw['cores']} cores, Python {hw['python']}, torch {hw['torch']}; "
              f"shared with other jobs: load average (1/5/15 min) {res['load_avg']}; CPU busy and stolen by the hypervisor, % of all CPU time "
-             f"per section: {res.get('cpu', {})}. Started {res['started']}, took {res['seconds']:.0f} s.",
+             f"per section: {res['cpu']}. Started {res['started']}, took {res['seconds']:.0f} s.",
              "Service: uvicorn subprocess(es), Redis, random-weight HoloMambaRec (d_model 64, 2 layers, max_len 200, 3,706 items, "
              "18 genres) unless said otherwise; load from a separate asyncio process over loopback keep-alive connections.", ""]
     if "o1" in res:
@@ -692,7 +695,7 @@ def markdown(res: dict[str, Any]) -> str:
                   "| events already applied | p50 ms | p99 ms | stored record bytes | requests |", "|---:|---:|---:|---:|---:|"]
         for lvl, v in o["levels"].items():
             lines.append(f"| {int(lvl):,} ({v['events_applied']:,} at the end) | {_f(v['p50_ms'])} | {_f(v['p99_ms'])} | {v['record_bytes']:,} | {v['requests']} |")
-        lines += ["", f"The levels take turns request by request on one connection ({o.get('rounds', '?')} rounds; p50 and p99 are medians "
+        lines += ["", f"The levels take turns request by request on one connection ({o['rounds']} rounds; p50 and p99 are medians "
                   "over the rounds), so the machine's drifts hit every level alike. "
                   f"p50 ratio, longest to shortest history: **{o['p50_ratio_longest_to_shortest']:.2f}** (target <= 1.2); "
                   f"record size constant: {o['record_bytes_constant']}. Prefill: {o['prefill_events']:,} events in 1000-event "
@@ -703,12 +706,12 @@ def markdown(res: dict[str, Any]) -> str:
                   "Naive: the history in a Redis list; per GET, LRANGE the last max_len items, run the model's forward over them, "
                   "score, top-10. holorec: per GET, GET the record, decode, score its stored user vector, top-10 (Engine.recommend). "
                   f"Median of {rp['requests']} requests each (1000-long windows: a quarter as many); torch threads: "
-                  f"{rp.get('torch_threads', 'default')} for both, as a service worker runs (HOLOREC_TORCH_THREADS).", "",
+                  f"{rp['torch_threads']} for both, as a service worker runs (HOLOREC_TORCH_THREADS).", "",
                   "| max_len | holorec stored state ms | of which the Redis GET | " + " | ".join(f"naive {m} ms | {m} / stored" for m in rp["models"]) + " |",
                   "|---:|---:|---:|" + "---:|---:|" * len(rp["models"])]
         for L, v in rp["max_len"].items():
             cells = " | ".join(f"{_f(v[f'naive_{m}_ms'])} | **{_f(v[f'ratio_{m}'], 1)}x**" for m in rp["models"])
-            lines.append(f"| {L} | {_f(v['stored_state_ms'], 3)} | {_f(v.get('redis_get_ms'), 3)} | {cells} |")
+            lines.append(f"| {L} | {_f(v['stored_state_ms'], 3)} | {_f(v['redis_get_ms'], 3)} | {cells} |")
         same = all(v.get("holomamba_same_top10", False) for v in rp["max_len"].values())
         lines += ["", f"HoloMambaRec replay and stored state give the same top-10: {same}. "
                   + ("" if "sasrec" in rp["models"] else "SASRec (model/sasrec.py) was not importable: not measured."), ""]
@@ -737,11 +740,9 @@ def markdown(res: dict[str, Any]) -> str:
                   "| 1 event c=1: client mean ms | in the app | Redis GET | Redis CAS | model step | rest of the app | outside the app |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, v in ld["runs"].items():
-            if "livez" not in v:  # results from before the floor was measured
-                continue
             w, b = name[1], "on" if name.endswith("_batch") else "off"
-            l1, lz, bd = v["livez_c1"], v["livez"], v["event_c1"].get("breakdown", {})
-            parts = " | ".join(_f(bd.get(f"{k}_ms"), 3) for k in ("client_mean", "server", "redis_get", "redis_cas", "model_step", "app_rest", "outside_app"))
+            l1, lz, bd = v["livez_c1"], v["livez"], v["event_c1"]["breakdown"]
+            parts = " | ".join(_f(bd[f"{k}_ms"], 3) for k in ("client_mean", "server", "redis_get", "redis_cas", "model_step", "app_rest", "outside_app"))
             lines.append(f"| {w} | {b} | {_f(l1['p50_ms'])} / {_f(l1['p99_ms'])} | {_f(lz['per_s'], 0)} "
                          f"| {_f(lz['p50_ms'], 1)} / {_f(lz['p95_ms'], 1)} / {_f(lz['p99_ms'], 1)} | {parts} |")
         lines.append("")

@@ -209,9 +209,9 @@ def test_serve_prints_curl_lines_that_work_as_printed(ckpt_dir: Path):
 
 def test_startup_moves_long_lived_objects_out_of_the_collectors_reach(ckpt_dir: Path) -> None:
     """After startup the objects that live as long as the process (torch, the model, FastAPI's schemas) are frozen:
-    a full garbage collection that walked them all stalled every request for 120-140 ms under load. In a fresh
+    a full garbage collection that walked them all stalled every request for over 100 ms under load. In a fresh
     interpreter, so this test process is not frozen itself."""
-    code = ("import gc, sys\n"
+    code = ("import gc\n"
             "from fastapi.testclient import TestClient\n"
             "from service.app import create_app\n"
             "from service.settings import Settings\n"
