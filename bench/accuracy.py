@@ -8,6 +8,7 @@ items, history items kept as candidates, pessimistic ties (model/evaluate.py).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -19,21 +20,20 @@ from typing import Any
 
 import torch
 
-from model import ModelConfig, build_model
+from model import MODELS, ModelConfig
 from model.data import DEFAULT_MAX_LEN, load, split
 from model.evaluate import evaluate, evaluate_popularity
-from model.train import DEFAULT_DROPOUT, set_threads, train
+from model.train import hyper, set_threads, train
 
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
-MODEL_NAMES = ("holomamba", "sasrec", "gru4rec", "elastic")
 
 
 def model_config(name: str, **kw: Any) -> ModelConfig:
-    """A table row name to its config: a registered model, or holomamba-bG for temporal bundling with g = G."""
-    base, _, bundle = name.partition("-b")
-    if base == "holomamba" and bundle.isdigit():
-        return ModelConfig(model=base, bundle=int(bundle), **kw)
-    return ModelConfig(model=name, **kw)
+    """A table row name to its config: a registered model, optionally with integer config fields
+    after a colon, e.g. `holomamba:bundle=2` (temporal bundling) or `holomamba:ffn_mult=0,d_state=8`."""
+    base, _, fields = name.partition(":")
+    over = {k: int(v) for k, v in (f.split("=") for f in fields.split(",") if f)}
+    return ModelConfig(model=base, **kw | over)
 
 
 @torch.no_grad()
@@ -48,21 +48,6 @@ def step_ms(model: torch.nn.Module, batch: int = 1, steps: int = 200) -> float:
     for i in range(20, steps + 20):
         _, state = model.step(items[i], state)
     return (time.perf_counter() - t) / steps * 1e3
-
-
-def available_models() -> list[str]:
-    """The names build_model accepts right now (baselines appear as their modules land)."""
-    names = []
-    for name in MODEL_NAMES:
-        try:
-            build_model(ModelConfig(model=name, n_items=4, d_model=8, max_len=4))
-        except ValueError as e:
-            if "unknown model" in str(e):
-                continue
-        except Exception:  # registered, just unhappy with this toy config; training will tell
-            pass
-        names.append(name)
-    return names
 
 
 def hardware(device: str) -> dict[str, Any]:
@@ -94,52 +79,89 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (model, seed) run is written to the JSON as soon as it ends; a rerun of the same command
+    skips the runs already there with the same settings, so a long job cut off carries on."""
     set_threads()
     t0 = time.perf_counter()
     quick = getattr(args, "quick", False)
-    data = args.data or "synthetic"
+    ds = load(args.data or "synthetic")
     epochs, seeds = (min(args.epochs, 2), 1) if quick else (args.epochs, args.seeds)
-    ds = load(data)
     max_len = getattr(args, "max_len", None) or DEFAULT_MAX_LEN[ds.kind]
-    models = getattr(args, "models", None) or available_models()
+    models = getattr(args, "models", None) or list(MODELS)
     if isinstance(models, str):
         models = [m for m in models.split(",") if m]
     d_model = 32 if quick else 64
-    lr, batch_size = getattr(args, "lr", 1e-3), getattr(args, "batch_size", 128)
-    print(f"bench accuracy: {ds.summary()}; models {models}, {seeds} seed(s), {epochs} epochs, max_len {max_len}, lr {lr}, batch {batch_size}")
-
-    test_h, test_t = split(ds, max_len).eval_set("test")
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for name in models:
-        for seed in range(seeds):
-            cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=DEFAULT_DROPOUT[ds.kind])
-            ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=args.device, progress=False)
-            print(f"  {name} seed {seed}: test NDCG@10 {rep['test']['NDCG@10']:.4f} HR@10 {rep['test']['HR@10']:.4f} "
-                  f"(best epoch {rep['best_epoch']}/{rep['epochs_run']}, {rep['train_seconds']:.0f} s)")
-            runs.setdefault(name, []).append({"seed": seed, "test": rep["test"], "valid": rep["valid"], "best_epoch": rep["best_epoch"],
-                                              "epochs_run": rep["epochs_run"], "train_seconds": rep["train_seconds"],
-                                              "test_seen_excluded": evaluate(ckpt.model, test_h, test_t, exclude_seen=True, device=args.device),
-                                              "step_ms_b1": step_ms(ckpt.model)})
-    popularity = evaluate_popularity(ds.train_counts(), test_h, test_t)
-
-    summary = {name: {m: _mean_std([r["test"][m] for r in rs]) for m in METRICS} | {"train_seconds": _mean_std([r["train_seconds"] for r in rs]),
-                                                                  "step_ms_b1": _mean_std([r["step_ms_b1"] for r in rs]),
-                                                                  "NDCG@10 seen excluded": _mean_std([r["test_seen_excluded"]["NDCG@10"] for r in rs])}
-               for name, rs in runs.items()}
-    result = {
-        "bench": "accuracy", "command": command(), "dataset": ds.name, "data": ds.source, "summary_line": ds.summary(),
-        "protocol": "leave-one-out; full ranking over all items; history items kept; ties count against the target",
-        "epochs": epochs, "seeds": seeds, "max_len": max_len, "d_model": d_model, "dropout": DEFAULT_DROPOUT[ds.kind], "lr": lr, "batch_size": batch_size,
-        "hardware": hardware(args.device), "runs": runs, "summary": summary, "popularity": popularity,
-        "wall_seconds": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    }
+    batch_size, patience = getattr(args, "batch_size", 128), getattr(args, "patience", 10)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"accuracy_{ds.name}_{epochs}ep"  # one file per budget: 10 epochs (the paper's) and to convergence
+    stem = out / f"accuracy_{ds.name}_{epochs}ep"  # one file per budget: 10 epochs and to convergence
+    result: dict[str, Any] = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    runs: dict[str, list[dict[str, Any]]] = result.get("runs", {})
+    t0 -= result.get("wall_seconds", 0.0)  # a resumed job's wall time includes the earlier runs'
+    result.update({
+        "bench": "accuracy", "dataset": ds.name, "data": ds.source, "summary_line": ds.summary(),
+        "protocol": "leave-one-out; full ranking over all items; history items kept; ties count against the target",
+        "epochs": epochs, "patience": patience, "seeds": seeds, "max_len": max_len, "d_model": d_model, "batch_size": batch_size,
+        "hardware": hardware(args.device), "popularity": result.get("popularity") or evaluate_popularity(ds.train_counts(), *split(ds, max_len).eval_set("test")),
+    })
+    result.setdefault("commands", [])
+    if command() not in result["commands"]:
+        result["commands"].append(command())
+    print(f"bench accuracy: {ds.summary()}; models {models}, {seeds} seed(s), up to {epochs} epochs (patience {patience}), max_len {max_len}, batch {batch_size}")
+
+    test_h, test_t = split(ds, max_len).eval_set("test")
+    for name in models:
+        h = hyper(name.partition(":")[0], ds.kind)
+        lr = args.lr if getattr(args, "lr", None) is not None else h["lr"]
+        dropout = args.dropout if getattr(args, "dropout", None) is not None else h["dropout"]
+        settings = {"lr": lr, "dropout": dropout, "epochs": epochs, "patience": patience, "max_len": max_len, "d_model": d_model, "batch_size": batch_size}
+        for seed in range(seeds):
+            done = [r for r in runs.get(name, []) if r["seed"] == seed and r.get("settings") == settings]
+            if done:
+                print(f"  {name} seed {seed}: already in {stem}.json, skipped")
+                continue
+            cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout)
+            ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience, device=args.device, progress=False)
+            print(f"  {name} seed {seed}: test NDCG@10 {rep['test']['NDCG@10']:.4f} HR@10 {rep['test']['HR@10']:.4f} "
+                  f"(valid {rep['valid']['NDCG@10']:.4f}; best epoch {rep['best_epoch']}/{rep['epochs_run']}, {rep['train_seconds']:.0f} s)", flush=True)
+            runs[name] = [r for r in runs.get(name, []) if r["seed"] != seed] + [{
+                "seed": seed, "settings": settings, "test": rep["test"], "valid": rep["valid"], "best_epoch": rep["best_epoch"],
+                "epochs_run": rep["epochs_run"], "train_seconds": rep["train_seconds"],
+                "valid_curve": [round(e["valid"]["NDCG@10"], 5) for e in rep["history"]],
+                "test_seen_excluded": evaluate(ckpt.model, test_h, test_t, exclude_seen=True, device=args.device),
+                "step_ms_b1": step_ms(ckpt.model)}]
+            _write(stem, result | {"runs": runs}, t0)
+    return _write(stem, result | {"runs": runs}, t0)
+
+
+def _write(stem: Path, result: dict[str, Any], t0: float) -> dict[str, Any]:
+    """Merge `result`'s runs into the JSON on disk (another process may be filling other rows of the
+    same table), summarise every run and write the JSON and markdown, under a lock."""
+    with open(stem.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = stem.with_suffix(".json")
+        on_disk = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
+        for name, rs in result["runs"].items():
+            key = {(r["seed"], json.dumps(r.get("settings"), sort_keys=True)) for r in rs}
+            on_disk[name] = [r for r in on_disk.get(name, []) if (r["seed"], json.dumps(r.get("settings"), sort_keys=True)) not in key] + rs
+        result["runs"] = runs = {name: sorted(rs, key=lambda r: r["seed"]) for name, rs in on_disk.items()}
+        _summarise(stem, result, t0)
+    return result
+
+
+def _summarise(stem: Path, result: dict[str, Any], t0: float) -> None:
+    runs = result["runs"]
+    result["summary"] = {name: {m: _mean_std([r["test"][m] for r in rs]) for m in METRICS}
+                         | {"train_seconds": _mean_std([r["train_seconds"] for r in rs]),
+                            "step_ms_b1": _mean_std([r["step_ms_b1"] for r in rs]),
+                            "NDCG@10 seen excluded": _mean_std([r["test_seen_excluded"]["NDCG@10"] for r in rs]),
+                            "valid NDCG@10": _mean_std([r["valid"]["NDCG@10"] for r in rs])}
+                         for name, rs in runs.items() if rs}
+    result["wall_seconds"] = time.perf_counter() - t0
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text(_markdown(result))
     print(f"wrote {stem}.md and {stem}.json")
-    return result
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -148,29 +170,37 @@ def _markdown(r: dict[str, Any]) -> str:
         f"# Accuracy on {r['dataset']}",
         "",
         f"{r['summary_line']}. {r['protocol']}.",
-        f"Test split; mean ± std over {r['seeds']} seed(s); up to {r['epochs']} epochs (early stopping on validation NDCG@10), "
-        f"max_len {r['max_len']}, d_model {r['d_model']}, dropout {r['dropout']}, AdamW lr {r['lr']}, batch {r['batch_size']}.",
+        f"Test split; mean ± std over the seeds run; up to {r['epochs']} epochs, early stopping after {r.get('patience', 5)} epochs "
+        f"without a better validation NDCG@10 (the best epoch's weights kept); max_len {r['max_len']}, d_model {r['d_model']}, "
+        f"AdamW, batch {r['batch_size']}; lr and dropout per model (columns).",
         "",
-        "| model | " + " | ".join(METRICS) + " | NDCG@10, seen excluded | train s | step ms (b=1) | best epoch / run |",
-        "|---|" + "---|" * (len(METRICS) + 4),
+        "| model | " + " | ".join(METRICS) + " | valid NDCG@10 | NDCG@10, seen excluded | lr | dropout | train s | step ms (b=1) | seeds | best epoch / run |",
+        "|---|" + "---|" * (len(METRICS) + 8),
     ]
     for name, s in r["summary"].items():
+        rs = r["runs"][name]
         cells = [f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in METRICS]
-        epochs = ", ".join(f"{x['best_epoch']}/{x['epochs_run']}" for x in r["runs"][name])
-        excl = s.get("NDCG@10 seen excluded")
-        cells.append(f"{excl[0]:.4f} ± {excl[1]:.4f}" if excl else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['train_seconds'][0]:.0f} ± {s['train_seconds'][1]:.0f} | {s.get('step_ms_b1', (float('nan'), 0))[0]:.2f} | {epochs} |")
-    lines.append("| popularity | " + " | ".join(f"{r['popularity'][m]:.4f}" for m in METRICS) + " | - | - | - | - |")
+        for key in ("valid NDCG@10", "NDCG@10 seen excluded"):
+            cells.append(f"{s[key][0]:.4f} ± {s[key][1]:.4f}" if key in s else "-")
+        st = rs[0].get("settings", {"lr": r.get("lr", "-"), "dropout": r.get("dropout", "-")})
+        epochs = ", ".join(f"{x['best_epoch']}/{x['epochs_run']}" for x in rs)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {st['lr']} | {st['dropout']} | {s['train_seconds'][0]:.0f} ± {s['train_seconds'][1]:.0f} "
+                     f"| {s['step_ms_b1'][0]:.2f} | {len(rs)} | {epochs} |")
+    lines.append("| popularity | " + " | ".join(f"{r['popularity'][m]:.4f}" for m in METRICS) + " | - | - | - | - | - | - | - | - |")
+    commands = r.get("commands") or [r.get("command", "")]
     lines += [
         "",
+        "HoloMambaRec reads item attributes (bound to the item by circular convolution); SASRec, GRU4Rec and ELASTIC are ID-only. "
+        "ELASTIC is ELASTIC-style: our reconstruction from the paper's abstract. "
+        "holomamba:bundle=G is HoloMambaRec with temporal bundling: G items bound to slot roles per SSM step; "
+        "other `model:field=value` rows change one config field (an ablation). "
         "NDCG@10, seen excluded: the same checkpoint ranked with the user's history items removed (the target kept). "
-        "holomamba-bG is HoloMambaRec with temporal bundling: G items bound to slot roles per SSM step. "
         "step ms: one serving `step` for one user (eval mode, CPU), mean of 200 after a warm-up; SASRec's step re-runs its window.",
         "",
         "A best epoch equal to the epochs run means validation NDCG@10 was still rising: that model is under-trained "
         "at this budget, and the table compares budgets as much as models.",
         "",
-        f"Command: `{r['command']}`",
+        "Command(s), rerun to resume: " + "; ".join(f"`{c}`" for c in commands),
         f"Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['torch_threads']} torch threads, device {hw['device']}"
         + (f" ({hw['gpu']})" if "gpu" in hw else "") + f"; torch {hw['torch']}; load average {hw.get('load_average_at_start', float('nan')):.1f} at start.",
         f"Wall time: {r['wall_seconds']:.0f} s, finished {r['finished']}.",

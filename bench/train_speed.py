@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from bench.accuracy import available_models, command, hardware
+from bench.accuracy import command, hardware
+from model import MODELS
 from model.train import set_threads
 
 LENGTHS, QUICK_LENGTHS = (50, 200, 1000, 5000), (50, 200)
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = getattr(args, "quick", False)
     lengths, positions, steps = (QUICK_LENGTHS, QUICK_POSITIONS, 1) if quick else (LENGTHS, POSITIONS, 3)
     d_model = 64
-    models = getattr(args, "models", None) or available_models()
+    models = getattr(args, "models", None) or list(MODELS)
     if isinstance(models, str):
         models = [m for m in models.split(",") if m]
     rows: list[dict[str, Any]] = []

@@ -1,4 +1,9 @@
-"""HoloMambaRec: HRR item+attribute encoder -> dropout -> N selective SSM blocks -> norm, tied scoring.
+"""HoloMambaRec: HRR item+attribute encoder -> dropout -> N x (selective SSM block, feed-forward) -> norm, tied scoring.
+
+Each layer is two pre-norm residual sublayers, as Mamba4Rec (arXiv 2403.03900) wraps its Mamba
+layers: the selective SSM mixes along time, then a point-wise feed-forward network (GELU) mixes
+channels; dropout on each sublayer's output before the residual. The feed-forward has no state,
+so serving's `step` applies it to the one position as `forward` does to every position.
 
 Shape letters: b batch, l length, d model dim, v items + 1, e inner dim, n state dim, k conv width,
 g bundle (items per SSM step), L groups (ceil(l / g)).
@@ -30,13 +35,27 @@ from model.protocol import ModelConfig, SeqRecModel, State
 from model.ssm import SelectiveSSM
 
 
+class FeedForward(nn.Module):
+    """x + dropout(W2 dropout(GELU(W1 LN(x)))): point-wise, so the same on a sequence and on one step."""
+
+    def __init__(self, d: int, mult: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, mult * d), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mult * d, d), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., d)
+        return x + self.net(x)
+
+
 class HoloMambaRec(SeqRecModel):
     def __init__(self, config: ModelConfig, item_attrs: Tensor | None = None) -> None:
         super().__init__(config, item_attrs)
         c = config
         self.encoder = ItemEncoder(c.n_items, c.n_attrs, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        self.layers = nn.ModuleList(SelectiveSSM(c.d_model, c.d_state, c.expand, c.d_conv) for _ in range(c.n_layers))
+        self.layers = nn.ModuleList(SelectiveSSM(c.d_model, c.d_state, c.expand, c.d_conv, c.dropout) for _ in range(c.n_layers))
+        ffn = (lambda: FeedForward(c.d_model, c.ffn_mult, c.dropout)) if c.ffn_mult > 0 else nn.Identity
+        self.ffns = nn.ModuleList(ffn() for _ in range(c.n_layers))
         self.norm = nn.LayerNorm(c.d_model)
         if c.bundle < 1:
             raise ValueError(f"bundle must be >= 1, got {c.bundle}")
@@ -60,8 +79,8 @@ class HoloMambaRec(SeqRecModel):
             return self._forward_bundled(items)
         mask = items > 0  # (b, l)
         x = self.drop(self.embed(items))  # (b, l, d)
-        for layer in self.layers:
-            x = layer(x, mask)
+        for layer, ffn in zip(self.layers, self.ffns):
+            x = ffn(layer(x, mask))  # (b, l, d)
         return self.norm(x)
 
     def init_state(self, batch_size: int) -> State:
@@ -77,8 +96,9 @@ class HoloMambaRec(SeqRecModel):
             return self._step_bundled(items, state)
         x = self.drop(self.embed(items))  # (b, d)
         new: State = {}
-        for i, layer in enumerate(self.layers):
+        for i, (layer, ffn) in enumerate(zip(self.layers, self.ffns)):
             x, new[f"conv{i}"], new[f"ssm{i}"] = layer.step(x, state[f"conv{i}"], state[f"ssm{i}"])
+            x = ffn(x)  # (b, d)
         return self.norm(x), new
 
     # --- temporal bundling (g > 1) -----------------------------------------------------
@@ -99,8 +119,8 @@ class HoloMambaRec(SeqRecModel):
         slots = slots[:, :-1].view(b, L, g)  # (b, L, g)
         x = self._group_input(slots)  # (b, L, g, d): x[:, j, p] = group j after p + 1 items
         gmask = slots[..., 0] > 0  # (b, L)
-        for layer in self.layers:
-            x = layer.forward_peek(x, gmask)
+        for layer, ffn in zip(self.layers, self.ffns):
+            x = ffn(layer.forward_peek(x, gmask))  # (b, L, g, d)
         x = self.norm(x).view(b, L * g, -1)  # (b, L g, d)
         out = x.gather(1, flat.clamp(max=L * g - 1)[..., None].expand(-1, -1, x.shape[-1]))  # (b, l, d)
         return out * mask[..., None]  # padding positions are zero
@@ -111,8 +131,9 @@ class HoloMambaRec(SeqRecModel):
         slots = torch.cat([pending, torch.zeros_like(pending[:, :1])], 1).scatter(1, p, items[:, None])  # (b, g)
         x = bind(self.roles, self.drop(self.embed(slots))).sum(-2) / self.g**0.5  # (b, d): slots past p are empty
         peek: State = {}
-        for i, layer in enumerate(self.layers):
+        for i, (layer, ffn) in enumerate(zip(self.layers, self.ffns)):
             x, peek[f"conv{i}"], peek[f"ssm{i}"] = layer.step(x, state[f"conv{i}"], state[f"ssm{i}"])
+            x = ffn(x)  # (b, d)
         full = ((p[:, 0] == self.g - 1) & (items > 0))  # (b,): this item completes the group: commit the peek
         new = {k: torch.where(full.view(-1, *[1] * (t.dim() - 1)), t, state[k]) for k, t in peek.items()}
         new["pending"] = torch.where(full[:, None], 0, torch.where((items > 0)[:, None], slots[:, :-1], pending))

@@ -42,9 +42,10 @@ class ModelConfig:
     d_state: int = 16
     expand: int = 2
     d_conv: int = 4
+    ffn_mult: int = 4  # holomamba: a point-wise feed-forward sublayer (d -> ffn_mult d -> d) after each SSM block; 0 = none
     bundle: int = 1  # holomamba: items bound to slot roles and bundled per SSM step (temporal bundling)
     # attention models (sasrec, elastic)
-    n_heads: int = 2
+    n_heads: int = 1  # SASRec as published: one head
     # elastic
     n_experts: int = 8  # interest experts (dispatcher slots)
     n_memory: int = 1024  # interest memory bank size

@@ -1,19 +1,22 @@
-"""SASRec (Kang & McAuley, 2018): causal self-attention over the last max_len items; the replay baseline.
+"""SASRec (Kang & McAuley, ICDM 2018) as published: causal self-attention over the last max_len items.
 
-Shape letters: b batch, l length, d model dim, h heads, e head dim (d / h), w window (max_len).
+Shape letters: b batch, l length, d model dim, w window (max_len).
 
-Positions: item s gets position p_s = (number of real items before s in the input), clamped to
-max_len - 1. Counting from the first real item means left padding never shifts a position, and
-the prefix a causal query at t sees is positioned the same whether it is the end of the input
-or the middle of a longer one. Hence:
-    forward(x)[:, t] == forward(x[:, :t + 1])[:, -1]          (causality + left-aligned positions)
-and `step` reproduces `forward` at every real position while the history fits the window.
+What follows the paper and its reference code:
+- item embeddings scaled by sqrt(d), plus a learned position embedding, then dropout;
+- positions count back from the end: in a (b, l) input, column t takes position max_len - l + t,
+  so the most recent item is always at position max_len - 1, whatever the history length
+  (training rows are left-padded to a common width, and the width never changes an output);
+- one head by default, 2 blocks; per block (reference layer-norm placement):
+      q = LN(x);  x = q + MHA(q, x, x);  x = LN(x);  x = x + FFN(x)  (point-wise, d -> d, ReLU)
+  with dropout after attention weights, inside and after the FFN; padding positions zeroed after
+  each block; a final layer norm. Dropout: 0.2 on MovieLens, 0.5 on Amazon (model/train.py).
 
 Serving: SASRec has no O(1) recurrence, so its state is the window itself,
 `{"items": (b, w) long}`, left-padded. `step` shifts the new item in and re-runs `forward` over
 the window, returning the last position: O(w^2) per event. Once a history is longer than w,
-the window holds its last w items, positioned from 0 again, exactly what training sees (the
-training rows are the last max_len items too). `step` with item 0 leaves the window unchanged.
+the window holds its last w items, exactly what training sees (the training rows are the last
+max_len items too). `step` with item 0 leaves the window unchanged.
 """
 from __future__ import annotations
 
@@ -25,24 +28,24 @@ from model.protocol import ModelConfig, SeqRecModel, State, item_embedding
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm x), then x + ffn(norm x) (point-wise, as in SASRec)."""
+    """Attention with the query normalised (keys and values are not), then a point-wise FFN."""
 
     def __init__(self, d: int, n_heads: int, dropout: float) -> None:
         super().__init__()
-        self.h = n_heads
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
+        self.h, self.p = n_heads, dropout
+        self.norm_q, self.norm_ffn = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.kv = nn.Linear(d, d), nn.Linear(d, 2 * d)
         self.proj = nn.Linear(d, d)
-        self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d, d))
-        self.drop = nn.Dropout(dropout)
-        self.p = dropout
+        self.ffn = nn.Sequential(nn.Linear(d, d), nn.Dropout(dropout), nn.ReLU(), nn.Linear(d, d), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, allowed: Tensor) -> Tensor:  # (b, l, d), (b, 1, l, l) bool -> (b, l, d)
         b, l, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, l, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)  # (b, h, l, e) each
+        xq = self.norm_q(x)  # (b, l, d)
+        q = self.q(xq).view(b, l, self.h, d // self.h).transpose(1, 2)  # (b, h, l, d / h)
+        k, v = self.kv(x).view(b, l, 2, self.h, d // self.h).permute(2, 0, 3, 1, 4)  # (b, h, l, d / h) each
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, l, d)))  # (b, l, d)
-        return x + self.drop(self.ffn(self.norm2(x)))
+        x = self.norm_ffn(xq + self.proj(a.transpose(1, 2).reshape(b, l, d)))  # (b, l, d)
+        return x + self.ffn(x)
 
 
 class SASRec(SeqRecModel):
@@ -62,15 +65,17 @@ class SASRec(SeqRecModel):
         return self.items.weight
 
     def forward(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
-        l = items.shape[1]
+        l, w = items.shape[1], self.config.max_len
+        if l > w:
+            raise ValueError(f"SASRec sees at most max_len = {w} items, got {l}")
         mask = items > 0  # (b, l)
-        pos = (mask.cumsum(1) - 1).clamp(0, self.config.max_len - 1)  # (b, l): real items before this one
-        x = self.drop((self.embed(items) + self.pos(pos)) * mask[..., None])  # (b, l, d)
+        pos = torch.arange(w - l, w, device=items.device)  # (l,): the last column is always position w - 1
+        x = self.drop((self.embed(items) * self.config.d_model**0.5 + self.pos(pos)) * mask[..., None])  # (b, l, d)
         causal = torch.ones(l, l, dtype=torch.bool, device=items.device).tril()  # (l, l): key <= query
         # a query sees real keys at or before it; padding queries also see themselves (no all-masked rows)
-        allowed = (causal & mask[:, None, :]) | torch.eye(l, dtype=torch.bool, device=items.device)  # (b, l, l)
+        allowed = ((causal & mask[:, None, :]) | torch.eye(l, dtype=torch.bool, device=items.device))[:, None]  # (b, 1, l, l)
         for block in self.blocks:
-            x = block(x, allowed[:, None])
+            x = block(x, allowed) * mask[..., None]
         return self.norm(x) * mask[..., None]  # (b, l, d); padding positions are zero
 
     def init_state(self, batch_size: int) -> State:

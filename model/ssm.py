@@ -198,8 +198,9 @@ def selective_scan(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Te
 class SelectiveSSM(nn.Module):
     """Pre-norm residual block: x + out(SSM(SiLU(conv(in_u(norm x)))) * SiLU(in_z(norm x)))."""
 
-    def __init__(self, d: int, d_state: int = 16, expand: int = 2, d_conv: int = 4) -> None:
+    def __init__(self, d: int, d_state: int = 16, expand: int = 2, d_conv: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
+        self.drop = nn.Dropout(dropout)  # on the block's output, before the residual (Mamba4Rec's placement)
         e, r = expand * d, math.ceil(d / 16)
         self.e, self.n, self.k, self.r = e, d_state, d_conv, r
         self.norm = nn.LayerNorm(d)
@@ -227,7 +228,7 @@ class SelectiveSSM(nn.Module):
         dt, B, C = self._select(u)  # (b, l, e), (b, l, n), (b, l, n)
         dt = dt * mask[..., None]  # dt = 0 on padding: exp(0) = 1 and no input, state stays 0
         y = selective_scan(dt, u, -torch.exp(self.A_log), B, C) + self.D * u  # (b, l, e)
-        return x + self.out_proj(y * F.silu(z))  # (b, l, d)
+        return x + self.drop(self.out_proj(y * F.silu(z)))  # (b, l, d)
 
     def forward_peek(self, x: Tensor, mask: Tensor) -> Tensor:  # (b, L, g, d), (b, L) bool -> (b, L, g, d)
         """Temporal bundling's training path: at each group position j, g input streams x[:, j, p].
@@ -253,7 +254,7 @@ class SelectiveSSM(nn.Module):
         h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # (b, L, e, n): state before j
         h = dA * h_prev[:, :, None] + dBu  # (b, L, g, e, n): every stream read from the committed state
         y = torch.einsum("blgen,blgn->blge", h, C) + self.D * u  # (b, L, g, e)
-        return x + self.out_proj(y * F.silu(z))  # (b, L, g, d)
+        return x + self.drop(self.out_proj(y * F.silu(z)))  # (b, L, g, d)
 
     def init_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
         """conv: the last k-1 inputs of the conv, (b, e, k-1); ssm: h, (b, e, n). Both start at zero."""
@@ -268,4 +269,4 @@ class SelectiveSSM(nn.Module):
         A = -torch.exp(self.A_log)  # (e, n)
         h = torch.exp(dt[..., None] * A) * h + (dt * u)[..., None] * B[:, None, :]  # (b, e, n)
         y = (h * C[:, None, :]).sum(-1) + self.D * u  # (b, e)
-        return x + self.out_proj(y * F.silu(z)), window[..., 1:], h
+        return x + self.drop(self.out_proj(y * F.silu(z))), window[..., 1:], h

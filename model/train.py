@@ -2,8 +2,9 @@
 
 An epoch is one pass over every training row (one row per user: inputs s[:-1], targets s[1:] of
 the user's training sequence, left-padded to max_len), so it covers every training position
-inside the window. Loss: full-softmax cross-entropy over all items (SeqRecModel.loss). AdamW,
-gradient norm clipped at 1; a non-finite loss stops training (best weights kept, reason in the
+inside the window. Loss: full-softmax cross-entropy over all items (SeqRecModel.loss). AdamW with
+weight decay on matrices and embeddings only (not biases, norms, or the SSM's A_log and D, as
+Mamba exempts them), gradient norm clipped at 1; a non-finite loss stops training (best weights kept, reason in the
 report). After each epoch: validation NDCG@10 (full ranking); the best
 epoch's weights are kept and training stops after `patience` epochs without improvement.
 Seeded: on CPU the same seed gives the same losses, bit for bit.
@@ -36,6 +37,28 @@ from model.protocol import ModelConfig
 # user has a handful of items (Amazon Beauty in S3-Rec format, and generic tables, which are most
 # often such logs), 0.5, as SASRec found for its sparse Amazon sets.
 DEFAULT_DROPOUT = {"movielens": 0.2, "synthetic": 0.2, "s3rec": 0.5, "table": 0.5}
+DEFAULT_LR = 1e-3  # SASRec's published learning rate, with batch 128
+
+# Values chosen on validation NDCG@10 only (`holorec bench accuracy --grid`), per model and dataset
+# kind; a pair not listed takes DEFAULT_LR and DEFAULT_DROPOUT.
+TUNED: dict[tuple[str, str], dict[str, float]] = {}
+
+
+def hyper(model: str, kind: str) -> dict[str, float]:
+    """The learning rate and dropout `model` trains with on a dataset of this kind by default."""
+    return {"lr": DEFAULT_LR, "dropout": DEFAULT_DROPOUT[kind]} | TUNED.get((model, kind), {})
+
+
+WEIGHT_DECAY = 0.01  # AdamW's default, on the parameters `optimizer` decays
+
+
+def optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW decaying only weight matrices and embeddings: decay pulls a norm's gain, a bias, the
+    SSM's decay rates A_log or its skip D towards zero, which is a change of model, not a prior."""
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and not name.endswith("A_log") else keep).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": keep, "weight_decay": 0.0}], lr=lr)
 
 
 def set_threads() -> None:
@@ -65,7 +88,7 @@ def train(
     sp = split(ds, config.max_len)
     config = replace(config, n_items=ds.n_items, n_attrs=ds.n_attrs, max_attrs=ds.max_attrs)
     model = build_model(config, ds.item_attr_tensor()).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = optimizer(model, lr)
     valid_h, valid_t = sp.eval_set("valid")
     n_rows = sp.inputs.shape[0]
     lengths = (sp.inputs > 0).sum(1)  # (rows,) real positions per training row
@@ -171,14 +194,16 @@ def cli_train(args: argparse.Namespace) -> None:
         ds = load(args.data, args.attributes)
     except DataError as e:
         raise SystemExit(f"holorec train: {e}") from e
+    h = hyper(args.model, ds.kind)
     config = ModelConfig(
         model=args.model,
         d_model=args.d_model,
         n_layers=args.layers,
-        dropout=args.dropout if args.dropout is not None else DEFAULT_DROPOUT[ds.kind],
+        dropout=args.dropout if args.dropout is not None else h["dropout"],
         max_len=args.max_len or DEFAULT_MAX_LEN[ds.kind],
     )
-    ckpt, report = train(ds, config, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+    lr = args.lr if args.lr is not None else h["lr"]
+    ckpt, report = train(ds, config, epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=args.seed,
                          device=args.device, patience=args.patience, out=Path(args.out))
     print(f"checkpoint: {args.out} (version {ckpt.version}; best epoch {report['best_epoch']} of {report['epochs_run']}, "
           f"{report['train_seconds']:.1f} s)")

@@ -40,10 +40,40 @@ def worst_step_gap(m, items: torch.Tensor) -> float:
     return worst
 
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", ("gru4rec", "elastic"))
 @pytest.mark.parametrize("batch,length", [(1, 1), (3, 9), (5, 40), (2, 64)])
 def test_step_reproduces_forward(name: str, batch: int, length: int) -> None:
     assert worst_step_gap(make(name), left_padded(batch, length)) < 1e-4
+
+
+@pytest.mark.parametrize("length", [1, 9, 64])
+def test_sasrec_step_is_the_user_vector_of_the_history(length: int) -> None:
+    """SASRec puts the newest item at the last position, so a step equals forward's last position
+    over the history so far (not forward's middle positions, which sit earlier in the window)."""
+    m = make("sasrec")
+    seq = left_padded(1, length, seed=5)[:, -length:].clamp(min=1)
+    with torch.no_grad():
+        state = m.init_state(1)
+        for t in range(length):
+            h, state = m.step(seq[:, t], state)
+            assert (h - m.user_vector(seq[:, : t + 1])).abs().max().item() < 1e-4
+
+
+def test_sasrec_as_published() -> None:
+    """One head, sqrt(d)-scaled item embeddings, the newest item at the last position whatever the history length."""
+    m = make("sasrec", max_len=16)
+    assert m.config.n_heads == 1 and m.blocks[0].h == 1 and len(m.blocks) == 2
+    seen: list[torch.Tensor] = []
+    m.pos.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        for length in (1, 5, 16):
+            m(torch.arange(1, length + 1)[None])
+    assert [int(p[-1]) for p in seen] == [15, 15, 15]
+    dropped: list[torch.Tensor] = []  # what enters the embedding dropout: scaled item + position
+    m.drop.register_forward_hook(lambda mod, inp, out: dropped.append(inp[0]))
+    with torch.no_grad():
+        m(torch.tensor([[3]]))
+    assert torch.allclose(dropped[0][0, 0], m.items.weight[3] * 32**0.5 + m.pos.weight[15], atol=1e-6)
 
 
 def bundled(g: int, seed: int = 0):

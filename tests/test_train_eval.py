@@ -156,9 +156,26 @@ def test_non_finite_loss_stops_training_and_says_why(monkeypatch: pytest.MonkeyP
 
 
 def test_bench_helpers() -> None:
-    from bench.accuracy import available_models
     from bench.train_speed import one
 
-    assert "holomamba" in available_models()
     row = one("holomamba", 8, 32, 1, "cpu", 16)
     assert row["batch"] == 4 and row["positions_per_step"] == 32 and row["ms_per_step"] > 0 and row["rss_peak_mb"] > 0
+
+
+def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each finished run is in the JSON with its settings and best epoch; the same command again skips it."""
+    import argparse
+
+    from bench.accuracy import run
+
+    args = argparse.Namespace(out=str(tmp_path), quick=True, data="synthetic", epochs=2, seeds=1, models="gru4rec",
+                              patience=3, device="cpu")
+    first = run(args)
+    (r,) = first["runs"]["gru4rec"]
+    assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "epochs": 2, "patience": 3, "max_len": 50, "d_model": 32, "batch_size": 128}
+    assert 0 <= r["best_epoch"] <= r["epochs_run"] == 2 and len(r["valid_curve"]) == 3
+    again = run(args)
+    assert "gru4rec seed 0: already in" in capsys.readouterr().out
+    assert again["runs"]["gru4rec"] == first["runs"]["gru4rec"]
+    md = (tmp_path / "accuracy_synthetic_2ep.md").read_text()
+    assert "| gru4rec |" in md and "ELASTIC-style" in md
