@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {name} seed {seed}: already in {stem}.json, skipped")
                 continue
             cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout)
-            ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience, device=args.device, progress=False)
+            ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience, device=args.device, progress=not quick)
             print(f"  {name} seed {seed}: test NDCG@10 {rep['test']['NDCG@10']:.4f} HR@10 {rep['test']['HR@10']:.4f} "
                   f"(valid {rep['valid']['NDCG@10']:.4f}; best epoch {rep['best_epoch']}/{rep['epochs_run']}, {rep['train_seconds']:.0f} s)", flush=True)
             runs[name] = [r for r in runs.get(name, []) if r["seed"] != seed] + [{

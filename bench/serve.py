@@ -14,9 +14,7 @@ Sections (each a key of the result JSON, a table in OUT/serve.md):
                POST /events at concurrency 32, by part (HTTP stack, Redis client, model, ...) and function
 
 The service runs as uvicorn subprocesses (service.app:app_from_env) on 127.0.0.1; the load
-generator is another process (`python -m bench.serve --loadgen SPEC`): asyncio + uvloop over raw
-keep-alive HTTP/1.1 connections, bounded by a request count and a deadline, latency measured per
-request from write to the last body byte. Checkpoints are random-weight HoloMambaRec models built
+generator is another process (bench/loadgen.py, which imports no torch). Checkpoints are random-weight HoloMambaRec models built
 on the spot (d_model 64, 2 layers, MovieLens-1M's 3,706 items and 18 genres) except the codec
 section, which needs a trained one: HOLOREC_BENCH_ML100K=DIR names a checkpoint trained by
 `holorec train --data /work/shared/data/ml-100k`; unset, one is trained here (--epochs).
@@ -33,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -46,105 +45,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.loadgen import finish as finish_load
+from bench.loadgen import loadgen
+from bench.loadgen import start as start_load
+
 ROOT = Path(__file__).resolve().parent.parent
 N_ITEMS, N_GENRES, MAX_GENRES = 3706, 18, 3  # MovieLens-1M's catalogue; genres per item drawn at random
 D_MODEL, N_LAYERS, MAX_LEN = 64, 2, 200
-
-
-# --- the load generator (runs in its own process) -------------------------------------------
-def _request_maker(spec: dict[str, Any]):
-    """A function returning the next request's bytes and its (first) user, per spec["kind"]: event | batch | recommend | livez."""
-    rng = random.Random(spec.get("seed", 0))
-    host = f"127.0.0.1:{spec['port']}"
-    users, n_users, n_items = spec.get("users"), spec.get("n_users", 10_000), spec["n_items"]
-    counter = [0]
-
-    def user() -> str:
-        if users:
-            counter[0] += 1
-            return users[counter[0] % len(users)]
-        return f"lu{rng.randrange(n_users)}"
-
-    def post(events: list[dict[str, str]]) -> tuple[bytes, str]:
-        body = json.dumps({"events": events}).encode()
-        return (f"POST /events HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode() + body, events[0]["user_id"]
-
-    def get(path: str, u: str = "") -> tuple[bytes, str]:
-        return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), u
-
-    kind = spec["kind"]
-    if kind == "event":
-        return lambda: post([{"user_id": user(), "item_id": f"i{rng.randrange(1, n_items + 1)}"}])
-    if kind == "batch":
-        return lambda: post([{"user_id": user(), "item_id": f"i{rng.randrange(1, n_items + 1)}"} for _ in range(spec["batch"])])
-    if kind == "recommend":
-        def recommend() -> tuple[bytes, str]:
-            u = user()
-            return get(f"/recommend/{u}?k=10", u)
-        return recommend
-    if kind == "livez":  # the floor: uvicorn + FastAPI answering a route that does nothing
-        return lambda: get("/livez")
-    raise ValueError(kind)
-
-
-async def _load(spec: dict[str, Any]) -> dict[str, Any]:
-    make = _request_maker(spec)
-    lat: list[float] = []
-    split = bool(spec.get("by_user"))
-    by_user: dict[str, tuple[list[float], dict[str, int]]] = {}  # when split: latencies, errors by the request's user
-    errors: dict[str, int] = {}
-    left = [spec["requests"]]
-    deadline = time.perf_counter() + spec["seconds"]
-
-    async def conn() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", spec["port"])
-        try:
-            while left[0] > 0 and time.perf_counter() < deadline:
-                left[0] -= 1
-                req, tag = make()
-                t0 = time.perf_counter()
-                writer.write(req)
-                status = int((await reader.readline()).split()[1])
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                lat.append(time.perf_counter() - t0)
-                if status != 200:
-                    errors[str(status)] = errors.get(str(status), 0) + 1
-                if split:
-                    mine = by_user.setdefault(tag, ([], {}))
-                    mine[0].append(lat[-1])
-                    if status != 200:
-                        mine[1][str(status)] = mine[1].get(str(status), 0) + 1
-        finally:
-            writer.close()
-
-    t0 = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(conn() for _ in range(spec["concurrency"]))), spec["seconds"] + 30)
-    wall = time.perf_counter() - t0
-    out = {"requests": len(lat), "seconds": wall, "errors": errors, **_percentiles(lat), "per_s": len(lat) / wall}
-    if split:
-        out["by_user"] = {u: {"requests": len(v), "errors": e, **_percentiles(v)} for u, (v, e) in by_user.items()}
-    return out
-
-
-def _percentiles(lat: list[float]) -> dict[str, float]:
-    if not lat:
-        return {"p50_ms": math.nan, "p95_ms": math.nan, "p99_ms": math.nan, "mean_ms": math.nan}
-    q = np.percentile(np.array(lat) * 1e3, [50, 95, 99])
-    return {"p50_ms": float(q[0]), "p95_ms": float(q[1]), "p99_ms": float(q[2]), "mean_ms": float(np.mean(lat) * 1e3)}
-
-
-def loadgen(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run the load generator in a fresh process and return its figures."""
-    out = subprocess.run([sys.executable, "-m", "bench.serve", "--loadgen", json.dumps(spec)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=spec["seconds"] + 60)
-    if out.returncode != 0:
-        raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # --- the service under test --------------------------------------------------------------------
@@ -558,7 +465,12 @@ PROFILE_PARTS = [("model and torch", ("/torch/", "/model/")), ("Redis client", (
 
 
 def section_profile(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str, Any]:
-    """py-spy samples of the (one-worker) service under GET /recommend and 1-event POST /events at concurrency 32."""
+    """py-spy samples of the (one-worker) service under GET /recommend and 1-event POST /events at concurrency 32.
+
+    py-spy attaches once the load generator says its load begins and is stopped (SIGINT, on which it
+    writes its samples) when the load ends: the window is the load, whatever start-up costs on a busy
+    machine. py-spy records only threads that are running, so a case with no samples means the
+    service did no work while it watched; that case is reported as absent with the reason."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         return {"skipped": "py-spy is not installed (pip install -e '.[dev]')"}
@@ -569,14 +481,21 @@ def section_profile(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dic
                  "concurrency": 4, "requests": 10 if quick else 40, "seconds": 60})
         for case, spec in [("recommend", {"kind": "recommend", "n_users": 2000}), ("event", {"kind": "event"})]:
             raw = Path(tmp) / f"{case}.txt"
-            spy_proc = subprocess.Popen([spy, "record", "-p", str(srv.proc.pid), "-d", str(seconds), "-r", "250", "-f", "raw",
-                                         "-o", str(raw), "--nonblocking", "--full-filenames"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            time.sleep(0.5)  # py-spy attached before the load starts
-            load = loadgen({**spec, "port": srv.port, "n_items": N_ITEMS, "concurrency": 32, "requests": 10**6, "seconds": seconds - 1})
-            _, err = spy_proc.communicate(timeout=seconds + 60)
-            if spy_proc.returncode != 0 or not raw.exists():
-                return {"skipped": f"py-spy failed: {err.decode()[-300:]}"}
-            out["cases"][case] = {"per_s": load["per_s"], **_profile_shares(raw.read_text())}
+            spec = {**spec, "port": srv.port, "n_items": N_ITEMS, "concurrency": 32, "requests": 10**6, "seconds": seconds}
+            load_proc = start_load(spec)
+            spy_proc = subprocess.Popen([spy, "record", "-p", str(srv.proc.pid), "-r", "250", "-f", "raw", "-o", str(raw),
+                                         "--nonblocking", "--full-filenames"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            load = finish_load(load_proc, spec)
+            spy_proc.send_signal(signal.SIGINT)
+            _, err = spy_proc.communicate(timeout=60)
+            if not raw.exists():
+                out["cases"][case] = {"per_s": load["per_s"], "absent": f"py-spy wrote nothing (exit {spy_proc.returncode}): {err.decode()[-300:]}"}
+                continue
+            shares = _profile_shares(raw.read_text())
+            if not shares["samples"]:
+                shares["absent"] = (f"py-spy caught no running thread in {load['seconds']:.1f} s of load "
+                                    f"({load['requests']} requests served): {err.decode()[-300:] or 'no message'}")
+            out["cases"][case] = {"per_s": load["per_s"], **shares}
     return out
 
 
@@ -774,8 +693,9 @@ def markdown(res: dict[str, Any]) -> str:
         if "skipped" in pf:
             lines += [f"Not measured: {pf['skipped']}.", ""]
         else:
-            cases = pf["cases"]
-            lines += [f"`py-spy record` at {pf['rate_hz']} Hz for {pf['sample_seconds']} s on the uvicorn process while the load generator "
+            lines += [f"Not measured, {c}: {v['absent']}." for c, v in pf["cases"].items() if "absent" in v] + [""]
+            cases = {c: v for c, v in pf["cases"].items() if "absent" not in v}
+            lines += [f"`py-spy record` at {pf['rate_hz']} Hz for the {pf['sample_seconds']} s of load on the uvicorn process while the load generator "
                       "runs. Each sample counts for its innermost Python frame (a torch kernel or a socket call counts for the "
                       "Python line that made it); shares are of every sample of every thread, waiting included.", "",
                       "| part | " + " | ".join(f"{c} ({_f(v['per_s'], 0)} req/s while sampled)" for c, v in cases.items()) + " |",
@@ -788,16 +708,3 @@ def markdown(res: dict[str, Any]) -> str:
                 top = "; ".join(f"`{t['function']}` {100 * t['share']:.1f}%" for t in v["top_functions"])
                 lines += [f"Top functions by own samples, {c}: {top}.", ""]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--loadgen", required=True, help="JSON spec: kind, port, n_items, concurrency, requests, seconds, ...")
-    a = p.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    print(json.dumps(asyncio.run(_load(json.loads(a.loadgen)))))

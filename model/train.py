@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -107,7 +108,7 @@ def train(
     for epoch in range(1, epochs + 1):
         model.train()
         batches = length_buckets(lengths, batch_size, shuffle)
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress or not sys.stderr.isatty(), leave=False)  # a log gets the epoch lines
         t_epoch, seen, total = time.perf_counter(), 0, 0.0
         for s, rows in enumerate(bar):
             width = int(lengths[rows].max())  # left padding beyond the longest row changes no output: cut it
@@ -136,7 +137,7 @@ def train(
         else:
             bad += 1
         if progress:
-            print(f"epoch {epoch}: loss {total / seen:.4f}, {seen / seconds:,.0f} positions/s, valid {format_metrics(valid)}{' *' if improved else ''}")
+            print(f"epoch {epoch}: loss {total / seen:.4f}, {seen / seconds:,.0f} positions/s, valid {format_metrics(valid)}{' *' if improved else ''}", flush=True)
         if bad >= patience:
             break
     model.load_state_dict(best_state)

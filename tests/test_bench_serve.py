@@ -44,9 +44,13 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
         assert bd["server_count"] == bd["redis_cas_count"] == bd["model_step_count"] == run_["event_c1"]["requests"]
         assert 0 < bd["model_step_ms"] < bd["server_ms"] < bd["client_mean_ms"] and bd["redis_get_ms"] > 0
     assert set(res["cpu"]) == {"o1", "replay", "load", "catalogue", "codec", "profile"} and "steal_pct" in res["cpu"]["load"]
-    for case in ("recommend", "event"):  # py-spy comes with the dev extra; a skipped profile would say why
+    for case in ("recommend", "event"):  # the section ran; a sampler on a shared machine may catch nothing, and then says why
         prof = res["profile"]["cases"][case]
-        assert prof["samples"] > 0 and abs(sum(prof["parts"].values()) - 1) < 1e-9 and prof["top_functions"]
+        assert prof["per_s"] > 0
+        if prof.get("absent"):
+            assert f"Not measured, {case}: {prof['absent']}" in md
+        else:
+            assert prof["samples"] > 0 and abs(sum(prof["parts"].values()) - 1) < 1e-9 and prof["top_functions"]
 
     for v in res["catalogue"]["sizes"].values():
         assert v["c1"]["errors"] == {} and v["c1"]["p50_ms"] > 0 and v["c32"]["per_s"] > 0
