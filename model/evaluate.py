@@ -60,15 +60,17 @@ def evaluate(
     *,
     ks: tuple[int, ...] = KS,
     exclude_seen: bool = False,
+    full_history: bool = False,
     batch_size: int = 256,
     device: str = "cpu",
 ) -> dict[str, float]:
-    """HR@k, NDCG@k for k in ks, and MRR; the model sees each history's last max_len items."""
+    """HR@k, NDCG@k for k in ks, and MRR; the model sees each history's last max_len items, or with
+    full_history (recurrent models only) the whole history, as the service's stored state does."""
     if len(histories) != len(targets) or not targets:
         raise ValueError(f"need one target per history and at least one user, got {len(histories)} and {len(targets)}")
     was_training = model.training
     model.eval()
-    L = model.config.max_len
+    L = max(map(len, histories)) if full_history else model.config.max_len
     # users in order of history length, each batch padded only to its longest: left padding changes no
     # output (tests/test_model_core.py), and the metrics are means, so the order does not matter
     order = sorted(range(len(targets)), key=lambda u: min(len(histories[u]), L))

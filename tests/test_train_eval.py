@@ -179,3 +179,22 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
     assert again["runs"]["gru4rec"] == first["runs"]["gru4rec"]
     md = (tmp_path / "accuracy_synthetic_2ep.md").read_text()
     assert "| gru4rec |" in md and "ELASTIC-style" in md
+
+
+def test_full_history_evaluation_reads_what_the_served_state_holds() -> None:
+    """evaluate(full_history=True) ranks with the state after the whole history (what serving holds),
+    not the last max_len items: it equals replaying every item through `step`."""
+    from model import build_model
+    from model.evaluate import metrics_from_ranks
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(model="holomamba", n_items=30, d_model=16, max_len=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    hist = [torch.randint(1, 31, (int(n),), generator=g).tolist() for n in torch.randint(6, 15, (12,), generator=g)]
+    tgt = torch.randint(1, 31, (12,), generator=g).tolist()
+    with torch.no_grad():
+        replayed = torch.stack([m.score(m.replay(h)[0][None])[0] for h in hist])  # (12, v)
+    expected = metrics_from_ranks(ranks(replayed, torch.tensor(tgt)))
+    got = evaluate(m, hist, tgt, full_history=True)
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert evaluate(m, hist, tgt) != got  # the window of 4 is a different reading
