@@ -56,6 +56,9 @@ def save(ckpt: Checkpoint, path: str | Path) -> str:
     ckpt.version = _version(w_hash, payload)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload, "weights_sha256": w_hash, "version": ckpt.version}
     (path / META).write_text(json.dumps(meta))
+    # safetensors creates its file 0600; give it the mode the JSON got from the umask, so a checkpoint
+    # trained on the host is readable when bind-mounted into the container (another uid)
+    (path / WEIGHTS).chmod((path / META).stat().st_mode & 0o777)
     return ckpt.version
 
 

@@ -108,7 +108,9 @@ def cli_evaluate(args: argparse.Namespace) -> None:
     """`holorec evaluate CHECKPOINT`: reload the checkpoint's dataset, re-split, print metrics as JSON."""
     from model.checkpoint import CheckpointError, load as load_checkpoint
     from model.data import DataError, load, split
+    from model.train import set_threads
 
+    set_threads()
     try:
         ckpt = load_checkpoint(args.checkpoint)
         data = args.data or ckpt.provenance.get("data")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,13 +123,17 @@ def test_same_seed_same_loss(trained) -> None:
 
 def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     data = "synthetic:n_users=80,n_items=30,n_attrs=3,seed=1,min_len=5,max_len=10"
-    env = {"HOLOREC_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env = {"PATH": "/usr/bin:/bin"}  # no HOLOREC_THREADS: the default must be one thread
     exe = Path(sys.executable).parent / "holorec"
     out = tmp_path / "ckpt"
     run = subprocess.run([str(exe), "train", "--data", data, "--epochs", "1", "--d-model", "16", "--max-len", "10",
-                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+                         preexec_fn=lambda: os.umask(0o022))  # the common umask, whatever the test runner's
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"checkpoint: {out}" in run.stdout
+    assert load_checkpoint(out).provenance["threads"] == 1
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert modes["model.safetensors"] == modes["checkpoint.json"] and modes["model.safetensors"] & 0o004  # readable by another uid
     test = json.loads(run.stdout[run.stdout.index("{"):])["test"]
     run = subprocess.run([str(exe), "evaluate", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
