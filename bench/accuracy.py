@@ -78,9 +78,54 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+GRID = {"lr": (5e-4, 1e-3, 2e-3), "dropout": (0.2, 0.5)}
+
+
+def tune(args: argparse.Namespace) -> dict[str, Any]:
+    """`bench accuracy --grid`: every model at every (lr, dropout) of GRID, seed 0, chosen by validation
+    NDCG@10 alone (test metrics are not recorded). Writes OUT/tune_<dataset>_<epochs>ep.json/.md; the
+    chosen values go into model/train.py's TUNED by hand, so a default changes in a reviewed commit.
+    Resumable like `run`: finished (model, lr, dropout) runs are skipped."""
+    set_threads()
+    ds = load(args.data or "synthetic")
+    max_len = getattr(args, "max_len", None) or DEFAULT_MAX_LEN[ds.kind]
+    models = [m for m in (getattr(args, "models", None) or ",".join(MODELS)).split(",") if m]
+    path = Path(args.out) / f"tune_{ds.name}_{args.epochs}ep.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    res = json.loads(path.read_text()) if path.exists() else {"dataset": ds.name, "max_len": max_len, "epochs": args.epochs,
+                                                              "patience": args.patience, "grid": GRID, "runs": {}}
+    for name in models:
+        for lr in GRID["lr"]:
+            for dropout in GRID["dropout"]:
+                key = f"{name} lr={lr} dropout={dropout}"
+                if key in res["runs"]:
+                    continue
+                cfg = model_config(name, d_model=64, max_len=max_len, dropout=dropout)
+                _, rep = train(ds, cfg, epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=0, patience=args.patience,
+                               device=args.device, progress=True)
+                res["runs"][key] = {"model": name, "lr": lr, "dropout": dropout, "valid NDCG@10": rep["valid"]["NDCG@10"],
+                                    "best_epoch": rep["best_epoch"], "epochs_run": rep["epochs_run"]}
+                path.write_text(json.dumps(res, indent=2))
+    res["chosen"] = {}
+    for name in models:
+        mine = [r for r in res["runs"].values() if r["model"] == name]
+        if len(mine) == len(GRID["lr"]) * len(GRID["dropout"]):
+            best = max(mine, key=lambda r: r["valid NDCG@10"])
+            res["chosen"][name] = {"lr": best["lr"], "dropout": best["dropout"]}
+    path.write_text(json.dumps(res, indent=2))
+    lines = [f"# Tuning on {ds.name}: validation NDCG@10 (seed 0, up to {args.epochs} epochs, patience {args.patience})", "",
+             "| model | lr | dropout | valid NDCG@10 | best epoch / run |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['lr']} | {r['dropout']} | {r['valid NDCG@10']:.4f} | {r['best_epoch']}/{r['epochs_run']} |" for r in res["runs"].values()]
+    lines += ["", "Chosen (highest validation NDCG@10): " + "; ".join(f"{m}: lr {c['lr']}, dropout {c['dropout']}" for m, c in res["chosen"].items()), ""]
+    path.with_suffix(".md").write_text("\n".join(lines))
+    return res
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every (model, seed) run is written to the JSON as soon as it ends; a rerun of the same command
     skips the runs already there with the same settings, so a long job cut off carries on."""
+    if getattr(args, "grid", False):
+        return tune(args)
     set_threads()
     t0 = time.perf_counter()
     quick = getattr(args, "quick", False)

@@ -203,3 +203,17 @@ def test_full_history_evaluation_reads_what_the_served_state_holds() -> None:
     got = evaluate(m, hist, tgt, full_history=True)
     assert got == pytest.approx(expected, abs=1e-9)
     assert evaluate(m, hist, tgt) != got  # the window of 4 is a different reading
+
+
+def test_bench_accuracy_grid_chooses_on_validation_only(tmp_path: Path) -> None:
+    import argparse
+
+    from bench.accuracy import GRID, run
+
+    args = argparse.Namespace(out=str(tmp_path), grid=True, data="synthetic:n_users=60,n_items=30,seed=2", epochs=1,
+                              models="gru4rec", patience=1, batch_size=64, device="cpu")
+    res = run(args)
+    assert len(res["runs"]) == len(GRID["lr"]) * len(GRID["dropout"])
+    assert not any("test" in k for r in res["runs"].values() for k in r)  # the test split plays no part
+    best = max(res["runs"].values(), key=lambda r: r["valid NDCG@10"])
+    assert res["chosen"]["gru4rec"] == {"lr": best["lr"], "dropout": best["dropout"]}
