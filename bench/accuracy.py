@@ -83,14 +83,14 @@ GRID = {"lr": (5e-4, 1e-3, 2e-3), "dropout": (0.2, 0.5)}
 
 def tune(args: argparse.Namespace) -> dict[str, Any]:
     """`bench accuracy --grid`: every model at every (lr, dropout) of GRID, seed 0, chosen by validation
-    NDCG@10 alone (test metrics are not recorded). Writes OUT/tune_<dataset>_<epochs>ep.json/.md; the
+    NDCG@10 alone (test metrics are not recorded). Writes OUT/tune_<dataset>_<models>_<epochs>ep.json/.md; the
     chosen values go into model/train.py's TUNED by hand, so a default changes in a reviewed commit.
     Resumable like `run`: finished (model, lr, dropout) runs are skipped."""
     set_threads()
     ds = load(args.data or "synthetic")
     max_len = getattr(args, "max_len", None) or DEFAULT_MAX_LEN[ds.kind]
     models = [m for m in (getattr(args, "models", None) or ",".join(MODELS)).split(",") if m]
-    path = Path(args.out) / f"tune_{ds.name}_{args.epochs}ep.json"
+    path = Path(args.out) / f"tune_{ds.name}_{'-'.join(models)}_{args.epochs}ep.json"  # one file per process
     path.parent.mkdir(parents=True, exist_ok=True)
     res = json.loads(path.read_text()) if path.exists() else {"dataset": ds.name, "max_len": max_len, "epochs": args.epochs,
                                                               "patience": args.patience, "grid": GRID, "runs": {}}
@@ -155,11 +155,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"bench accuracy: {ds.summary()}; models {models}, {seeds} seed(s), up to {epochs} epochs (patience {patience}), max_len {max_len}, batch {batch_size}")
 
     test_h, test_t = split(ds, max_len).eval_set("test")
+    settings_of: dict[str, dict[str, Any]] = {}  # this command's settings per row: runs at other settings are dropped
     for name in models:
         h = hyper(name.partition(":")[0], ds.kind)
         lr = args.lr if getattr(args, "lr", None) is not None else h["lr"]
         dropout = args.dropout if getattr(args, "dropout", None) is not None else h["dropout"]
         settings = {"lr": lr, "dropout": dropout, "epochs": epochs, "patience": patience, "max_len": max_len, "d_model": d_model, "batch_size": batch_size}
+        settings_of[name] = settings
         for seed in range(seeds):
             done = [r for r in runs.get(name, []) if r["seed"] == seed and r.get("settings") == settings]
             if done:
@@ -176,20 +178,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "test_seen_excluded": evaluate(ckpt.model, test_h, test_t, exclude_seen=True, device=args.device),
                 "test_full_history": None if name.startswith("sasrec") else evaluate(ckpt.model, test_h, test_t, full_history=True, device=args.device),
                 "step_ms_b1": step_ms(ckpt.model)}]
-            _write(stem, result | {"runs": runs}, t0)
-    return _write(stem, result | {"runs": runs}, t0)
+            _write(stem, result | {"runs": runs}, t0, settings_of)
+    return _write(stem, result | {"runs": runs}, t0, settings_of)
 
 
-def _write(stem: Path, result: dict[str, Any], t0: float) -> dict[str, Any]:
+def _write(stem: Path, result: dict[str, Any], t0: float, settings_of: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Merge `result`'s runs into the JSON on disk (another process may be filling other rows of the
     same table), summarise every run and write the JSON and markdown, under a lock."""
     with open(stem.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = stem.with_suffix(".json")
         on_disk = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
-        for name, rs in result["runs"].items():
-            key = {(r["seed"], json.dumps(r.get("settings"), sort_keys=True)) for r in rs}
-            on_disk[name] = [r for r in on_disk.get(name, []) if (r["seed"], json.dumps(r.get("settings"), sort_keys=True)) not in key] + rs
+        for name, settings in settings_of.items():  # a row is one model at one set of settings: runs at others are replaced
+            mine = [r for r in result["runs"].get(name, []) if r.get("settings") == settings]
+            seeds = {r["seed"] for r in mine}
+            on_disk[name] = [r for r in on_disk.get(name, []) if r.get("settings") == settings and r["seed"] not in seeds] + mine
         result["runs"] = runs = {name: sorted(rs, key=lambda r: r["seed"]) for name, rs in on_disk.items()}
         _summarise(stem, result, t0)
     return result
