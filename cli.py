@@ -1,4 +1,4 @@
-"""`holorec`: the one command. train, evaluate, serve, data, bench.
+"""`holorec`: the one command. train, evaluate, serve, warm, consume, data, bench.
 
 Each subcommand only parses arguments and calls a plain function in model/, service/ or bench/,
 imported lazily so `holorec --help` is instant.
@@ -28,16 +28,21 @@ def _data(a: argparse.Namespace) -> None:
 
 
 def _serve(a: argparse.Namespace) -> None:
-    from pydantic import ValidationError
-
     from service.app import serve
-    from service.settings import Settings
 
-    try:
-        workers = a.workers or Settings().workers
-    except ValidationError as e:
-        sys.exit(f"holorec serve: invalid HOLOREC_* setting: {e}")
-    serve(a.checkpoint, host=a.host, port=a.port, workers=workers)
+    serve(a.checkpoint, host=a.host, port=a.port, workers=a.workers)
+
+
+def _warm(a: argparse.Namespace) -> None:
+    from service.warm import cli_warm
+
+    cli_warm(a)
+
+
+def _consume(a: argparse.Namespace) -> None:
+    from service.consume import cli_consume
+
+    cli_consume(a)
 
 
 def _bench(a: argparse.Namespace) -> None:
@@ -87,8 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="uvicorn worker processes (default: HOLOREC_WORKERS, else 1)")
     s.set_defaults(func=_serve)
 
+    w = sub.add_parser("warm", help="write every user's state from a log into the store (HOLOREC_REDIS_URL)")
+    w.add_argument("--checkpoint", required=True)
+    w.add_argument("--data", help="the log, in any format `holorec train` reads")
+    w.add_argument("--attributes", help="item -> attributes file for a CSV/Parquet log")
+    w.add_argument("--overwrite", action="store_true", help="also rewrite users who already have a state")
+    w.add_argument("--rewarm", action="store_true", help="first re-warm every stored state another checkpoint wrote")
+    w.set_defaults(func=_warm)
+
+    c = sub.add_parser("consume", help="apply a Redis Stream's events through a consumer group (exactly-once effect)")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--stream", required=True, help="the stream's key")
+    c.add_argument("--group", required=True, help="consumer group; processes with the same group share the stream")
+    c.add_argument("--consumer", help="this consumer's name in the group (default: host-pid)")
+    c.add_argument("--dead-letter", help="stream for entries that cannot be applied (default: STREAM:dead)")
+    c.add_argument("--new-only", action="store_true", help="a new group starts at entries added from now, not the first")
+    c.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    c.add_argument("--metrics-host", default="127.0.0.1")
+    c.set_defaults(func=_consume)
+
     b = sub.add_parser("bench", help="benchmarks; results go to bench/results/")
-    b.add_argument("which", choices=["step", "accuracy", "train", "serve", "faults", "all"])
+    b.add_argument("which", choices=["step", "accuracy", "train", "serve", "faults", "warm", "all"])
     b.add_argument("--out", default="bench/results")
     b.add_argument("--quick", action="store_true", help="a small, fast version (for smoke tests)")
     b.add_argument("--data", help="dataset for `bench accuracy`")
@@ -100,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lr", type=float, help="`bench accuracy`: learning rate (default per model and dataset)")
     b.add_argument("--dropout", type=float, help="`bench accuracy`: dropout (default per model and dataset)")
     b.add_argument("--patience", type=int, default=10, help="`bench accuracy`: early stopping on validation NDCG@10")
+    b.add_argument("--grid", action="store_true", help="`bench accuracy`: choose lr and dropout per model on validation NDCG@10")
     b.add_argument("--device", default="cpu")
     b.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     b.set_defaults(func=_bench)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-MODULES = {"step": "bench.step", "accuracy": "bench.accuracy", "train": "bench.train_speed", "serve": "bench.serve", "faults": "bench.faults"}
+MODULES = {"step": "bench.step", "accuracy": "bench.accuracy", "train": "bench.train_speed", "serve": "bench.serve", "faults": "bench.faults", "warm": "bench.ingest"}
 
 
 def run(args: argparse.Namespace) -> None:

@@ -209,7 +209,7 @@ def section_replay(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[str,
     models = ["holomamba"] + (["sasrec"] if _sasrec_available() else [])
     r = redis.Redis.from_url(redis_url)
     rng = random.Random(2)
-    threads = Settings.model_fields["torch_threads"].default  # both designs get what a service worker runs with
+    threads = Settings.model_fields["threads"].default  # both designs get what a service worker runs with
     torch.set_num_threads(threads)  # the driver puts the default back after each section
     out: dict[str, Any] = {"max_len": {}, "models": models, "requests": n_req, "torch_threads": threads}
     for L in lens:
@@ -625,7 +625,7 @@ def markdown(res: dict[str, Any]) -> str:
                   "Naive: the history in a Redis list; per GET, LRANGE the last max_len items, run the model's forward over them, "
                   "score, top-10. holorec: per GET, GET the record, decode, score its stored user vector, top-10 (Engine.recommend). "
                   f"Median of {rp['requests']} requests each (1000-long windows: a quarter as many); torch threads: "
-                  f"{rp['torch_threads']} for both, as a service worker runs (HOLOREC_TORCH_THREADS).", "",
+                  f"{rp['torch_threads']} for both, as a service worker runs (HOLOREC_THREADS).", "",
                   "| max_len | holorec stored state ms | of which the Redis GET | " + " | ".join(f"naive {m} ms | {m} / stored" for m in rp["models"]) + " |",
                   "|---:|---:|---:|" + "---:|---:|" * len(rp["models"])]
         for L, v in rp["max_len"].items():

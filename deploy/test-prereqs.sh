@@ -4,9 +4,17 @@
 #    Debian's redis-server first when we are root and it is missing), else say how;
 # 2. a compose client, so the compose file is checked by `docker compose config` too: when neither
 #    `docker compose` nor `docker-compose` is here and we are root on Debian, install Debian's
-#    docker-compose (it validates the file without a Docker daemon). Without it that one test skips.
+#    docker-compose (it validates the file without a Docker daemon). Without it that one test skips;
+# 3. a `prometheus` binary, so every dashboard query is run by a real Prometheus: Debian's package
+#    when we are root on Debian (only the binary is used; the test starts its own). Without it that
+#    one test skips, loudly.
 set -euo pipefail
 can_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; }
+if ! command -v prometheus >/dev/null && can_apt; then
+  echo "no prometheus: installing Debian's prometheus to check the dashboard's queries" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
+    || echo "could not install prometheus; the dashboard query test will skip" >&2
+fi
 if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null && can_apt; then
   echo "no compose client: installing Debian's docker-compose to validate docker-compose.yml" >&2
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \

@@ -54,6 +54,7 @@ class Dataset:
     kind: str = "table"  # movielens | s3rec | table | synthetic: picks defaults (max_len, dropout)
     source: str = ""  # what `load` needs to read it again (recorded in checkpoints)
     attributes_source: str | None = None
+    timestamps: list[list[float]] = field(default_factory=list)  # per user, beside sequences; empty: the format has none
 
     def __post_init__(self) -> None:
         if not self.item_attrs:
@@ -171,7 +172,7 @@ def load(path: str, attributes: str | None = None) -> Dataset:
         return synthetic(**_synthetic_params(path))
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{path}: no such file or directory (expected a MovieLens folder, NAME.txt, .csv, .parquet or 'synthetic')")
+        raise DataError(f"{path}: no such file or directory (expected a MovieLens folder, an S3-Rec NAME.txt, a .csv, .tsv or .parquet table, or 'synthetic')")
     if p.is_dir():
         if (p / "ml-1m" / "ratings.dat").is_file():  # the folder the GroupLens zip extracts to
             p = p / "ml-1m"
@@ -217,8 +218,9 @@ def _from_rows(name: str, rows: list[Row], *, kind: str, source: str) -> Dataset
     for user, item, ts in rows:
         by_user.setdefault(user, []).append((ts, item_index[item]))
     users = sorted(by_user, key=_natural)
-    seqs = [[i for _, i in sorted(by_user[u], key=lambda e: e[0])] for u in users]  # sorted() is stable
-    return Dataset(name, users, seqs, items, kind=kind, source=source)
+    ordered = [sorted(by_user[u], key=lambda e: e[0]) for u in users]  # sorted() is stable
+    return Dataset(name, users, [[i for _, i in evs] for evs in ordered], items, kind=kind, source=source,
+                   timestamps=[[t for t, _ in evs] for evs in ordered])
 
 
 def _lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
@@ -314,6 +316,7 @@ def _load_s3rec(txt: Path, attributes: Path | None) -> Dataset:
         seen.add(user)
         rows.extend((user, item, float(t)) for t, item in enumerate(parts[1:]))
     ds = _from_rows(txt.stem, rows, kind="s3rec", source=str(txt.resolve()))
+    ds.timestamps = []  # line positions stood in for them
     beside = txt.with_name(f"{txt.stem}_item2attributes.json")
     attr_file = attributes or (beside if beside.is_file() else None)
     if attr_file is not None:

@@ -30,17 +30,26 @@ class GRU4Rec(SeqRecModel):
     def item_table(self) -> Tensor:  # (v, d)
         return self.items.weight
 
-    def forward(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
+    def _run(self, items: Tensor) -> tuple[Tensor, Tensor]:  # (b, l) -> GRU outputs (b, l, d), final hidden (b, n, d)
         b, l = items.shape
         mask = items > 0  # (b, l)
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # (b, l): real items first, in order
         x = self.drop(self.embed(items.gather(1, order)))  # (b, l, d)
         lengths = mask.sum(1)  # (b,)
         packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        y, _ = self.gru(packed)
+        y, h = self.gru(packed)  # h (n, b, d): each row's hidden state after its last real item
         y, _ = pad_packed_sequence(y, batch_first=True, total_length=l)  # (b, l, d), zeros past each length
         y = torch.zeros_like(y).scatter(1, order[..., None].expand_as(y), y)  # back to the input's positions
-        return self.out(y) * mask[..., None]  # (b, l, d); padding positions are zero
+        h = torch.where((lengths > 0)[:, None, None], h.transpose(0, 1), 0.0)  # (b, n, d); no items: the initial zeros
+        return y * mask[..., None], h
+
+    def forward(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
+        return self.out(self._run(items)[0]) * (items > 0)[..., None]  # (b, l, d); padding positions are zero
+
+    def forward_state(self, items: Tensor) -> tuple[Tensor, State]:  # (b, l) left-padded -> (b, d), state
+        """nn.GRU's final hidden state of the packed sequence: one pass, no stepping."""
+        y, h = self._run(items)
+        return self.out(y[:, -1]), {"h": h}
 
     def init_state(self, batch_size: int) -> State:
         return {"h": torch.zeros(batch_size, self.config.n_layers, self.config.d_model)}

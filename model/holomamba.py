@@ -101,6 +101,18 @@ class HoloMambaRec(SeqRecModel):
             x = ffn(x)  # (b, d)
         return self.norm(x), new
 
+    def forward_state(self, items: Tensor) -> tuple[Tensor, State]:  # (b, l) left-padded -> (b, d), state
+        """The user vector and state after each row's items in one parallel pass (bundled models step)."""
+        if self.g > 1:
+            return super().forward_state(items)
+        mask = items > 0  # (b, l)
+        x = self.drop(self.embed(items))  # (b, l, d)
+        state: State = {}
+        for i, (layer, ffn) in enumerate(zip(self.layers, self.ffns)):
+            x, state[f"conv{i}"], state[f"ssm{i}"] = layer.forward_state(x, mask)
+            x = ffn(x)  # (b, l, d)
+        return self.norm(x[:, -1]), state
+
     # --- temporal bundling (g > 1) -----------------------------------------------------
     def _group_input(self, slots: Tensor) -> Tensor:  # (..., g) item per slot, 0 = empty -> (..., g, d)
         """Prefix bundles: [..., p, :] = sum_{i <= p} bind(r_i, e_i) / sqrt(g), the input after p + 1 items."""

@@ -5,6 +5,7 @@ Training, evaluation and the service only ever talk to a `SeqRecModel`:
     forward(items)        (b, l) item indices, left-padded with 0  -> (b, l, d) hidden states
     init_state(b)         the empty per-user state: dict of tensors, batch on dim 0
     step(item, state)     (b,) next item index -> ((b, d) user vector, new state)
+    forward_state(items)  (b, l) left-padded -> ((b, d) user vector, state) after each row's items
     item_table()          (n_items + 1, d) the vectors items are scored with (row 0 = padding)
     score(h)              (b, d) -> (b, n_items + 1) logits, tied to item_table
 
@@ -131,6 +132,19 @@ class SeqRecModel(nn.Module):
         logits = h[mask] @ self.item_table().T  # (n, v)
         logits[:, 0] = float("-inf")  # never predict padding
         return F.cross_entropy(logits, targets[mask])
+
+    def forward_state(self, items: Tensor) -> tuple[Tensor, State]:  # (b, l) left-padded -> (b, d), state
+        """The user vector and state `step` reaches from `init_state` over each row's items (warming users from a
+        log). Stepped here, padding skipped; a model with a parallel form (holomamba) overrides it."""
+        b = items.shape[0]
+        state, h = self.init_state(b), torch.zeros(b, self.config.d_model)
+        for t in range(items.shape[1]):
+            rows = (items[:, t] > 0).nonzero()[:, 0]  # (r,)
+            if len(rows):
+                h[rows], new = self.step(items[rows, t], {k: v[rows] for k, v in state.items()})
+                for k in state:
+                    state[k][rows] = new[k]
+        return h, state
 
     def replay(self, items: list[int], state: State | None = None) -> tuple[Tensor, State]:
         """Step one user through a history; the slow path the service avoids (used on model change)."""

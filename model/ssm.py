@@ -2,6 +2,7 @@
 
     forward(x, mask)       training: the whole (left-padded) sequence at once, chunked selective scan
     step(x_t, conv, ssm)   serving: one position, explicit state in, explicit state out
+    forward_state(x, mask) warming: `forward`, plus the state `step` would hold after the last position
 
 Shape letters: b batch, l length, d model dim, e inner dim (expand * d), n state dim,
 k conv width, r rank of the step-size projection.
@@ -195,6 +196,14 @@ def selective_scan(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Te
     return _SelectiveScan.apply(dt, u, A, B, C)
 
 
+def selective_scan_state(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """selective_scan's forward without autograd, also giving the final state h_l (b, e, n): the `step` state after
+    the sequence, from the same chunked pass (each chunk's end state is computed anyway)."""
+    dtc, xc, Bc = _chunk(dt), _chunk(dt * u), _chunk(B)  # (b, c, T, e), (b, c, T, e), (b, c, T, n)
+    h_end, y = _within_chunks(dtc, xc, Bc, A, _chunk_inputs(dtc, xc, Bc, A), _chunk(C))  # (b, c, e, n), (b, c, T, e)
+    return _unchunk(y, dt.shape[1]), h_end[:, -1]  # type: ignore[arg-type]
+
+
 class SelectiveSSM(nn.Module):
     """Pre-norm residual block: x + out(SSM(SiLU(conv(in_u(norm x)))) * SiLU(in_z(norm x)))."""
 
@@ -219,16 +228,29 @@ class SelectiveSSM(nn.Module):
         dt, B, C = self.x_proj(u).split([self.r, self.n, self.n], dim=-1)
         return F.softplus(self.dt_proj(dt)), B, C
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # (b, l, d), (b, l) bool -> (b, l, d)
+    def _inputs(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(b, l, d), (b, l) -> the conv's padded input (b, e, k-1+l), u, z, dt (b, l, e), B, C (b, l, n)."""
         l = x.shape[1]
         u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # (b, l, e) each
         u = u * mask[..., None]  # padding feeds zeros to the conv window, as init_state does
-        u = self.conv(F.pad(u.transpose(1, 2), (self.k - 1, 0)))[..., :l].transpose(1, 2)  # (b, l, e)
-        u = F.silu(u)
+        padded = F.pad(u.transpose(1, 2), (self.k - 1, 0))  # (b, e, k-1+l)
+        u = F.silu(self.conv(padded)[..., :l].transpose(1, 2))  # (b, l, e)
         dt, B, C = self._select(u)  # (b, l, e), (b, l, n), (b, l, n)
         dt = dt * mask[..., None]  # dt = 0 on padding: exp(0) = 1 and no input, state stays 0
+        return padded, u, z, dt, B, C
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # (b, l, d), (b, l) bool -> (b, l, d)
+        _, u, z, dt, B, C = self._inputs(x, mask)
         y = selective_scan(dt, u, -torch.exp(self.A_log), B, C) + self.D * u  # (b, l, e)
         return x + self.drop(self.out_proj(y * F.silu(z)))  # (b, l, d)
+
+    def forward_state(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward`, plus the state `step` holds after the last position: conv (b, e, k-1), the last k-1 inputs
+        before the conv, and h (b, e, n). One parallel pass instead of l steps (warming a user's state)."""
+        padded, u, z, dt, B, C = self._inputs(x, mask)
+        y, h = selective_scan_state(dt, u, -torch.exp(self.A_log), B, C)  # (b, l, e), (b, e, n)
+        y = y + self.D * u
+        return x + self.drop(self.out_proj(y * F.silu(z))), padded[..., x.shape[1] :], h
 
     def forward_peek(self, x: Tensor, mask: Tensor) -> Tensor:  # (b, L, g, d), (b, L) bool -> (b, L, g, d)
         """Temporal bundling's training path: at each group position j, g input streams x[:, j, p].

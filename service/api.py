@@ -49,12 +49,17 @@ async def user_id_param(request: Request, user_id: Annotated[str, Path(min_lengt
     return check_user_id(user_id, request.app.state.settings)
 
 
-def check_user_id(user_id: str, settings: Settings, where: tuple[str | int, ...] = ("path", "user_id")) -> str:
-    problem = None
+def user_id_problem(user_id: str, settings: Settings) -> str | None:
+    """Why a user id is refused, None if it is not: the API and the stream consumer refuse the same ids."""
     if len(user_id) > settings.max_user_id_len:
-        problem = f"user_id is longer than {settings.max_user_id_len} characters"
-    elif not _ID_RE.fullmatch(user_id):
-        problem = "user_id must be non-empty and free of control characters"
+        return f"user_id is longer than {settings.max_user_id_len} characters"
+    if not _ID_RE.fullmatch(user_id):
+        return "user_id must be non-empty and free of control characters"
+    return None
+
+
+def check_user_id(user_id: str, settings: Settings, where: tuple[str | int, ...] = ("path", "user_id")) -> str:
+    problem = user_id_problem(user_id, settings)
     if problem:
         raise HTTPException(422, [{"loc": list(where), "msg": problem, "type": "value_error"}])
     return user_id

@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        torch.set_num_threads(s.torch_threads)
+        torch.set_num_threads(s.threads)
         ckpt = checkpoint or load(s.checkpoint)
         engine = Engine(ckpt, make_store(s), s)
         MODEL_INFO.labels(ckpt.version, ckpt.model.config.model).set(1)
@@ -62,6 +62,9 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
         # stalled the event loop 116-138 ms every second or two (p99 of GET /recommend at c=32: 130-142 ms -> 14-16 ms).
         gc.collect()
         gc.freeze()
+        if not engine.store.ping():  # the service starts anyway and recovers when Redis answers; say so now
+            log.warning("state store %s is not answering (HOLOREC_REDIS_URL): /readyz says 503 and requests that "
+                        "need it get 503 until it does", s.redis_url.split("@")[-1] if s.redis_url else "")
         log.info("holorec ready: model %s version %s, %d items, store %s", ckpt.model.config.model, ckpt.version, len(ckpt.items), engine.store.kind)
         yield
         await app.state.event_batcher.stop()
@@ -103,7 +106,7 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
         log.exception("internal error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal error", "error": "internal"}, 500)
 
-    app.add_middleware(Timing)
+    app.add_middleware(Timing, own_pages=frozenset(p for p in (app.docs_url, app.openapi_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p))
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # outermost: refuse before anything reads
     return app
 
@@ -116,10 +119,11 @@ def _plain(error: dict) -> str:
 
 
 class Timing:
-    """Observe every request's latency by route template and status."""
+    """Observe every request's latency by route template and status. FastAPI's own pages (/docs,
+    /openapi.json, ...) carry no route in the scope: they are labelled by their path, not "unmatched"."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, own_pages: frozenset[str] = frozenset()) -> None:
+        self.app, self.own_pages = app, own_pages
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,13 +140,20 @@ class Timing:
             await self.app(scope, receive, send_status)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
+            path = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.own_pages else "unmatched")
             HTTP_LATENCY.labels(path, scope["method"], str(status)).observe(time.perf_counter() - t0)
+
+
+DRAIN_BYTES = 32 * 2**20  # a refused body is read and dropped up to this size before the 413 goes out
 
 
 class BodyLimit:
     """413 for bodies over `limit` bytes, by Content-Length or, when streamed (chunked), by reading at most
-    `limit` + 1 bytes before the app sees any: FastAPI turns any error raised while it reads a body into a 400."""
+    `limit` + 1 bytes before the app sees any: FastAPI turns any error raised while it reads a body into a 400.
+
+    The 413 is sent only after the rest of the body is read and dropped (up to DRAIN_BYTES): answering and
+    closing while the client is still sending makes common clients (curl, requests, httpx, urllib) see a
+    connection reset instead of the 413. A body declared larger than DRAIN_BYTES is refused at once."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -153,7 +164,7 @@ class BodyLimit:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._too_large(send)
+            return await self._too_large(receive if length.isdigit() and int(length) <= DRAIN_BYTES else None, send)
         if length is not None or b"transfer-encoding" not in headers:
             return await self.app(scope, receive, send)  # declared size within the limit, or no body
         chunks, seen, more = [], 0, True
@@ -165,7 +176,7 @@ class BodyLimit:
             seen += len(chunks[-1])
             more = msg.get("more_body", False)
             if seen > self.limit:
-                return await self._too_large(send)
+                return await self._too_large(receive if more else None, send, seen)
         replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replayed() -> Message:
@@ -173,8 +184,17 @@ class BodyLimit:
 
         await self.app(scope, replayed, send)
 
-    async def _too_large(self, send: Send) -> None:
-        resp = JSONResponse({"detail": f"request body larger than {self.limit} bytes", "error": "too_large"}, 413)
+    async def _too_large(self, receive: Receive | None, send: Send, seen: int = 0) -> None:
+        """413, after draining what is left of the body through `receive` (None: nothing to drain)."""
+        more = receive is not None
+        while more and seen <= DRAIN_BYTES:
+            msg = await receive()  # type: ignore[misc]
+            if msg["type"] != "http.request":
+                return  # the client went away
+            seen += len(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        resp = JSONResponse({"detail": f"request body larger than {self.limit} bytes", "error": "too_large"}, 413,
+                            headers={"Connection": "close"})
         await resp({"type": "http"}, _no_receive, send)
 
 
@@ -193,8 +213,7 @@ def app_from_env() -> FastAPI:
         log.critical("holorec cannot start: checkpoint refused: %s", e)
         sys.exit(3)
     except ValidationError as e:
-        problems = "; ".join(f"HOLOREC_{'_'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors())
-        log.critical("holorec cannot start: bad settings: %s", problems)
+        log.critical("holorec cannot start: bad settings: %s", "; ".join(setting_problems(e)))
         sys.exit(3)
     return create_app(settings, ckpt)
 
@@ -206,9 +225,34 @@ def curl_example(ckpt: Checkpoint, base: str) -> str:
     return f"curl -s -X POST {base}/events -H 'Content-Type: application/json' -d {shlex.quote(events)}"
 
 
-def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+def setting_problems(e: ValidationError) -> list[str]:
+    """One "HOLOREC_NAME: what is wrong" per bad setting."""
+    return [f"HOLOREC_{'_'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors()]
+
+
+def settings_or_exit(command: str) -> Settings:
+    """Settings from the environment, or one line per bad HOLOREC_* variable and exit 2 (no traceback)."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        for problem in setting_problems(e):
+            print(f"holorec {command}: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: int | None = None) -> None:
+    import socket
+
     import uvicorn
 
+    s = settings_or_exit("serve")
+    workers = workers or s.workers
+    try:  # a port already taken fails here, in one line, rather than after the banner and inside uvicorn
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        print(f"holorec serve: cannot listen on {host}:{port}: {os.strerror(e.errno) if e.errno else e} (choose another with --port)", file=sys.stderr)
+        sys.exit(1)
     os.environ["HOLOREC_CHECKPOINT"] = checkpoint
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="holorec-metrics-")

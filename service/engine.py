@@ -1,7 +1,8 @@
-"""What the service does, without HTTP: apply events to user records, score users, re-warm records.
+"""What the service does, without HTTP: apply events to user records, score users, warm and re-warm records.
 
-Everything here runs on the batcher's threads, a batch at a time: one pipelined read of all the
-batch's records, one batched model `step` per position, one pipelined compare-and-set write.
+Everything here runs on the batcher's threads (or `holorec warm` / `holorec consume`), a batch at a
+time: one pipelined read of all the batch's records, one batched model `step` per position (or, for a
+whole history from the empty state, one parallel forward), one pipelined compare-and-set write.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from model.checkpoint import Checkpoint
+from model.data import left_pad
 from model.state import pack, packed_size, unpack
 from service import record as rec
 from service.index import IVFIndex
@@ -24,6 +26,12 @@ from service.settings import Settings
 from service.store import StateStore, StoreUnavailable, user_key
 
 log = logging.getLogger("holorec")
+
+
+def epoch_seconds(ts: float) -> float:
+    """A timestamp sent in seconds or milliseconds since the epoch, in seconds: values from 1e11 up are
+    milliseconds (as seconds, 1e11 is the year 5138; as milliseconds, March 1973)."""
+    return ts / 1000 if ts >= 1e11 else float(ts)
 
 
 @dataclass
@@ -132,9 +140,7 @@ class Engine:
             old = self._vocab(r.model_version)
             ids = [old[i - 1] for i in r.history() if old is not None and 0 < i <= len(old)]
             histories.append([self.ckpt.item_index[x] for x in ids if x in self.ckpt.item_index][-self.max_len :])
-        state = unpack([self.empty_state] * len(records), self.template, self.s.state_codec)
-        vec = torch.zeros(len(records), self.d)
-        state, vec = self._advance(state, vec, histories)
+        state, vec = self._states(histories)
         blobs = pack(state, self.s.state_codec)
         for i, r in enumerate(records):
             if not histories[i] and r.applied:  # old vocabulary evicted (or no item kept): no state, so popularity
@@ -155,6 +161,15 @@ class Engine:
         return self.vocabs[version]
 
     # --- the model ------------------------------------------------------------------
+    @torch.inference_mode()
+    def _states(self, histories: list[list[int]]) -> tuple[dict[str, Tensor], Tensor]:
+        """State and user vector (n, d) after each history from the empty state, in one parallel forward over the
+        histories left-padded to the longest (callers batch histories of similar length)."""
+        items = left_pad(histories, max(1, max(map(len, histories), default=0)))  # (n, l)
+        vec, state = self.model.forward_state(items)
+        vec[items[:, -1] == 0] = 0  # an empty history: the zero vector of a user never stepped
+        return state, vec
+
     @torch.inference_mode()
     def _advance(self, state: dict[str, Tensor], vec: Tensor, seqs: list[list[int]]) -> tuple[dict[str, Tensor], Tensor]:
         """Step every user through their own item list; one batched step per position."""
@@ -216,7 +231,7 @@ class Engine:
                 r.push(item)
                 r.applied += 1
                 if e.timestamp is not None:
-                    r.last_event_ts = float(e.timestamp)
+                    r.last_event_ts = epoch_seconds(e.timestamp)
                 seq.append(item)
                 out.append((req, True))
             outcomes.append(out)
@@ -247,9 +262,57 @@ class Engine:
                     n_duplicate += 1
         EVENTS.labels("applied").inc(n_applied)
         EVENTS.labels("duplicate").inc(n_duplicate)
+        self._count_users(created)
+        return failed
+
+    def _count_users(self, created: int) -> None:
         if created:
             USERS_SEEN.set(self.store.incr(f"holorec:{self.s.namespace}:users", created))
-        return failed
+
+    # --- warming from a log ---------------------------------------------------------------
+    def warm(self, user_ids: list[str], histories: list[list[int]], last_ts: list[float], overwrite: bool = False) -> int:
+        """Write each user's record as if their whole history had been posted as events without ids (count, window,
+        last timestamp), the state from one parallel forward, not a step per event. A user who has a record keeps
+        it unless `overwrite`; an overwrite that loses a race re-reads and retries. -> records written."""
+        self._save_vocab()
+        blobs = self.store.get_many([self.key(u) for u in user_ids])
+        todo = [i for i, b in enumerate(blobs) if overwrite or b is None]
+        if not todo:
+            return 0
+        state, vec = self._states([histories[i] for i in todo])
+        packed = pack(state, self.s.state_codec)
+        records: dict[int, rec.Record] = {}
+        for j, i in enumerate(todo):
+            r = records[i] = self._fresh()
+            for item in histories[i][-self.max_len :]:
+                r.push(item)
+            r.applied, r.last_event_ts, r.state, r.vector = len(histories[i]), epoch_seconds(last_ts[i]), packed[j], vec[j].numpy()
+        expected = {i: 0 if blobs[i] is None else rec.stored_revision(blobs[i]) for i in todo}  # type: ignore[arg-type]
+        written = created = 0
+        for _ in range(self.s.cas_retries if overwrite else 1):
+            writes = [(self.key(user_ids[i]), expected[i], rec.encode(self._bumped(records[i], expected[i]))) for i in todo]
+            oks = self.store.cas_many(writes, self.s.state_ttl_s)
+            written += sum(oks)
+            created += sum(ok and expected[i] == 0 for i, ok in zip(todo, oks))
+            todo = [i for i, ok in zip(todo, oks) if not ok]  # without overwrite: created meanwhile, so kept
+            if not todo:
+                break
+            for i, blob in zip(todo, self.store.get_many([self.key(user_ids[i]) for i in todo])):
+                expected[i] = 0 if blob is None else rec.stored_revision(blob)
+            CAS_CONFLICTS.inc(len(todo))
+        self._count_users(created)
+        return written
+
+    def rewarm(self, user_ids: list[str]) -> int:
+        """Re-warm now the records of these users that another model or codec wrote, as their first touch would;
+        -> records rewritten."""
+        return self._write_back(user_ids, self._read(user_ids))
+
+    def _write_back(self, user_ids: list[str], loaded: list[tuple[rec.Record, int, bool]]) -> int:
+        """Store the records `_read` re-warmed or reset; losing the race means someone wrote newer state."""
+        rewrites = [(self.key(u), expected, rec.encode(self._bumped(r, expected)))
+                    for u, (r, expected, dirty) in zip(user_ids, loaded) if dirty]
+        return sum(self.store.cas_many(rewrites, self.s.state_ttl_s)) if rewrites else 0
 
     # --- recommendations ---------------------------------------------------------------
     def attribute_mask(self, name: str) -> Tensor | None:
@@ -263,10 +326,7 @@ class Engine:
 
     def recommend(self, queries: list[RecQuery]) -> list[RecResult]:
         loaded = self._read([q.user_id for q in queries])
-        rewrites = [(self.key(q.user_id), expected, rec.encode(self._bumped(r, expected)))
-                    for q, (r, expected, dirty) in zip(queries, loaded) if dirty]
-        if rewrites:  # re-warmed or reset (corrupt) records; losing the race means someone wrote newer state
-            self.store.cas_many(rewrites, self.s.state_ttl_s)
+        self._write_back([q.user_id for q in queries], loaded)
         with_state = [i for i, (r, _, _) in enumerate(loaded) if r.applied > 0]
         out: list[RecResult] = [self._popular(q) if r.applied <= 0 else None for q, (r, _, _) in zip(queries, loaded)]  # type: ignore[misc]
         if with_state:

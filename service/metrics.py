@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -25,12 +25,21 @@ STATE_REBUILDS = Counter("holorec_state_rebuilds_total", "User states rebuilt fr
 ERRORS = Counter("holorec_errors_total", "Errors by kind", ["kind"])  # store_unavailable | corrupt_record | internal | ...
 MODEL_INFO = Gauge("holorec_model_info", "Loaded model (value 1)", ["version", "model"], multiprocess_mode="max")
 USERS_SEEN = Gauge("holorec_users_seen", "Users with a state record", multiprocess_mode="max")
+# holorec consume (its own process, on --metrics-port)
+STREAM_ENTRIES = Counter("holorec_stream_entries_total", "Stream entries by outcome", ["outcome"])  # applied | duplicate | dead_letter
+DEAD_LETTERS = Counter("holorec_dead_letters_total", "Stream entries sent to the dead-letter stream", ["reason"])  # missing_field | bad_field | unknown_item
+STREAM_LAG = Gauge("holorec_stream_lag", "Stream entries not yet delivered to the consumer group", ["stream", "group"], multiprocess_mode="max")
+STREAM_PENDING = Gauge("holorec_stream_pending", "Stream entries delivered but not yet acknowledged", ["stream", "group"], multiprocess_mode="max")
+
+
+def registry() -> CollectorRegistry:
+    """What /metrics exports: every worker process's files when running multiprocess, else this process."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)
+        return reg
+    return REGISTRY
 
 
 def render() -> bytes:
-    """The text exposition, aggregated over worker processes when running multiprocess."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
-    return generate_latest()
+    return generate_latest(registry())

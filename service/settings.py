@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -12,6 +12,13 @@ class Settings(BaseSettings):
 
     checkpoint: str = Field("demo/checkpoint", description="checkpoint directory (holorec train --out)")
     redis_url: str | None = Field(None, description="redis://host:port/db; unset = embedded in-process store")
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{v!r} has no scheme: write redis://{v} (or rediss://, unix://)")
+        return v or None
+
     redis_cluster: bool = Field(False, description="treat redis_url as a Redis Cluster seed node")
     namespace: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="key prefix part: holorec:<ns>:...")
     api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required on all but /livez, /readyz, /metrics")
@@ -25,8 +32,11 @@ class Settings(BaseSettings):
     max_batch: int = Field(256, ge=1, description="requests per micro-batch; 1 turns micro-batching off")
     ann_lists: int = Field(0, ge=0, description="approximate top-k over this many k-means clusters of the items (IVF); 0 = exact")
     ann_probe: int = Field(32, ge=1, description="clusters scored per request when ann_lists > 0")
-    torch_threads: int = Field(1, ge=1, description="intra-op threads for the model")
+    threads: int = Field(1, ge=1, description="torch intra-op threads per process (every holorec command reads HOLOREC_THREADS)")
     store_timeout_s: float = Field(1.0, gt=0, description="Redis socket timeout; past it requests get 503")
     cas_retries: int = Field(50, ge=1, description="compare-and-set attempts per user before giving up with 503")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503s")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (holorec serve --workers)")
+    stream_batch: int = Field(500, ge=1, description="holorec consume: stream entries read and applied per batch")
+    stream_block_ms: int = Field(1000, ge=1, description="holorec consume: how long one read waits for new entries")
+    stream_claim_idle_ms: int = Field(30000, ge=1, description="holorec consume: entries unacknowledged this long by another consumer are claimed")

@@ -20,6 +20,7 @@ timeout each.
 """
 from __future__ import annotations
 
+import fnmatch
 import struct
 import threading
 import time
@@ -74,10 +75,20 @@ class StateStore(Protocol):
     def incr(self, key: str, by: int = 1) -> int: ...
     def exists(self, key: str) -> bool: ...
     def ping(self) -> bool: ...
+    def scan(self, match: str) -> Iterator[str]: ...
 
 
 def user_key(namespace: str, user_id: str) -> str:
     return f"holorec:{namespace}:{{u:{user_id}}}"
+
+
+def user_keys(namespace: str) -> str:
+    """The glob matching every user record of a namespace (for `scan`)."""
+    return f"holorec:{namespace}:{{u:*}}"
+
+
+def user_of_key(namespace: str, key: str) -> str:
+    return key[len(user_key(namespace, "")) - 1 : -1]
 
 
 class RedisStore:
@@ -185,6 +196,11 @@ class RedisStore:
         except StoreUnavailable:
             return False
 
+    def scan(self, match: str) -> Iterator[str]:
+        """Every key matching the glob, by SCAN (a cursor: never blocks Redis); on a cluster, every primary."""
+        for key in self.r.scan_iter(match=match, count=1000):
+            yield key.decode()
+
 
 class MemoryStore:
     """The embedded default: same interface and CAS semantics, in this process only (lost on exit)."""
@@ -244,3 +260,8 @@ class MemoryStore:
 
     def ping(self) -> bool:
         return True
+
+    def scan(self, match: str) -> Iterator[str]:
+        with self.lock:
+            keys = [k for k in self.data if fnmatch.fnmatchcase(k, match)]
+        yield from keys

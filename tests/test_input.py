@@ -124,6 +124,8 @@ def test_timestamps(live: Live) -> None:
         for ts in (0, 1_700_000_000, 1_700_000_000_123, 1.7e9):
             assert events(c, {"user_id": "t", "item_id": "item-1", "timestamp": ts}).status_code == 200
         assert c.get("/users/t").json()["last_event_timestamp"] == 1.7e9
+        assert events(c, {"user_id": "t", "item_id": "item-1", "timestamp": 1_700_000_000_123}).status_code == 200
+        assert c.get("/users/t").json()["last_event_timestamp"] == 1_700_000_000.123  # milliseconds come back as seconds
 
 
 def test_bodies(live: Live) -> None:
@@ -244,3 +246,36 @@ def test_tampered_checkpoint_stops_the_service_with_one_clear_line(ckpt_dir: Pat
         assert proc.returncode == code, out
         assert "sha256" in out and "does not match" in out and "tampered" in out, out
         assert "Traceback" not in out, out
+
+
+def test_a_10_mb_body_gets_its_413_in_every_common_client(live: Live, tmp_path: Path) -> None:
+    """The server reads and drops the refused body before answering, so no client sees a connection reset."""
+    import urllib.error
+    import urllib.request
+
+    import requests
+
+    body = b'{"events": [' + b'{"user_id": "b", "item_id": "item-1"},' * 270_000 + b"{}]}"  # ~10 MB
+    assert len(body) > 10_000_000
+    url, headers = f"{live.url}/events", {"Content-Type": "application/json"}
+
+    def gen() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    statuses = {
+        "httpx": httpx.post(url, content=body, headers=headers, timeout=60).status_code,
+        "httpx chunked": httpx.post(url, content=gen(), headers=headers, timeout=60).status_code,
+        "requests": requests.post(url, data=body, headers=headers, timeout=60).status_code,
+        "requests chunked": requests.post(url, data=gen(), headers=headers, timeout=60).status_code,
+    }
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=60)
+    except urllib.error.HTTPError as e:
+        statuses["urllib"] = e.code
+    (tmp_path / "body.json").write_bytes(body)
+    for shape, extra in (("curl", []), ("curl chunked", ["-H", "Transfer-Encoding: chunked"])):
+        out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Content-Type: application/json", *extra,
+                              "--data-binary", f"@{tmp_path / 'body.json'}", url], capture_output=True, text=True, timeout=60)
+        statuses[shape] = int(out.stdout or 0)
+    assert statuses == dict.fromkeys(statuses, 413) and len(statuses) == 7, statuses

@@ -178,7 +178,10 @@ def test_api_key_and_metrics(ckpt_dir: Path, server_factory) -> None:
         assert ok.status_code == 200
         assert c.get("/recommend/u", headers={"X-API-Key": "s3cret"}).json()["source"] == "state"
         assert c.get("/livez").status_code == 200 and c.get("/readyz").status_code == 200
+        assert c.get("/docs").status_code == c.get("/openapi.json").status_code == 200
+        assert c.get("/no-such-page").status_code == 404
         text = c.get("/metrics").text
+    assert 'route="/docs"' in text and 'route="/openapi.json"' in text and 'route="unmatched",status="404"' in text
     for name in ("holorec_http_request_duration_seconds_bucket{le=\"5e-05\",method=\"POST\",route=\"/events\",status=\"200\"}",
                  "holorec_model_step_duration_seconds_bucket", "holorec_redis_duration_seconds_bucket", "holorec_batch_size_bucket",
                  'holorec_events_total{outcome="applied"}', 'holorec_recommendations_total{source="state"}', "holorec_model_info"):

@@ -1,0 +1,224 @@
+"""`holorec consume`: apply a Redis Stream's events through a consumer group, each event's effect exactly once.
+
+Entries carry `user_id`, `item_id` and optionally `timestamp` and `event_id`. They go through the same path as
+POST /events (Engine.apply: batched, per-user compare-and-set, event-id dedup); the event id is the entry's
+`event_id`, else its stream id, so a redelivered entry is recognised.
+
+At-least-once delivery plus dedup: an entry is acknowledged (XACK) only after its write. A consumer that dies
+mid-batch leaves its entries pending; any consumer of the group claims them once they have been idle
+`stream_claim_idle_ms` (XAUTOCLAIM on start and then as often), and re-applying what was written but not
+acknowledged finds the event id in the user's record: a duplicate, not applied twice.
+
+Per-user order is the stream's order, with any number of consumers in the group: before applying a batch, a
+consumer waits until no other consumer holds an earlier unacknowledged entry of one of the batch's users,
+claiming it if that consumer has been idle past the claim time. Entries of other users do not wait.
+
+An entry the API would refuse (missing or bad field, unknown item) is added to the dead-letter stream with its
+reason and acknowledged: it never blocks the group.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import redis
+import redis.cluster
+from pydantic import ValidationError
+
+from service.api import EventIn, user_id_problem
+from service.engine import Conflict, Engine, Event
+from service.metrics import BATCH_SIZE, DEAD_LETTERS, ERRORS, STREAM_ENTRIES, STREAM_LAG, STREAM_PENDING
+from service.settings import Settings
+from service.store import StoreUnavailable
+
+log = logging.getLogger("holorec")
+
+Entry = tuple[str, dict[str, str] | None]  # (stream id, fields); fields None: deleted from the stream since delivery
+
+
+class BadEntry(ValueError):
+    """An entry that cannot be applied; `kind` labels the dead-letter metric, the message is the reason stored."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _order(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Consumer:
+    def __init__(self, engine: Engine, client: redis.Redis | redis.cluster.RedisCluster, stream: str, group: str,
+                 name: str, dead_letter: str) -> None:
+        self.engine, self.r, self.stream, self.group, self.name, self.dead_letter = engine, client, stream, group, name, dead_letter
+        s = engine.s
+        self.batch, self.block_ms, self.claim_idle_ms = s.stream_batch, s.stream_block_ms, s.stream_claim_idle_ms
+
+    def create_group(self, new_only: bool = False) -> None:
+        """A new group starts at the stream's first entry (or, new_only, at entries added from now); an existing
+        group keeps its position."""
+        try:
+            self.r.xgroup_create(self.stream, self.group, id="$" if new_only else "0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def run(self, stop: threading.Event, new_only: bool = False) -> None:
+        """Until `stop`: this consumer's own pending entries first, claims of dead consumers' entries on start and
+        every claim interval, then new entries. A Redis outage or exhausted compare-and-set is waited out."""
+        ready, backlog, next_claim = False, True, 0.0
+        while not stop.is_set():
+            try:
+                if not ready:
+                    self.create_group(new_only)
+                    ready = True
+                if time.monotonic() >= next_claim:
+                    self.claim()
+                    self.observe()
+                    next_claim = time.monotonic() + self.claim_idle_ms / 1000
+                entries = self._read("0" if backlog else ">")
+                backlog = backlog and bool(entries)
+                self.process(entries)
+            except (redis.ConnectionError, redis.TimeoutError, StoreUnavailable, Conflict) as e:
+                log.warning("holorec consume: %s: %s; retrying in 1 s", type(e).__name__, e)
+                ERRORS.labels("stream_retry").inc()
+                backlog = True  # what was read stays pending for this consumer: read it again first
+                stop.wait(1.0)
+
+    def _read(self, start: str) -> list[Entry]:
+        got = self.r.xreadgroup(self.group, self.name, {self.stream: start}, count=self.batch,
+                                block=None if start == "0" else self.block_ms)
+        return got[0][1] if got else []
+
+    def claim(self) -> None:
+        """Take over every entry another consumer has left unacknowledged for the claim time, and apply it."""
+        cursor = "0-0"
+        while True:
+            cursor, entries, *_ = self.r.xautoclaim(self.stream, self.group, self.name, self.claim_idle_ms, cursor, count=self.batch)
+            self.process(entries)
+            if cursor == "0-0":
+                return
+
+    def observe(self) -> None:
+        for g in self.r.xinfo_groups(self.stream):
+            if g["name"] == self.group:
+                STREAM_PENDING.labels(self.stream, self.group).set(g["pending"])
+                if g.get("lag") is not None:
+                    STREAM_LAG.labels(self.stream, self.group).set(g["lag"])
+
+    def process(self, entries: list[Entry]) -> None:
+        """Apply a batch in stream order, dead-letter the bad entries, then acknowledge them all."""
+        if not entries:
+            return
+        BATCH_SIZE.labels("stream").observe(len(entries))
+        entries = self._after_earlier(entries)
+        events: list[Event] = []
+        dead: list[tuple[str, dict[str, str], BadEntry]] = []
+        for sid, fields in entries:
+            if not fields:  # deleted from the stream (trimmed) since it was delivered: nothing to apply
+                continue
+            try:
+                events.append(self.parse(sid, fields))
+            except BadEntry as e:
+                dead.append((sid, fields, e))
+        if events:
+            res = self.engine.apply([events])[0]
+            STREAM_ENTRIES.labels("applied").inc(res.applied)
+            STREAM_ENTRIES.labels("duplicate").inc(res.duplicate)
+        pipe = self.r.pipeline(transaction=False)
+        for sid, fields, e in dead:
+            pipe.xadd(self.dead_letter, {**fields, "reason": str(e), "stream": self.stream, "stream_id": sid})
+            DEAD_LETTERS.labels(e.kind).inc()
+        pipe.xack(self.stream, self.group, *[sid for sid, _ in entries])
+        pipe.execute()
+        STREAM_ENTRIES.labels("dead_letter").inc(len(dead))
+
+    def parse(self, sid: str, fields: dict[str, str]) -> Event:
+        """The entry as an Event, checked as POST /events checks it; BadEntry if the API would refuse it."""
+        for f in ("user_id", "item_id"):
+            if not fields.get(f):
+                raise BadEntry("missing_field", f"missing field {f}")
+        ts = fields.get("timestamp")
+        try:
+            seconds = float(ts) if ts is not None else None
+        except ValueError:
+            raise BadEntry("bad_field", f"timestamp: {ts[:100]!r} is not a number") from None
+        try:
+            e = EventIn(user_id=fields["user_id"], item_id=fields["item_id"], event_id=fields.get("event_id"), timestamp=seconds)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise BadEntry("bad_field", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        problem = user_id_problem(e.user_id, self.engine.s)
+        if problem:
+            raise BadEntry("bad_field", problem)
+        if e.item_id not in self.engine.ckpt.item_index:
+            raise BadEntry("unknown_item", f"item {e.item_id!r} is not in the checkpoint's catalogue")
+        return Event(e.user_id, e.item_id, e.event_id or sid, e.timestamp)
+
+    def _after_earlier(self, entries: list[Entry]) -> list[Entry]:
+        """Per-user order across consumers: wait while another consumer holds an unacknowledged entry earlier than
+        this batch for one of its users; such an entry idle past the claim time (a dead consumer's) is claimed and
+        joins the batch. The consumer holding the earliest pending entry never waits, so all make progress."""
+        while True:
+            entries = sorted(entries, key=lambda e: _order(e[0]))
+            users = {f["user_id"] for _, f in entries if f and "user_id" in f}
+            pending = self.r.xpending_range(self.stream, self.group, "-", "(" + entries[0][0], 10_000)
+            others = [p for p in pending if p["consumer"] != self.name]
+            if not others:
+                return entries
+            pipe = self.r.pipeline(transaction=False)
+            for p in others:
+                pipe.xrange(self.stream, p["message_id"], p["message_id"])
+            blocking = [p for p, got in zip(others, pipe.execute()) if got and got[0][1].get("user_id") in users]
+            if not blocking:
+                return entries
+            stale = [p["message_id"] for p in blocking if p["time_since_delivered"] >= self.claim_idle_ms]
+            if stale:
+                entries = entries + self.r.xclaim(self.stream, self.group, self.name, self.claim_idle_ms, stale)
+            else:
+                time.sleep(0.005)
+
+
+def stream_client(s: Settings) -> redis.Redis | redis.cluster.RedisCluster:
+    """A client of its own for the stream: replies as text, and a socket timeout that outlasts a blocking read."""
+    opts = dict(decode_responses=True, socket_timeout=s.stream_block_ms / 1000 + s.store_timeout_s,
+                socket_connect_timeout=s.store_timeout_s)
+    if s.redis_cluster:
+        return redis.cluster.RedisCluster.from_url(s.redis_url, **opts)
+    return redis.Redis.from_url(s.redis_url, **opts)  # type: ignore[arg-type]
+
+
+def cli_consume(a: argparse.Namespace) -> None:
+    import torch
+    from prometheus_client import start_http_server
+
+    from model.checkpoint import CheckpointError, load
+    from service.app import make_store, settings_or_exit
+    from service.metrics import registry
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = settings_or_exit("consume")
+    if not s.redis_url:
+        sys.exit("holorec consume: HOLOREC_REDIS_URL is not set; the stream and the states live in Redis")
+    torch.set_num_threads(s.threads)
+    try:
+        engine = Engine(load(a.checkpoint), make_store(s), s)
+    except CheckpointError as e:
+        sys.exit(f"holorec consume: checkpoint refused: {e}")
+    name = a.consumer or f"{socket.gethostname()}-{os.getpid()}"
+    consumer = Consumer(engine, stream_client(s), a.stream, a.group, name, a.dead_letter or f"{a.stream}:dead")
+    if a.metrics_port is not None:
+        start_http_server(a.metrics_port, a.metrics_host, registry=registry())
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch in hand, acknowledge it, then exit
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("holorec consume: stream %s, group %s, consumer %s, dead letters to %s", a.stream, a.group, name, consumer.dead_letter)
+    consumer.run(stop, new_only=a.new_only)
