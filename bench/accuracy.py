@@ -102,7 +102,7 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 cfg = model_config(name, d_model=64, max_len=max_len, dropout=dropout)
                 _, rep = train(ds, cfg, epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=0, patience=args.patience,
-                               device=args.device, progress=True)
+                               patience_steps=getattr(args, "patience_steps", 500), device=args.device, progress=True)
                 res["runs"][key] = {"model": name, "lr": lr, "dropout": dropout, "valid NDCG@10": rep["valid"]["NDCG@10"],
                                     "best_epoch": rep["best_epoch"], "epochs_run": rep["epochs_run"]}
                 path.write_text(json.dumps(res, indent=2))
@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         models = [m for m in models.split(",") if m]
     d_model = 32 if quick else 64
     batch_size, patience = getattr(args, "batch_size", 128), getattr(args, "patience", 10)
+    patience_steps = 0 if quick else getattr(args, "patience_steps", 500)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"accuracy_{ds.name}_{epochs}ep"  # one file per budget: 10 epochs and to convergence
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result.update({
         "bench": "accuracy", "dataset": ds.name, "data": ds.source, "summary_line": ds.summary(),
         "protocol": "leave-one-out; full ranking over all items; history items kept; ties count against the target",
-        "epochs": epochs, "patience": patience, "seeds": seeds, "max_len": max_len, "d_model": d_model, "batch_size": batch_size,
+        "epochs": epochs, "patience": patience, "patience_steps": patience_steps, "seeds": seeds, "max_len": max_len, "d_model": d_model, "batch_size": batch_size,
         "hardware": hardware(args.device), "popularity": result.get("popularity") or evaluate_popularity(ds.train_counts(), *split(ds, max_len).eval_set("test")),
     })
     result.setdefault("commands", [])
@@ -160,7 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         h = hyper(name.partition(":")[0], ds.kind)
         lr = args.lr if getattr(args, "lr", None) is not None else h["lr"]
         dropout = args.dropout if getattr(args, "dropout", None) is not None else h["dropout"]
-        settings = {"lr": lr, "dropout": dropout, "epochs": epochs, "patience": patience, "max_len": max_len, "d_model": d_model, "batch_size": batch_size}
+        settings = {"lr": lr, "dropout": dropout, "epochs": epochs, "patience": patience, "patience_steps": patience_steps,
+                    "max_len": max_len, "d_model": d_model, "batch_size": batch_size}
         settings_of[name] = settings
         for seed in range(seeds):
             done = [r for r in runs.get(name, []) if r["seed"] == seed and r.get("settings") == settings]
@@ -168,7 +170,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {name} seed {seed}: already in {stem}.json, skipped")
                 continue
             cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout)
-            ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience, device=args.device, progress=not quick)
+            ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience,
+                              patience_steps=patience_steps, device=args.device, progress=not quick)
             print(f"  {name} seed {seed}: test NDCG@10 {rep['test']['NDCG@10']:.4f} HR@10 {rep['test']['HR@10']:.4f} "
                   f"(valid {rep['valid']['NDCG@10']:.4f}; best epoch {rep['best_epoch']}/{rep['epochs_run']}, {rep['train_seconds']:.0f} s)", flush=True)
             runs[name] = [r for r in runs.get(name, []) if r["seed"] != seed] + [{
@@ -222,7 +225,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['summary_line']}. {r['protocol']}.",
         f"Test split; mean ± std over the seeds run; up to {r['epochs']} epochs, early stopping after {r.get('patience', 5)} epochs "
-        f"without a better validation NDCG@10 (the best epoch's weights kept); max_len {r['max_len']}, d_model {r['d_model']}, "
+        f"and {r.get('patience_steps', 0)} optimizer steps without a better validation NDCG@10 (the best epoch's weights kept); max_len {r['max_len']}, d_model {r['d_model']}, "
         f"AdamW, batch {r['batch_size']}; lr and dropout per model (columns).",
         "",
         "| model | " + " | ".join(METRICS) + " | valid NDCG@10 | NDCG@10, seen excluded | NDCG@10, full history | lr | dropout | train s | step ms (b=1) | seeds | best epoch / run |",

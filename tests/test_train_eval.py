@@ -177,7 +177,8 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
                               patience=3, device="cpu")
     first = run(args)
     (r,) = first["runs"]["gru4rec"]
-    assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "epochs": 2, "patience": 3, "max_len": 50, "d_model": 32, "batch_size": 128}
+    assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "epochs": 2, "patience": 3, "patience_steps": 0, "max_len": 50, "d_model": 32,
+                             "batch_size": 128}
     assert 0 <= r["best_epoch"] <= r["epochs_run"] == 2 and len(r["valid_curve"]) == 3
     again = run(args)
     assert "gru4rec seed 0: already in" in capsys.readouterr().out
@@ -211,9 +212,19 @@ def test_bench_accuracy_grid_chooses_on_validation_only(tmp_path: Path) -> None:
     from bench.accuracy import GRID, run
 
     args = argparse.Namespace(out=str(tmp_path), grid=True, data="synthetic:n_users=60,n_items=30,seed=2", epochs=1,
-                              models="gru4rec", patience=1, batch_size=64, device="cpu")
+                              models="gru4rec", patience=1, patience_steps=0, batch_size=64, device="cpu")
     res = run(args)
     assert len(res["runs"]) == len(GRID["lr"]) * len(GRID["dropout"])
     assert not any("test" in k for r in res["runs"].values() for k in r)  # the test split plays no part
     best = max(res["runs"].values(), key=lambda r: r["valid NDCG@10"])
     assert res["chosen"]["gru4rec"] == {"lr": best["lr"], "dropout": best["dropout"]}
+
+
+def test_patience_counts_optimizer_steps_too() -> None:
+    """On a small log an epoch is a few steps: early stopping waits for patience_steps steps as well as patience epochs."""
+    ds = synthetic(n_users=60, n_items=30, seed=3)  # 60 rows at batch 64: one step per epoch
+    cfg = ModelConfig(model="gru4rec", d_model=8, max_len=20)
+    _, quick = train(ds, cfg, epochs=40, lr=0.5, batch_size=64, patience=2, patience_steps=0, progress=False)
+    _, patient = train(ds, cfg, epochs=40, lr=0.5, batch_size=64, patience=2, patience_steps=12, progress=False)
+    assert quick["epochs_run"] - quick["best_epoch"] == 2  # lr 0.5 stops improving at once
+    assert patient["epochs_run"] - patient["best_epoch"] == 12 or patient["epochs_run"] == 40
