@@ -449,7 +449,7 @@ def section_codec(tmp: Path, quick: bool, epochs: int) -> dict[str, Any]:
             out["step_ndcg10"] = base
             continue
         state_b = packed_size(template, codec)
-        empty = rec.empty("v", codec, L, 256, net.config.d_model, pack(template, codec)[0])  # default 256 dedup slots
+        empty = rec.empty("v", codec, L, 256, 1024, net.config.d_model, pack(template, codec)[0])  # default dedup slots and seen filter
         record_b = len(rec.encode(empty))
         out["codecs"][codec] = {"state_bytes": state_b, "record_bytes": record_b, "ndcg10": m["NDCG@10"],
                                 "ndcg10_change": m["NDCG@10"] - base, "ndcg10_rel_change": (m["NDCG@10"] - base) / base if base else math.nan}

@@ -13,10 +13,12 @@ import argparse
 import json
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from model.data import left_pad
+from model.seen import SeenFilter
 from model.protocol import SeqRecModel
 
 KS = (5, 10, 20)
@@ -41,14 +43,17 @@ def metrics_from_ranks(r: Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
     return out
 
 
-def _mask_seen(scores: Tensor, histories: list[list[int]], targets: Tensor) -> None:  # (b, v) in place
-    rows = [torch.full((len(h),), b, dtype=torch.long) for b, h in enumerate(histories)]
-    if not rows:
-        return
-    r = torch.cat(rows)
-    c = torch.tensor([i for h in histories for i in h], dtype=torch.long)
+def _mask_seen(scores: Tensor, histories: list[list[int]], targets: Tensor, seen_filter: SeenFilter | None = None) -> None:
+    """(b, v) in place: history items to -inf (the target kept). With a seen filter, the items the service's filter
+    (model/seen.py) reports for that history: the history and the filter's false positives, as served."""
     keep = scores.gather(1, targets[:, None])  # (b, 1)
-    scores[r, c] = float("-inf")
+    for b, h in enumerate(histories):
+        if seen_filter is None:
+            scores[b, torch.tensor(h, dtype=torch.long)] = float("-inf")
+        else:
+            bits = seen_filter.empty()
+            seen_filter.add(bits, h)
+            scores[b, torch.from_numpy(seen_filter.contains(bits))] = float("-inf")
     scores.scatter_(1, targets[:, None], keep)  # the target stays a candidate
 
 
@@ -60,6 +65,7 @@ def evaluate(
     *,
     ks: tuple[int, ...] = KS,
     exclude_seen: bool = False,
+    seen_filter: SeenFilter | None = None,
     full_history: bool = False,
     batch_size: int = 256,
     device: str = "cpu",
@@ -81,7 +87,7 @@ def evaluate(
         x = left_pad(hist, max(1, min(L, max(len(h) for h in hist))))  # (b, width <= L)
         scores = model.score(model.user_vector(x.to(device))).float().cpu()  # (b, v)
         if exclude_seen:
-            _mask_seen(scores, hist, tgt)
+            _mask_seen(scores, hist, tgt, seen_filter)
         all_ranks.append(ranks(scores, tgt))
     model.train(was_training)
     return metrics_from_ranks(torch.cat(all_ranks), ks)
@@ -124,7 +130,8 @@ def cli_evaluate(args: argparse.Namespace) -> None:
     sp = split(ds, ckpt.model.config.max_len)
     histories, targets = sp.eval_set(args.split)
     model = ckpt.model.to(args.device)
-    m = evaluate(model, histories, targets, exclude_seen=args.exclude_seen, device=args.device)
+    seen_filter = SeenFilter(ds.items, args.seen_filter_bytes) if args.exclude_seen and args.seen_filter_bytes else None
+    m = evaluate(model, histories, targets, exclude_seen=args.exclude_seen, seen_filter=seen_filter, device=args.device)
     report = {"checkpoint": str(args.checkpoint), "version": ckpt.version, "data": data, "split": args.split,
-              "exclude_seen": args.exclude_seen, "users": len(targets), "metrics": m}
+              "exclude_seen": args.exclude_seen, "seen_filter_bytes": args.seen_filter_bytes if seen_filter else 0, "users": len(targets), "metrics": m}
     print(json.dumps(report, indent=2))

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from model.checkpoint import Checkpoint
 from model.data import left_pad
+from model.seen import SeenFilter
 from model.state import pack, packed_size, unpack
 from service import record as rec
 from service.index import IVFIndex
@@ -81,6 +82,7 @@ class Engine:
             self.table = self.model.item_table().detach().clone()  # (v, d)
         self.index = IVFIndex(self.table, settings.ann_lists, settings.ann_probe) if settings.ann_lists else None
         self.popular = [i for i in ckpt.popular if 0 < i <= len(ckpt.items)]
+        self.seen = SeenFilter(ckpt.items, settings.seen_filter_bytes) if settings.seen_filter_bytes else None
         self.attr_masks: dict[int, Tensor] = {}
         self.vocabs: dict[str, list[str]] = {self.version: ckpt.items}
         self.vocab_checked = -math.inf  # when this model's vocabulary was last seen in the store
@@ -104,7 +106,11 @@ class Engine:
         return packed_size(self.template, self.s.state_codec)
 
     def _fresh(self) -> rec.Record:
-        return rec.empty(self.version, self.s.state_codec, self.max_len, self.s.dedup_slots, self.d, self.empty_state)
+        return rec.empty(self.version, self.s.state_codec, self.max_len, self.s.dedup_slots, self.s.seen_filter_bytes, self.d, self.empty_state)
+
+    def _mark_seen(self, r: rec.Record, items: list[int] | np.ndarray) -> None:
+        if self.seen is not None:
+            self.seen.add(r.seen_filter, items)
 
     def _read(self, user_ids: list[str]) -> list[tuple[rec.Record, int, bool]]:
         """(record ready for this model, revision to CAS against, whether it must be written back)."""
@@ -117,8 +123,13 @@ class Engine:
                 continue
             try:
                 r = rec.decode(blob, self.version, self.d)
+                resized = len(r.seen_filter) != self.s.seen_filter_bytes
+                if resized:  # a format-2 record, or the setting changed: refilled from what is known, the window
+                    r.seen_filter = np.zeros(self.s.seen_filter_bytes, np.uint8)
+                    if r.model_version == self.version:  # else _rewarm does it, through the old vocabulary
+                        self._mark_seen(r, r.window[r.window > 0])
                 if r.model_version == self.version and r.codec == self.s.state_codec and len(r.window) == self.max_len:
-                    out.append((r, r.revision, False))
+                    out.append((r, r.revision, resized))
                     continue
                 stale.append(len(out))
                 out.append((r, r.revision, True))
@@ -151,6 +162,7 @@ class Engine:
             r.window = np.zeros(self.max_len, np.int32)
             for item in histories[i]:
                 r.push(item)
+            self._mark_seen(r, histories[i])  # the filter holds ids, so it survives a new catalogue; the window is in it
 
     def _vocab(self, version: str) -> list[str] | None:
         if version not in self.vocabs:
@@ -229,6 +241,7 @@ class Engine:
                 if h is not None:
                     r.remember(h)
                 r.push(item)
+                self._mark_seen(r, [item])
                 r.applied += 1
                 if e.timestamp is not None:
                     r.last_event_ts = epoch_seconds(e.timestamp)
@@ -286,6 +299,7 @@ class Engine:
             r = records[i] = self._fresh()
             for item in histories[i][-self.max_len :]:
                 r.push(item)
+            self._mark_seen(r, histories[i])
             r.applied, r.last_event_ts, r.state, r.vector = len(histories[i]), epoch_seconds(last_ts[i]), packed[j], vec[j].numpy()
         expected = {i: 0 if blobs[i] is None else rec.stored_revision(blobs[i]) for i in todo}  # type: ignore[arg-type]
         written = created = 0
@@ -356,18 +370,23 @@ class Engine:
         r.updated_at = time.time()
         return r
 
-    def _excluded_ids(self, q: RecQuery, r: rec.Record | None) -> np.ndarray:
-        """(n,) item indices this query must not get: padding, the explicit exclusions, the seen window."""
+    def _excluded_ids(self, q: RecQuery, r: rec.Record | None, cand: np.ndarray | None = None) -> np.ndarray:
+        """(n,) item indices this query must not get: padding, the explicit exclusions, every item the user has
+        seen (the seen filter: all of them, and a few unseen ones it mistakes for seen) or, with the filter off,
+        the last max_len. With `cand` (the index's candidates) the filter is asked about those items only."""
         ids = np.array([0] + [self.ckpt.item_index[x] for x in q.exclude if x in self.ckpt.item_index], dtype=np.int64)
         if q.exclude_seen and r is not None:
             ids = np.concatenate([ids, r.window])  # padding slots are 0, already excluded
+            if self.seen is not None and len(r.seen_filter) == self.s.seen_filter_bytes:
+                seen = self.seen.contains(r.seen_filter, cand)  # (v,) or (m,) bool
+                ids = np.concatenate([ids, np.flatnonzero(seen) if cand is None else cand[seen]])
         return ids
 
     def _exclude(self, scores: Tensor, q: RecQuery, r: rec.Record | None, cand: Tensor | None = None) -> None:
         """Set to -inf, in place, the scores of items this query must not get: scores (v,) of every item,
         or (m,) of the items `cand` (the index's candidates). By index, so a query costs its exclusions,
         not the catalogue size; only an attribute filter touches every item."""
-        banned = torch.from_numpy(self._excluded_ids(q, r))
+        banned = torch.from_numpy(self._excluded_ids(q, r, None if cand is None else cand.numpy()))
         if cand is None:
             scores[banned] = -math.inf
         else:

@@ -47,6 +47,15 @@ def start_prometheus(tmp: Path, targets: list[str]) -> tuple[subprocess.Popen, s
     return proc, f"http://127.0.0.1:{port}"
 
 
+def consumer_metric(port: int, name: str) -> float:
+    """A counter's total over its labels on `holorec consume`'s /metrics; 0 while it is not serving yet."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 def query(url: str, expr: str) -> list[dict]:
     r = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
     assert r["status"] == "success", (expr, r)
@@ -82,6 +91,12 @@ def test_every_dashboard_query_returns_series(ckpt_dir: Path, ckpt_b_dir: Path, 
                     assert c.get(f"/recommend/{u}").status_code == 200
                 assert c.post("/events", json={"events": []}).status_code == 422
                 time.sleep(1)
+            # the consumer (a process that loads torch and the model) may start slowly on a busy machine: wait
+            # until it has taken every entry, so its counters exist and have been scraped, before Redis goes
+            deadline = time.monotonic() + 120
+            while consumer_metric(consumer_port, "holorec_stream_entries_total") < 6 * 12 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(3)
             redis_server.kill()  # now the store is gone: 503s, counted as errors and 5xx
             for _ in range(3):
                 for _ in range(3):
