@@ -228,3 +228,17 @@ def test_patience_counts_optimizer_steps_too() -> None:
     _, patient = train(ds, cfg, epochs=40, lr=0.5, batch_size=64, patience=2, patience_steps=12, progress=False)
     assert quick["epochs_run"] - quick["best_epoch"] == 2  # lr 0.5 stops improving at once
     assert patient["epochs_run"] - patient["best_epoch"] == 12 or patient["epochs_run"] == 40
+
+
+def test_bench_plots_draws_every_picture_from_the_committed_results(tmp_path: Path) -> None:
+    import shutil
+
+    from bench.plots import write_all
+
+    for f in (ROOT / "bench/results").glob("*.json"):
+        shutil.copy(f, tmp_path)
+    written = write_all(tmp_path)
+    assert {p.name for p in written} == {"latency_vs_history.png", "throughput.png", "train_speed.png", "accuracy.png", "state_bytes_ndcg.png"}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+    (tmp_path / "empty").mkdir()
+    assert write_all(tmp_path / "empty") == []
