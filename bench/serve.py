@@ -1,4 +1,4 @@
-"""`holorec bench serve`: what serving costs, over real HTTP and a real Redis (issue 6).
+"""`holorec bench serve`: what serving costs, over real HTTP and a real Redis.
 
 Sections (each a key of the result JSON, a table in OUT/serve.md):
     o1         POST /events latency and stored record bytes for users whose history already holds
@@ -17,7 +17,8 @@ The service runs as uvicorn subprocesses (service.app:app_from_env) on 127.0.0.1
 generator is another process (bench/loadgen.py, which imports no torch). Checkpoints are random-weight HoloMambaRec models built
 on the spot (d_model 64, 2 layers, MovieLens-1M's 3,706 items and 18 genres) except the codec
 section, which needs a trained one: HOLOREC_BENCH_ML100K=DIR names a checkpoint trained by
-`holorec train --data /work/shared/data/ml-100k`; unset, one is trained here (--epochs).
+`holorec train --data ML100K_DIR`; unset, one is trained here (--epochs) on `--data` (default
+../shared/data/ml-100k, beside the repository).
 All Redis keys live under holorec:bench-serve-<random>-<section>:* and are deleted at the end.
 Figures are medians over repeats where repeated; the host and its load average are recorded.
 """
@@ -111,7 +112,7 @@ class Server:
 # --- checkpoints ---------------------------------------------------------------------------------
 def make_checkpoint(path: Path, n_items: int, *, genres: bool = True, max_len: int = MAX_LEN, model: str = "holomamba", seed: int = 0):
     """Random (untrained) weights with the given catalogue; items are named i1..iN."""
-    from model import ModelConfig
+    from model import ModelConfig, build_model
     from model.checkpoint import Checkpoint, save
 
     torch.manual_seed(seed)
@@ -120,32 +121,11 @@ def make_checkpoint(path: Path, n_items: int, *, genres: bool = True, max_len: i
     attrs = torch.randint(0, n_attrs + 1, (n_items + 1, m), generator=g) if genres else torch.zeros(n_items + 1, 0, dtype=torch.long)
     attrs[0] = 0
     cfg = ModelConfig(model=model, n_items=n_items, n_attrs=n_attrs, max_attrs=m, d_model=D_MODEL, n_layers=N_LAYERS, max_len=max_len, dropout=0.0)
-    net = _build(cfg, attrs).eval()
+    net = build_model(cfg, attrs).eval()
     ckpt = Checkpoint(net, [f"i{i}" for i in range(1, n_items + 1)], [f"g{j}" for j in range(1, n_attrs + 1)],
                       list(range(1, min(n_items, 100) + 1)), {"dataset": "random weights for bench serve"})
     save(ckpt, path)
     return ckpt
-
-
-def _build(cfg, attrs=None):
-    from model import build_model
-
-    try:
-        return build_model(cfg, attrs)
-    except ValueError:
-        if cfg.model != "sasrec":
-            raise
-        from model.sasrec import SASRec  # build_model registers the baselines only once all of them are in
-
-        return SASRec(cfg, attrs)
-
-
-def _sasrec_available() -> bool:
-    try:
-        import model.sasrec  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # --- sections ------------------------------------------------------------------------------------
@@ -206,7 +186,7 @@ def section_replay(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[str,
 
     lens = [50] if quick else [50, 200, 1000]
     n_req = 5 if quick else 200
-    models = ["holomamba"] + (["sasrec"] if _sasrec_available() else [])
+    models = ["holomamba", "sasrec"]
     r = redis.Redis.from_url(redis_url)
     rng = random.Random(2)
     threads = Settings.model_fields["threads"].default  # both designs get what a service worker runs with
@@ -236,9 +216,9 @@ def section_replay(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[str,
             if name == "holomamba":
                 net = engine.model
             else:
-                from model import ModelConfig
+                from model import ModelConfig, build_model
 
-                net = _build(ModelConfig(model=name, n_items=N_ITEMS, d_model=D_MODEL, n_layers=N_LAYERS, max_len=L, dropout=0.0)).eval()
+                net = build_model(ModelConfig(model=name, n_items=N_ITEMS, d_model=D_MODEL, n_layers=N_LAYERS, max_len=L, dropout=0.0)).eval()
             table = net.item_table().detach().clone()
 
             def naive(net=net, table=table) -> list[int]:
@@ -394,7 +374,7 @@ def _ivf_recall(net: torch.nn.Module, lists: int, probe: int, users: int) -> flo
     return hits / (10 * users)
 
 
-def section_codec(tmp: Path, quick: bool, epochs: int) -> dict[str, Any]:
+def section_codec(tmp: Path, quick: bool, epochs: int, data: str) -> dict[str, Any]:
     """Bytes per user per state codec, and NDCG@10 when every step goes through pack/unpack."""
     from model.checkpoint import load
     from model.evaluate import evaluate, metrics_from_ranks, ranks
@@ -410,15 +390,16 @@ def section_codec(tmp: Path, quick: bool, epochs: int) -> dict[str, Any]:
     else:
         from model.data import load as load_data, split
 
-        ds = load_data("/work/shared/data/ml-100k")
+        from model import ModelConfig
+        from model.data import DEFAULT_MAX_LEN
+        from model.train import hyper, train
+
+        ds = load_data(data)
         path = os.environ.get("HOLOREC_BENCH_ML100K")
         if not path:
-            from model.train import cli_train
-
             path = str(tmp / "ml100k")
-            cli_train(argparse.Namespace(data="/work/shared/data/ml-100k", attributes=None, model="holomamba", d_model=64,
-                                         layers=2, dropout=None, max_len=None, epochs=epochs, lr=1e-3, batch_size=128,
-                                         seed=0, device="cpu", patience=5, out=path))
+            cfg = ModelConfig(model="holomamba", max_len=DEFAULT_MAX_LEN[ds.kind], dropout=hyper("holomamba", ds.kind)["dropout"])
+            train(ds, cfg, epochs=epochs, lr=hyper("holomamba", ds.kind)["lr"], out=Path(path))
         ckpt = load(path)
         net, source = ckpt.model, f"{path} (provenance: {json.dumps(ckpt.provenance)[:400]})"
     sp = split(ds, net.config.max_len)
@@ -568,7 +549,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "replay": lambda: section_replay(tmp, redis_url, f"{ns}-replay", quick),
                     "load": lambda: section_load(ckpt_dir, redis_url, f"{ns}-load", quick),
                     "catalogue": lambda: section_catalogue(tmp, redis_url, f"{ns}-catalogue", quick),
-                    "codec": lambda: section_codec(tmp, quick, getattr(args, "epochs", 10)),
+                    "codec": lambda: section_codec(tmp, quick, getattr(args, "epochs", 10),
+                                                   getattr(args, "data", None) or str(ROOT.parent / "shared/data/ml-100k")),
                     "profile": lambda: section_profile(ckpt_dir, redis_url, f"{ns}-profile", quick)}
         threads = torch.get_num_threads()
         for name, fn in sections.items():

@@ -17,7 +17,7 @@ Shape letters: b batch, l sequence length, d model dim, v vocabulary (n_items + 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -51,18 +51,21 @@ class ModelConfig:
     n_experts: int = 8  # interest experts (dispatcher slots)
     n_memory: int = 1024  # interest memory bank size
     top_k_memory: int = 8  # memory entries retrieved per expert
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
+        """A config as saved; a field added since a checkpoint was written takes the value that model had."""
+        d = {k: v for k, v in d.items() if not (k == "extra" and not v)}  # an unused field, since removed
+        unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**(ADDED_SINCE | d))
+
+
+ADDED_SINCE: dict[str, Any] = {"ffn_mult": 0}  # fields added later -> the value checkpoints written before them imply
 
 
 def item_embedding(n_items: int, d: int) -> nn.Embedding:
@@ -147,7 +150,7 @@ class SeqRecModel(nn.Module):
         return h, state
 
     def replay(self, items: list[int], state: State | None = None) -> tuple[Tensor, State]:
-        """Step one user through a history; the slow path the service avoids (used on model change)."""
+        """Step one user through a history, item by item: the slow path the service avoids, and the reference tests check it against."""
         state = state if state is not None else self.init_state(1)
         h = torch.zeros(1, self.config.d_model)
         for i in items:

@@ -21,6 +21,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def selective_scan_loop(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """The recurrence written out, one position at a time: the readable reference (mamba-minimal's
+    form) that the fast scans below are tested against. Same arguments and result as selective_scan:
+    (b, l, e) step sizes, (b, l, e) inputs, (e, n), (b, l, n), (b, l, n) -> y (b, l, e)."""
+    h = torch.zeros(dt.shape[0], *A.shape, dtype=dt.dtype, device=dt.device)  # (b, e, n)
+    ys = []
+    for t in range(dt.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]  # (b, e, n)
+        ys.append((h * C[:, t, None, :]).sum(-1))  # (b, e)
+    return torch.stack(ys, 1)  # (b, l, e)
+
+
 def _doubling_scan(a: Tensor, b: Tensor) -> Tensor:
     """h_t = a_t * h_{t-1} + b_t with h_{-1} = 0, over dim 1, in ceil(log2 l) rounds; no autograd.
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from model.checkpoint import Checkpoint
 from model.data import left_pad
 from model.seen import SeenFilter
-from model.state import pack, packed_size, unpack
+from model.state import pack, unpack
 from service import record as rec
 from service.index import IVFIndex
 from service.metrics import CAS_CONFLICTS, ERRORS, EVENTS, RECOMMENDATIONS, SCORE_LATENCY, STATE_REBUILDS, STEP_LATENCY, USERS_SEEN
@@ -101,9 +101,6 @@ class Engine:
 
     def _vocab_key(self, version: str) -> str:
         return f"holorec:{self.s.namespace}:vocab:{version}"
-
-    def state_bytes(self) -> int:
-        return packed_size(self.template, self.s.state_codec)
 
     def _fresh(self) -> rec.Record:
         return rec.empty(self.version, self.s.state_codec, self.max_len, self.s.dedup_slots, self.s.seen_filter_bytes, self.d, self.empty_state)

@@ -29,7 +29,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS = ROOT / "deploy/prometheus/prometheus.yml"
 GRAFANA_PROVISIONING = ROOT / "deploy/grafana/provisioning"
 DASHBOARD = ROOT / "deploy/grafana/dashboards/holorec.json"
-# The settings the brief for issue 5 names; all must be real Settings fields and set or passed by compose.
+# The settings compose must expose; all must be real Settings fields and set or passed by compose.
 REQUIRED_SETTINGS = {"HOLOREC_CHECKPOINT", "HOLOREC_REDIS_URL", "HOLOREC_API_KEY", "HOLOREC_STATE_TTL_S", "HOLOREC_NAMESPACE", "HOLOREC_WORKERS"}
 
 

@@ -139,20 +139,11 @@ def test_corrupt_and_tampered_checkpoints_are_refused(tmp_path) -> None:
         load(tmp_path / "nowhere")
 
 
-def _scan_by_loop(dt, u, A, B, C):  # the recurrence written out, one position at a time, for reference
-    h = torch.zeros(dt.shape[0], *A.shape, dtype=dt.dtype)
-    ys = []
-    for t in range(dt.shape[1]):
-        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
-        ys.append((h * C[:, t, None, :]).sum(-1))
-    return torch.stack(ys, 1)
-
-
 @pytest.mark.parametrize("length", [1, 7, 16, 17, 50, 70])
 def test_selective_scan_values_and_gradients_match_the_loop(length: int) -> None:
     """The chunked scan (chunks of 16, a doubling scan over chunk carries) and its hand-written
     backward agree with autograd through the plain loop, across chunk boundaries and padding."""
-    from model.ssm import selective_scan
+    from model.ssm import selective_scan, selective_scan_loop
 
     g = torch.Generator().manual_seed(length)
     b, e, n = 3, 5, 4
@@ -161,7 +152,7 @@ def test_selective_scan_values_and_gradients_match_the_loop(length: int) -> None
     args = [dt, torch.randn(b, length, e, generator=g, dtype=torch.float64), -2 * torch.rand(e, n, generator=g, dtype=torch.float64),
             torch.randn(b, length, n, generator=g, dtype=torch.float64), torch.randn(b, length, n, generator=g, dtype=torch.float64)]
     fast, slow = [x.clone().requires_grad_() for x in args], [x.clone().requires_grad_() for x in args]
-    y_fast, y_slow = selective_scan(*fast), _scan_by_loop(*slow)
+    y_fast, y_slow = selective_scan(*fast), selective_scan_loop(*slow)
     assert torch.allclose(y_fast, y_slow, atol=1e-10)
     gy = torch.randn(y_fast.shape, generator=g, dtype=torch.float64)
     (y_fast * gy).sum().backward()

@@ -242,3 +242,23 @@ def test_bench_plots_draws_every_picture_from_the_committed_results(tmp_path: Pa
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
     (tmp_path / "empty").mkdir()
     assert write_all(tmp_path / "empty") == []
+
+
+def test_a_checkpoint_written_before_the_feed_forward_sublayer_still_loads(tmp_path: Path) -> None:
+    """Configs saved before ffn_mult existed (and with the old, empty `extra`) load as the model they were."""
+    from model import build_model
+    from model.checkpoint import Checkpoint, _version, save
+
+    old = build_model(ModelConfig(model="holomamba", n_items=10, d_model=8, max_len=4, ffn_mult=0)).eval()
+    save(Checkpoint(old, [f"i{i}" for i in range(1, 11)], [], [1], {}), tmp_path / "c")
+    meta = json.loads((tmp_path / "c/checkpoint.json").read_text())
+    cfg = next(v for v in meta.values() if isinstance(v, dict) and "ffn_mult" in v)
+    del cfg["ffn_mult"]
+    cfg["extra"] = {}
+    payload = {k: meta[k] for k in ("config", "items", "attributes", "item_attrs", "popular", "provenance") if k in meta}
+    meta["version"] = _version(meta["weights_sha256"], payload)  # as the older code would have hashed it
+    (tmp_path / "c/checkpoint.json").write_text(json.dumps(meta))
+    loaded = load_checkpoint(tmp_path / "c")
+    assert loaded.model.config.ffn_mult == 0
+    x = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded.model(x), old(x))
