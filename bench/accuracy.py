@@ -177,10 +177,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             runs[name] = [r for r in runs.get(name, []) if r["seed"] != seed] + [{
                 "seed": seed, "settings": settings, "test": rep["test"], "valid": rep["valid"], "best_epoch": rep["best_epoch"],
                 "epochs_run": rep["epochs_run"], "train_seconds": rep["train_seconds"],
-                "valid_curve": [round(e["valid"]["NDCG@10"], 5) for e in rep["history"]],
+                "valid_curve": [round(e["valid"]["NDCG@10"], 5) for e in rep["history"]]}]
+            _write(stem, result | {"runs": runs}, t0, settings_of)  # the run is safe on disk before the extra evaluations
+            runs[name][-1].update({
                 "test_seen_excluded": evaluate(ckpt.model, test_h, test_t, exclude_seen=True, device=args.device),
                 "test_full_history": None if name.startswith("sasrec") else evaluate(ckpt.model, test_h, test_t, full_history=True, device=args.device),
-                "step_ms_b1": step_ms(ckpt.model)}]
+                "step_ms_b1": step_ms(ckpt.model)})
             _write(stem, result | {"runs": runs}, t0, settings_of)
     return _write(stem, result | {"runs": runs}, t0, settings_of)
 
@@ -205,8 +207,9 @@ def _summarise(stem: Path, result: dict[str, Any], t0: float) -> None:
     runs = result["runs"]
     result["summary"] = {name: {m: _mean_std([r["test"][m] for r in rs]) for m in METRICS}
                          | {"train_seconds": _mean_std([r["train_seconds"] for r in rs]),
-                            "step_ms_b1": _mean_std([r["step_ms_b1"] for r in rs]),
-                            "NDCG@10 seen excluded": _mean_std([r["test_seen_excluded"]["NDCG@10"] for r in rs]),
+                            **({"step_ms_b1": _mean_std([r["step_ms_b1"] for r in rs]),
+                                "NDCG@10 seen excluded": _mean_std([r["test_seen_excluded"]["NDCG@10"] for r in rs])}
+                               if all("step_ms_b1" in r for r in rs) else {}),
                             **({"NDCG@10 full history": _mean_std([r["test_full_history"]["NDCG@10"] for r in rs])}
                                if all(r.get("test_full_history") for r in rs) else {}),
                             "valid NDCG@10": _mean_std([r["valid"]["NDCG@10"] for r in rs])}
@@ -238,8 +241,9 @@ def _markdown(r: dict[str, Any]) -> str:
             cells.append(f"{s[key][0]:.4f} ± {s[key][1]:.4f}" if key in s else "-")
         st = rs[0].get("settings", {"lr": r.get("lr", "-"), "dropout": r.get("dropout", "-")})
         epochs = ", ".join(f"{x['best_epoch']}/{x['epochs_run']}" for x in rs)
+        step = f"{s['step_ms_b1'][0]:.2f}" if "step_ms_b1" in s else "-"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {st['lr']} | {st['dropout']} | {s['train_seconds'][0]:.0f} ± {s['train_seconds'][1]:.0f} "
-                     f"| {s['step_ms_b1'][0]:.2f} | {len(rs)} | {epochs} |")
+                     f"| {step} | {len(rs)} | {epochs} |")
     lines.append("| popularity | " + " | ".join(f"{r['popularity'][m]:.4f}" for m in METRICS) + " | - | - | - | - | - | - | - | - | - |")
     commands = r.get("commands") or [r.get("command", "")]
     lines += [
