@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--patience", type=int, default=10, help="`bench accuracy`: early stopping on validation NDCG@10")
     b.add_argument("--patience-steps", type=int, default=500, help="`bench accuracy`: ... and at least this many optimizer steps")
     b.add_argument("--grid", action="store_true", help="`bench accuracy`: choose lr and dropout per model on validation NDCG@10")
+    b.add_argument("--codecs", help="`bench accuracy`: also NDCG@10 served through these state codecs (comma-separated)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     b.set_defaults(func=_bench)

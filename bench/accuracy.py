@@ -22,7 +22,7 @@ import torch
 
 from model import MODELS, ModelConfig
 from model.data import DEFAULT_MAX_LEN, load, split
-from model.evaluate import evaluate, evaluate_popularity
+from model.evaluate import evaluate, evaluate_popularity, evaluate_served
 from model.train import hyper, set_threads, train
 
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = getattr(args, "models", None) or list(MODELS)
     if isinstance(models, str):
         models = [m for m in models.split(",") if m]
+    codecs = [c for c in (getattr(args, "codecs", None) or "").split(",") if c]  # served NDCG through each state codec
     d_model = 32 if quick else 64
     batch_size, patience = getattr(args, "batch_size", 128), getattr(args, "patience", 10)
     patience_steps = 0 if quick else getattr(args, "patience_steps", 500)
@@ -182,7 +183,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             runs[name][-1].update({
                 "test_seen_excluded": evaluate(ckpt.model, test_h, test_t, exclude_seen=True, device=args.device),
                 "test_full_history": None if name.startswith("sasrec") else evaluate(ckpt.model, test_h, test_t, full_history=True, device=args.device),
-                "step_ms_b1": step_ms(ckpt.model)})
+                "step_ms_b1": step_ms(ckpt.model),
+                "test_served": {c: evaluate_served(ckpt.model, test_h, test_t, c) for c in codecs}})
             _write(stem, result | {"runs": runs}, t0, settings_of)
     return _write(stem, result | {"runs": runs}, t0, settings_of)
 

@@ -411,7 +411,7 @@ def section_codec(tmp: Path, quick: bool, epochs: int, data: str) -> dict[str, A
     forward_ndcg = evaluate(net, hist, targets)["NDCG@10"]
     out: dict[str, Any] = {"checkpoint": source, "users": len(seqs), "max_len": L, "forward_ndcg10": forward_ndcg, "codecs": {}}
     base = None
-    for codec in ("none",) + CODECS:
+    for codec in ("none", *CODECS):
         with torch.inference_mode():
             state = net.init_state(len(seqs))
             vec = torch.zeros(len(seqs), net.config.d_model)

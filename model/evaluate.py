@@ -93,6 +93,36 @@ def evaluate(
     return metrics_from_ranks(torch.cat(all_ranks), ks)
 
 
+@torch.no_grad()
+def evaluate_served(model: SeqRecModel, histories: list[list[int]], targets: list[int], codec: str | None, *,
+                    ks: tuple[int, ...] = KS, batch_size: int = 1024) -> dict[str, float]:
+    """HR@k, NDCG@k, MRR as the service serves them: each user's whole history stepped one event at a time,
+    the state packed with `codec` and unpacked between two events (what storing it does; None: kept as is)."""
+    from model.state import pack, unpack  # a model-only import: evaluation does not need the codecs otherwise
+
+    was_training = model.training
+    model.eval()
+    template = model.init_state(1)
+    order = sorted(range(len(targets)), key=lambda u: len(histories[u]))  # similar lengths step together
+    all_ranks = []
+    for s in range(0, len(order), batch_size):
+        users = order[s : s + batch_size]
+        x = left_pad([histories[u] for u in users], max(1, max(len(histories[u]) for u in users)))  # (b, l)
+        state, h = model.init_state(len(users)), torch.zeros(len(users), model.config.d_model)
+        for t in range(x.shape[1]):
+            rows = (x[:, t] > 0).nonzero()[:, 0]  # (r,) users whose history has begun
+            if not len(rows):
+                continue
+            h[rows], new = model.step(x[rows, t], {k: v[rows] for k, v in state.items()})
+            if codec is not None:
+                new = unpack(pack(new, codec), template, codec)
+            for k in state:
+                state[k][rows] = new[k]
+        all_ranks.append(ranks(model.score(h), torch.tensor([targets[u] for u in users], dtype=torch.long)))
+    model.train(was_training)
+    return metrics_from_ranks(torch.cat(all_ranks), ks)
+
+
 def evaluate_popularity(counts: list[int], histories: list[list[int]], targets: list[int], *, ks: tuple[int, ...] = KS, exclude_seen: bool = False) -> dict[str, float]:
     """The popularity baseline: every user gets items ranked by training count (same tie rule)."""
     base = torch.tensor(counts, dtype=torch.float)  # (v,)

@@ -5,6 +5,9 @@ float tensors in the chosen codec, integer tensors always int32, all little-endi
     float32  raw float32 values
     float16  raw float16 values (half the bytes; ~1e-3 relative error)
     int8     per tensor a float32 scale then int8 values, x ~ scale * q (a quarter of the bytes)
+    int8-rows  per row (a channel: the tensor's second dimension) a float16 scale, then int8 values;
+             rows of very different magnitude each keep their precision, for 2 bytes a row
+A codec's id (stored in the record's header) is fixed by CODECS, never by a tuple's order.
 The layout depends only on the model config, never on history length: a user with 10 events
 and one with 100,000 take the same bytes.
 """
@@ -18,14 +21,19 @@ from torch import Tensor
 
 from model.protocol import State
 
-CODECS = ("float32", "float16", "int8")
+CODECS: dict[str, int] = {"float32": 0, "float16": 1, "int8": 2, "int8-rows": 3}  # name -> id in a record's header
+
+
+def _rows(t: Tensor) -> int:
+    """Rows a (b, c, ...) tensor is scaled by under int8-rows: its channels; a (b, n) tensor is one row."""
+    return t.shape[1] if t.dim() >= 3 else 1
 
 
 def _tensor_bytes(t: Tensor, codec: str) -> int:
     n = t[0].numel()
     if not t.dtype.is_floating_point:
         return 4 * n
-    return {"float32": 4 * n, "float16": 2 * n, "int8": 4 + n}[codec]
+    return {"float32": 4 * n, "float16": 2 * n, "int8": 4 + n, "int8-rows": 2 * _rows(t) + n}[codec]
 
 
 def packed_size(template: State, codec: str = "float32") -> int:
@@ -49,6 +57,12 @@ def pack(state: State, codec: str = "float32") -> list[bytes]:
             q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
             parts.append(scale.astype("<f4").view(np.uint8))
             parts.append(q.view(np.uint8))
+        elif codec == "int8-rows":
+            x = flat.float().numpy().reshape(t.shape[0], _rows(t), -1)  # (b, r, s / r)
+            scale = (np.clip(np.abs(x).max(axis=2), 2.0**-14, 6e4) / 127.0).astype("<f2")  # (b, r), within float16's range
+            q = np.clip(np.rint(x / scale[..., None].astype(np.float32)), -127, 127).astype(np.int8)
+            parts.append(scale.view(np.uint8))
+            parts.append(q.reshape(t.shape[0], -1).view(np.uint8))
         else:
             parts.append(flat.numpy().astype("<f4" if codec == "float32" else "<f2").view(np.uint8))
     rows = np.concatenate(parts, axis=1)  # (b, bytes)
@@ -75,6 +89,11 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
             scale = raw[:, off : off + 4].copy().view("<f4")  # (b, 1)
             q = raw[:, off + 4 : off + 4 + n].copy().view(np.int8).astype(np.float32)
             out[k] = torch.from_numpy(q * scale).reshape(shape)
+        elif codec == "int8-rows":
+            r = _rows(t)
+            scale = raw[:, off : off + 2 * r].copy().view("<f2").astype(np.float32)  # (b, r)
+            q = raw[:, off + 2 * r : off + 2 * r + n].copy().view(np.int8).astype(np.float32).reshape(len(blobs), r, -1)
+            out[k] = torch.from_numpy(q * scale[..., None]).reshape(shape)
         else:
             dt = "<f4" if codec == "float32" else "<f2"
             arr = raw[:, off : off + _tensor_bytes(t, codec)].copy().view(dt).astype(np.float32)
@@ -85,4 +104,4 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
 
 def _check(codec: str) -> None:
     if codec not in CODECS:
-        raise ValueError(f"unknown state codec {codec!r}; choose from {CODECS}")
+        raise ValueError(f"unknown state codec {codec!r}; choose from {list(CODECS)}")

@@ -85,7 +85,7 @@ def encode(r: Record) -> bytes:
         r.state,
     ])
     version = r.model_version.encode()[:16].ljust(16, b"\0")
-    head = HEADER.pack(MAGIC, FORMAT, CODECS.index(r.codec), r.revision, r.applied, r.updated_at, r.last_event_ts,
+    head = HEADER.pack(MAGIC, FORMAT, CODECS[r.codec], r.revision, r.applied, r.updated_at, r.last_event_ts,
                        version, len(r.window), len(r.dedup), r.dedup_pos, len(r.seen_filter), 0)[:-4]
     return head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
 
@@ -101,7 +101,8 @@ def decode(blob: bytes, model_version: str, vector_dim: int) -> Record:
         n_seen = 0
     else:
         magic, fmt, codec, rev, applied, updated, last_ts, version, n_win, n_dedup, dpos, n_seen, crc = head.unpack_from(blob)
-    if magic != MAGIC or fmt not in (2, FORMAT) or codec >= len(CODECS):
+    names = {i: name for name, i in CODECS.items()}
+    if magic != MAGIC or fmt not in (2, FORMAT) or codec not in names:
         raise CorruptRecord(f"bad header (magic {magic!r}, format {fmt}, codec {codec})")
     body = memoryview(blob)[head.size :]
     if zlib.crc32(body, zlib.crc32(memoryview(blob)[: head.size - 4])) != crc:
@@ -119,7 +120,7 @@ def decode(blob: bytes, model_version: str, vector_dim: int) -> Record:
         state = bytes(body[off + 4 * vector_dim :])
         if len(vector) != vector_dim:
             raise CorruptRecord("body shorter than its user vector")
-    return Record(rev, applied, updated, last_ts, ver, CODECS[codec], window, dedup, dpos, seen, vector, state)
+    return Record(rev, applied, updated, last_ts, ver, names[codec], window, dedup, dpos, seen, vector, state)
 
 
 def stored_revision(blob: bytes) -> int:

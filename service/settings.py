@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     namespace: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="key prefix part: holorec:<ns>:...")
     api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required on all but /livez, /readyz, /metrics")
     state_ttl_s: int | None = Field(None, ge=1, description="expire a user's state after this many idle seconds; unset = never")
-    state_codec: Literal["float32", "float16", "int8"] = Field("float32", description="how the recurrent state is packed")
+    state_codec: Literal["float32", "float16", "int8", "int8-rows"] = Field("float32", description="how the recurrent state is packed")
     dedup_slots: int = Field(256, ge=1, le=65535, description="recent event ids remembered per user for deduplication")
     seen_filter_bytes: int = Field(1024, ge=0, le=65535, description="per-user Bloom filter of every item seen, for exclude_seen "
                                    "(1024 bytes: 2.2% of unseen items hidden at 1,000 seen, 97% at 10,000); 0 = the last max_len items only")
