@@ -75,7 +75,8 @@ class Engine:
         self.model = ckpt.model.eval()
         self.version = ckpt.version
         self.d = self.model.config.d_model
-        self.max_len = self.model.config.max_len
+        self.slots = settings.history_slots  # the record's window of recent item indices
+        self.id_bytes = 2 if len(ckpt.items) < 2**16 else 4  # a window index's bytes in the record
         self.template = self.model.init_state(1)
         self.empty_state = pack(self.template, settings.state_codec)[0]
         with torch.inference_mode():
@@ -103,7 +104,10 @@ class Engine:
         return f"holorec:{self.s.namespace}:vocab:{version}"
 
     def _fresh(self) -> rec.Record:
-        return rec.empty(self.version, self.s.state_codec, self.max_len, self.s.dedup_slots, self.s.seen_filter_bytes, self.d, self.empty_state)
+        return rec.empty(self.version, self.s.state_codec, self.slots, self.s.dedup_slots, self.s.seen_filter_bytes, self.d, self.empty_state)
+
+    def _encode(self, r: rec.Record) -> bytes:
+        return rec.encode(r, self.id_bytes)
 
     def _mark_seen(self, r: rec.Record, items: list[int] | np.ndarray) -> None:
         if self.seen is not None:
@@ -125,12 +129,18 @@ class Engine:
                     r.seen_filter = np.zeros(self.s.seen_filter_bytes, np.uint8)
                     if r.model_version == self.version:  # else _rewarm does it, through the old vocabulary
                         self._mark_seen(r, r.window[r.window > 0])
-                if r.model_version == self.version and r.codec == self.s.state_codec and len(r.window) == self.max_len:
+                if len(r.window) != self.slots or len(r.dedup) != self.s.dedup_slots:  # a setting changed
+                    r.resize(self.slots, self.s.dedup_slots)
+                    resized = True
+                if r.model_version == self.version:
+                    if r.codec != self.s.state_codec:  # the same state, stored another way: re-packed, history kept
+                        r.state = pack(unpack([r.state], self.template, r.codec), self.s.state_codec)[0]
+                        r.codec, resized = self.s.state_codec, True
                     out.append((r, r.revision, resized))
                     continue
                 stale.append(len(out))
                 out.append((r, r.revision, True))
-            except rec.CorruptRecord as e:
+            except (rec.CorruptRecord, ValueError) as e:  # ValueError: a state the codec cannot unpack
                 log.warning("corrupt state record for user %r (%s): rebuilt empty, not served", u, e)
                 ERRORS.labels("corrupt_record").inc()
                 STATE_REBUILDS.labels("corrupt").inc()
@@ -147,7 +157,7 @@ class Engine:
         for r in records:
             old = self._vocab(r.model_version)
             ids = [old[i - 1] for i in r.history() if old is not None and 0 < i <= len(old)]
-            histories.append([self.ckpt.item_index[x] for x in ids if x in self.ckpt.item_index][-self.max_len :])
+            histories.append([self.ckpt.item_index[x] for x in ids if x in self.ckpt.item_index][-self.slots :])
         state, vec = self._states(histories)
         blobs = pack(state, self.s.state_codec)
         for i, r in enumerate(records):
@@ -156,7 +166,7 @@ class Engine:
                 r.applied = 0
             r.model_version, r.codec, r.state = self.version, self.s.state_codec, blobs[i]
             r.vector = vec[i].numpy().astype(np.float32)
-            r.window = np.zeros(self.max_len, np.int32)
+            r.window = np.zeros(self.slots, np.int32)
             for item in histories[i]:
                 r.push(item)
             self._mark_seen(r, histories[i])  # the filter holds ids, so it survives a new catalogue; the window is in it
@@ -254,7 +264,7 @@ class Engine:
         writes = []
         for i, (r, expected, _) in enumerate(loaded):
             r.state, r.vector, r.updated_at, r.revision = blobs[i], vec[i].numpy(), now, max(expected, 0) + 1
-            writes.append((self.key(users[i]), expected, rec.encode(r)))
+            writes.append((self.key(users[i]), expected, self._encode(r)))
         oks = self.store.cas_many(writes, self.s.state_ttl_s)
         failed: list[str] = []
         created = n_applied = n_duplicate = 0
@@ -294,14 +304,14 @@ class Engine:
         records: dict[int, rec.Record] = {}
         for j, i in enumerate(todo):
             r = records[i] = self._fresh()
-            for item in histories[i][-self.max_len :]:
+            for item in histories[i][-self.slots :]:
                 r.push(item)
             self._mark_seen(r, histories[i])
             r.applied, r.last_event_ts, r.state, r.vector = len(histories[i]), epoch_seconds(last_ts[i]), packed[j], vec[j].numpy()
         expected = {i: 0 if blobs[i] is None else rec.stored_revision(blobs[i]) for i in todo}  # type: ignore[arg-type]
         written = created = 0
         for _ in range(self.s.cas_retries if overwrite else 1):
-            writes = [(self.key(user_ids[i]), expected[i], rec.encode(self._bumped(records[i], expected[i]))) for i in todo]
+            writes = [(self.key(user_ids[i]), expected[i], self._encode(self._bumped(records[i], expected[i]))) for i in todo]
             oks = self.store.cas_many(writes, self.s.state_ttl_s)
             written += sum(oks)
             created += sum(ok and expected[i] == 0 for i, ok in zip(todo, oks))
@@ -321,7 +331,7 @@ class Engine:
 
     def _write_back(self, user_ids: list[str], loaded: list[tuple[rec.Record, int, bool]]) -> int:
         """Store the records `_read` re-warmed or reset; losing the race means someone wrote newer state."""
-        rewrites = [(self.key(u), expected, rec.encode(self._bumped(r, expected)))
+        rewrites = [(self.key(u), expected, self._encode(self._bumped(r, expected)))
                     for u, (r, expected, dirty) in zip(user_ids, loaded) if dirty]
         return sum(self.store.cas_many(rewrites, self.s.state_ttl_s)) if rewrites else 0
 
@@ -370,7 +380,7 @@ class Engine:
     def _excluded_ids(self, q: RecQuery, r: rec.Record | None, cand: np.ndarray | None = None) -> np.ndarray:
         """(n,) item indices this query must not get: padding, the explicit exclusions, every item the user has
         seen (the seen filter: all of them, and a few unseen ones it mistakes for seen) or, with the filter off,
-        the last max_len. With `cand` (the index's candidates) the filter is asked about those items only."""
+        the record's window. With `cand` (the index's candidates) the filter is asked about those items only."""
         ids = np.array([0] + [self.ckpt.item_index[x] for x in q.exclude if x in self.ckpt.item_index], dtype=np.int64)
         if q.exclude_seen and r is not None:
             ids = np.concatenate([ids, r.window])  # padding slots are 0, already excluded

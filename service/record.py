@@ -1,23 +1,27 @@
 """One user's record: the binary value of their single Redis key. Never pickle.
 
-    header (70 bytes, little-endian)
-      magic "HREC" | format u16 | codec u8 | pad | revision u64 (offset 8) | events applied u64
-      | updated_at f64 | last event timestamp f64 (NaN = none) | model version 16s
-      | window slots u16 | dedup slots u16 | dedup cursor u32 | seen filter bytes u16
-      | crc32 of the header before it and the body u32
+    header (78 bytes, little-endian)
+      magic "HREC" | format u16 | codec id u8 (model/state.py CODECS) | item id bytes u8 (2 or 4)
+      | revision u64 (offset 8) | events applied u64 | updated_at f64 | last event timestamp f64 (NaN = none)
+      | model version 16s | window slots u16 | dedup slots u16 | dedup cursor u16 | seen filter bytes u16
+      | vector dim u16 | state bytes u32 | crc32 of the header before it and the body u32
     body
-      window   int32[window slots]  last item indices, oldest first, left-padded with 0
-      dedup    uint64[dedup slots]  hashes of the most recent event ids (a ring; 0 = empty)
-      seen     uint8[seen bytes]    Bloom filter of every item id ever applied (model/seen.py)
-      vector   float32[d]           the user vector recommendations are scored with
+      window   u16 or i32[window slots]  last item indices, oldest first, left-padded with 0
+      dedup    u32[dedup slots]          hashes of the most recent event ids (a ring; 0 = empty)
+      seen     u8[seen bytes]            Bloom filter of every item id ever applied (model/seen.py)
+      vector   f32[d] under the float32 codec, else f16[d]: the user vector recommendations are scored with
       state    the packed recurrent state (model/state.py, in the header's codec)
 
-Format 2 (before the seen filter: a 68-byte header without its field) is still read, with an
-empty filter that the engine fills from the window. The window, dedup ring and seen filter come
-first so a record written by another model version can still be read for re-warming; the vector
-and state are only read when the version matches. The Redis CAS
-script reads the revision at offset 8. Every size is fixed by the model and settings, never by
-the number of events: 10 events or 100,000 take the same bytes.
+Every length is in the header, so a reader needs no model to walk a record. Item ids take 2 bytes when the
+catalogue has fewer than 65,536 items. A dedup hash takes 4 bytes: a new event is taken for a duplicate only
+when its hash equals one of the ring's, odds of (dedup slots) / 2^32 per event (1 in 67 million at 64 slots).
+
+Formats 2 and 3 (8-byte dedup hashes, int32 window, f32 vector, no lengths; format 2 without the seen
+filter) are still read: their dedup hashes keep their low 4 bytes, which are the new hashes of the same ids.
+The window, dedup ring and seen filter come first so a record another model version wrote can still be read
+for re-warming; the vector and state are only read when the version matches. The Redis compare-and-set
+script (service/store.py) reads the revision at REVISION_OFFSET. Every size is fixed by the model and
+settings, never by the number of events: 10 events or 100,000 take the same bytes.
 """
 from __future__ import annotations
 
@@ -31,10 +35,11 @@ import numpy as np
 
 from model.state import CODECS
 
-MAGIC, FORMAT = b"HREC", 3  # 2: the checksum covers the header too; 3: the seen filter
-HEADER = struct.Struct("<4sHBxQQdd16sHHIHI")
-HEADER_V2 = struct.Struct("<4sHBxQQdd16sHHII")
+MAGIC, FORMAT = b"HREC", 4  # 2: the checksum covers the header too; 3: the seen filter; 4: lengths in the header, compact fields
+HEADER = struct.Struct("<4sHBBQQdd16sHHHHHII")
+OLD_HEADERS = {2: struct.Struct("<4sHBxQQdd16sHHII"), 3: struct.Struct("<4sHBxQQdd16sHHIHI")}
 REVISION_OFFSET = 8  # the Lua CAS script depends on this
+CODEC_NAMES = {i: name for name, i in CODECS.items()}
 
 
 class CorruptRecord(ValueError):
@@ -43,14 +48,14 @@ class CorruptRecord(ValueError):
 
 @dataclass
 class Record:
-    revision: int  # 0 = not stored yet; each write stores revision + 1
+    revision: int  # 0 = not stored yet; each write stores revision + 1 (mod 2^64, skipping 0)
     applied: int
     updated_at: float
     last_event_ts: float
     model_version: str
     codec: str
-    window: np.ndarray  # (max_len,) int32
-    dedup: np.ndarray  # (dedup slots,) uint64
+    window: np.ndarray  # (window slots,) int32
+    dedup: np.ndarray  # (dedup slots,) uint32
     dedup_pos: int
     seen_filter: np.ndarray  # (seen bytes,) uint8; empty in a format-2 record
     vector: np.ndarray  # (d,) float32; empty when the version differs from the reader's model
@@ -70,57 +75,87 @@ class Record:
     def history(self) -> list[int]:
         return [int(i) for i in self.window if i > 0]
 
+    def resize(self, window_slots: int, dedup_slots: int) -> None:
+        """Keep the newest items and event hashes when a setting changed the sizes."""
+        if len(self.window) != window_slots:
+            kept = self.window[-window_slots:] if window_slots else self.window[:0]
+            self.window = np.concatenate([np.zeros(window_slots - len(kept), np.int32), kept])
+        if len(self.dedup) != dedup_slots:
+            newest = np.roll(self.dedup, -self.dedup_pos)  # oldest first
+            newest = newest[newest > 0][-dedup_slots:]
+            self.dedup = np.zeros(dedup_slots, np.uint32)
+            self.dedup[: len(newest)] = newest
+            self.dedup_pos = len(newest) % dedup_slots
+
 
 def event_hash(event_id: str) -> int:
-    """64-bit hash of an event id for the dedup ring; never 0, which marks an empty slot."""
-    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little") or 1
+    """32-bit hash of an event id for the dedup ring; never 0, which marks an empty slot."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest()[:4], "little") or 1
 
 
-def encode(r: Record) -> bytes:
+def _vector_dtype(codec: str) -> str:
+    return "<f4" if codec == "float32" else "<f2"
+
+
+def encode(r: Record, id_bytes: int = 2) -> bytes:
+    """`id_bytes` 2 needs every window index below 65,536; the engine passes 4 for larger catalogues."""
     body = b"".join([
-        r.window.astype("<i4").tobytes(),
-        r.dedup.astype("<u8").tobytes(),
+        r.window.astype("<u2" if id_bytes == 2 else "<i4").tobytes(),
+        r.dedup.astype("<u4").tobytes(),
         r.seen_filter.tobytes(),
-        r.vector.astype("<f4").tobytes(),
+        r.vector.astype(_vector_dtype(r.codec)).tobytes(),
         r.state,
     ])
     version = r.model_version.encode()[:16].ljust(16, b"\0")
-    head = HEADER.pack(MAGIC, FORMAT, CODECS[r.codec], r.revision, r.applied, r.updated_at, r.last_event_ts,
-                       version, len(r.window), len(r.dedup), r.dedup_pos, len(r.seen_filter), 0)[:-4]
+    revision = (r.revision % 2**64 or 1) if r.revision else 0  # past 2^64 - 1 (a corrupt record's) it wraps to 1
+    head = HEADER.pack(MAGIC, FORMAT, CODECS[r.codec], id_bytes, revision, r.applied,
+                       r.updated_at, r.last_event_ts, version, len(r.window), len(r.dedup), r.dedup_pos, len(r.seen_filter),
+                       len(r.vector), len(r.state), 0)[:-4]
     return head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
 
 
-def decode(blob: bytes, model_version: str, vector_dim: int) -> Record:
-    """Parse a record; vector and state are read only when it was written by `model_version`."""
+def decode(blob: bytes, model_version: str, old_vector_dim: int | None = None) -> Record:
+    """Parse a record; vector and state are read only when it was written by `model_version`. A format 2 or 3
+    record does not say where its vector ends: `old_vector_dim`, the reader's d_model, does."""
     fmt = struct.unpack_from("<H", blob, 4)[0] if len(blob) >= 6 else -1
-    head = HEADER_V2 if fmt == 2 else HEADER
+    head = OLD_HEADERS.get(fmt, HEADER)
     if len(blob) < head.size:
         raise CorruptRecord(f"record of {len(blob)} bytes is shorter than its {head.size}-byte header")
-    if fmt == 2:
-        magic, fmt, codec, rev, applied, updated, last_ts, version, n_win, n_dedup, dpos, crc = head.unpack_from(blob)
-        n_seen = 0
-    else:
-        magic, fmt, codec, rev, applied, updated, last_ts, version, n_win, n_dedup, dpos, n_seen, crc = head.unpack_from(blob)
-    names = {i: name for name, i in CODECS.items()}
-    if magic != MAGIC or fmt not in (2, FORMAT) or codec not in names:
+    fields = head.unpack_from(blob)
+    if head is not HEADER:  # formats 2, 3: a pad byte where the id width is now (4: int32)
+        fields = fields[:3] + (4,) + fields[3:]
+    magic, fmt, codec, id_bytes, rev, applied, updated, last_ts, version, n_win, n_dedup, dpos = fields[:12]
+    if magic != MAGIC or fmt not in (2, 3, FORMAT) or codec not in CODEC_NAMES:
         raise CorruptRecord(f"bad header (magic {magic!r}, format {fmt}, codec {codec})")
     body = memoryview(blob)[head.size :]
-    if zlib.crc32(body, zlib.crc32(memoryview(blob)[: head.size - 4])) != crc:
+    if zlib.crc32(body, zlib.crc32(memoryview(blob)[: head.size - 4])) != fields[-1]:
         raise CorruptRecord("checksum mismatch (truncated or overwritten)")
-    off = 4 * n_win + 8 * n_dedup + n_seen
+    if fmt == FORMAT:
+        n_seen, d, n_state = fields[12:15]
+        win_dt, dedup_dt, vec_dt = ("<u2" if id_bytes == 2 else "<i4"), "<u4", _vector_dtype(CODEC_NAMES[codec])
+    else:
+        n_seen = fields[12] if fmt == 3 else 0
+        win_dt, dedup_dt, vec_dt = "<i4", "<u8", "<f4"
+        d = old_vector_dim if old_vector_dim is not None else -1
+        n_state = len(body) - sum([4 * n_win, 8 * n_dedup, n_seen]) - 4 * max(d, 0)
+    sizes = [np.dtype(win_dt).itemsize * n_win, np.dtype(dedup_dt).itemsize * n_dedup, n_seen]
+    off = sum(sizes)
     if len(body) < off:
         raise CorruptRecord("body shorter than its window, dedup ring and seen filter")
-    window = np.frombuffer(body[: 4 * n_win], dtype="<i4").astype(np.int32)
-    dedup = np.frombuffer(body[4 * n_win : 4 * n_win + 8 * n_dedup], dtype="<u8").astype(np.uint64)
+    window = np.frombuffer(body[: sizes[0]], dtype=win_dt).astype(np.int32)
+    dedup = (np.frombuffer(body[sizes[0] : sizes[0] + sizes[1]], dtype=dedup_dt) & 0xFFFFFFFF).astype(np.uint32)
     seen = np.frombuffer(body[off - n_seen : off], dtype=np.uint8).copy()
     ver = version.rstrip(b"\0").decode(errors="replace")
     vector, state = np.zeros(0, np.float32), b""
     if ver == model_version:
-        vector = np.frombuffer(body[off : off + 4 * vector_dim], dtype="<f4").astype(np.float32)
-        state = bytes(body[off + 4 * vector_dim :])
-        if len(vector) != vector_dim:
-            raise CorruptRecord("body shorter than its user vector")
-    return Record(rev, applied, updated, last_ts, ver, names[codec], window, dedup, dpos, seen, vector, state)
+        if d < 0:
+            raise CorruptRecord("an old-format record's vector and state cannot be split without the model's d_model")
+        v_bytes = np.dtype(vec_dt).itemsize * d
+        if len(body) != off + v_bytes + n_state:
+            raise CorruptRecord(f"body of {len(body)} bytes, its header says {off + v_bytes + n_state}")
+        vector = np.frombuffer(body[off : off + v_bytes], dtype=vec_dt).astype(np.float32)
+        state = bytes(body[off + v_bytes :])
+    return Record(rev, applied, updated, last_ts, ver, CODEC_NAMES[codec], window, dedup, dpos, seen, vector, state)
 
 
 def stored_revision(blob: bytes) -> int:
@@ -128,6 +163,6 @@ def stored_revision(blob: bytes) -> int:
     return struct.unpack_from("<Q", blob, REVISION_OFFSET)[0] if len(blob) >= REVISION_OFFSET + 8 else -1
 
 
-def empty(model_version: str, codec: str, max_len: int, dedup_slots: int, seen_bytes: int, vector_dim: int, state: bytes) -> Record:
-    return Record(0, 0, 0.0, math.nan, model_version, codec, np.zeros(max_len, np.int32),
-                  np.zeros(dedup_slots, np.uint64), 0, np.zeros(seen_bytes, np.uint8), np.zeros(vector_dim, np.float32), state)
+def empty(model_version: str, codec: str, window_slots: int, dedup_slots: int, seen_bytes: int, vector_dim: int, state: bytes) -> Record:
+    return Record(0, 0, 0.0, math.nan, model_version, codec, np.zeros(window_slots, np.int32),
+                  np.zeros(dedup_slots, np.uint32), 0, np.zeros(seen_bytes, np.uint8), np.zeros(vector_dim, np.float32), state)

@@ -172,6 +172,7 @@ CORRUPTIONS = {
     "flip_revision": _flip(9),
     "garbage": lambda b: b"x",
     "zeros": lambda b: bytes(len(b)),  # revision 0 on a present key
+    "revision_all_ones": lambda b: b[:8] + b"\xff" * 8 + b[16:],  # the next revision must wrap, not overflow into a 500
 }
 
 

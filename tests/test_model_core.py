@@ -100,12 +100,23 @@ def test_state_packing_round_trip_and_constant_size(codec: str) -> None:
     blobs = pack(short, codec) + pack(long, codec)
     assert len(blobs[0]) == len(blobs[1]) == packed_size(m.init_state(1), codec)
     back = unpack(blobs, m.init_state(1), codec)
-    tol = {"float32": 0.0, "float16": 1e-2, "int8": 5e-2}[codec]
+    tol = {"float32": 0.0, "float16": 1e-2, "int8": 5e-2, "int8-rows": 5e-2}[codec]
     for k in long:
         scale = long[k].abs().max().item() + 1e-6
         assert (back[k][1:] - long[k]).abs().max().item() <= tol * scale + 1e-7
     with pytest.raises(ValueError, match="expected"):
         unpack([blobs[0][:-1]], m.init_state(1), codec)
+
+
+def test_int8_rows_keeps_each_channels_precision() -> None:
+    """Channels a thousand times apart: one scale per tensor rounds the small ones to zero, one per row does not."""
+    x = torch.randn(2, 6, 16) * torch.tensor([1e-3, 1e-2, 1.0, 10.0, 1e-3, 1.0])[None, :, None]  # (b, channels, state)
+    template = {"h": torch.zeros(1, 6, 16)}
+    for codec, worst in (("int8", 0.5), ("int8-rows", 0.01)):
+        back = unpack(pack({"h": x}, codec), template, codec)["h"]
+        rel = ((back - x).abs().amax(2) / x.abs().amax(2))  # (b, channels): error relative to each channel's size
+        assert (rel.max().item() > 0.5) == (codec == "int8") and rel.max().item() <= (1.0 if codec == "int8" else worst)
+    assert packed_size(template, "int8-rows") == 6 * 2 + 6 * 16
 
 
 def test_checkpoint_round_trip_identical_scores(tmp_path) -> None:

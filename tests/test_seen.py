@@ -33,9 +33,9 @@ def test_no_false_negatives_and_the_stated_false_positive_rates() -> None:
 
 
 def test_eighty_items_through_a_window_of_twenty_never_come_back(tmp_path: Path, server_factory) -> None:
-    """The issue's check: max_len 20, 80 distinct items posted, a top-100 holds none of them."""
-    ckpt = make_checkpoint(tmp_path / "ckpt", max_len=20, n_items=300)
-    srv = server_factory(ckpt)
+    """The issue's check: a window of 20, 80 distinct items posted, a top-100 holds none of them."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", n_items=300)
+    srv = server_factory(ckpt, history_slots=20)
     posted = [f"item-{i}" for i in range(7, 247, 3)]
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         assert c.post("/events", json={"events": [{"user_id": "shopper", "item_id": i} for i in posted]}).json()["applied"] == 80
@@ -65,7 +65,7 @@ def test_a_format_2_record_is_read_and_its_filter_refilled_from_the_window(tmp_p
     engine.apply([[Event("u", f"item-{i}") for i in range(1, 12)]])
     r = rec.decode(store.get(engine.key("u")), ckpt.version, 16)
     body = r.window.astype("<i4").tobytes() + r.dedup.astype("<u8").tobytes() + r.vector.astype("<f4").tobytes() + r.state
-    head = rec.HEADER_V2.pack(rec.MAGIC, 2, 0, r.revision, r.applied, r.updated_at, r.last_event_ts, ckpt.version.encode()[:16],
+    head = rec.OLD_HEADERS[2].pack(rec.MAGIC, 2, 0, r.revision, r.applied, r.updated_at, r.last_event_ts, ckpt.version.encode()[:16],
                               len(r.window), len(r.dedup), r.dedup_pos, 0)[:-4]
     store.set(engine.key("u"), head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body)
     (old, _, dirty), = engine._read(["u"])

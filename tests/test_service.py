@@ -74,8 +74,8 @@ def test_record_size_is_constant_in_history_length(ckpt_dir: Path, server_factor
 def test_concurrent_writers_lose_nothing(tmp_path: Path, server_factory, namespace: str) -> None:
     """8 clients x 500 events for one user: exactly 4,000 applied, state = replay in applied order."""
     ckpt_dir = tmp_path / "long"
-    ckpt = train_tiny(ckpt_dir, max_len=4096, steps=5)  # a ring buffer that holds the whole history
-    srv = server_factory(ckpt_dir)
+    ckpt = train_tiny(ckpt_dir, steps=5)
+    srv = server_factory(ckpt_dir, history_slots=4096)  # a window that holds the whole history
     errors: list[str] = []
 
     def client(n: int) -> None:

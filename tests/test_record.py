@@ -1,0 +1,102 @@
+"""The record's bytes (service/record.py): what each field costs, old formats still read, odd values survived."""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from service import record as rec
+
+
+def _record(window_slots: int = 50, dedup_slots: int = 64, seen: int = 512, d: int = 64, codec: str = "int8") -> rec.Record:
+    r = rec.empty("v1", codec, window_slots, dedup_slots, seen, d, bytes(range(200)))
+    r.revision, r.applied, r.last_event_ts = 7, 12, 1.7e9
+    for i in range(1, 13):
+        r.push(i * 5000)
+        r.remember(rec.event_hash(f"e{i}"))
+    r.seen_filter[:3] = [1, 2, 3]
+    r.vector = np.linspace(-1, 1, d, dtype=np.float32)
+    return r
+
+
+@pytest.mark.parametrize("id_bytes", [2, 4])
+def test_round_trip_and_the_bytes_each_field_takes(id_bytes: int) -> None:
+    r = _record()
+    blob = rec.encode(r, id_bytes)
+    assert len(blob) == rec.HEADER.size + 50 * id_bytes + 64 * 4 + 512 + 64 * 2 + 200  # float16 vector off float32
+    back = rec.decode(blob, "v1")
+    assert np.array_equal(back.window, r.window) and np.array_equal(back.dedup, r.dedup) and back.state == r.state
+    assert np.array_equal(back.seen_filter, r.seen_filter) and np.allclose(back.vector, r.vector, atol=1e-3)
+    assert (back.revision, back.applied, back.dedup_pos, back.codec) == (7, 12, 12, "int8")
+    assert rec.decode(blob, "another version").state == b""  # another model's reader skips vector and state
+
+
+def test_a_float32_record_keeps_its_vector_exact() -> None:
+    r = _record(codec="float32")
+    assert np.array_equal(rec.decode(rec.encode(r), "v1").vector, r.vector)
+
+
+def test_a_wrong_length_in_the_header_is_corrupt_not_misread() -> None:
+    blob = rec.encode(_record())
+    with pytest.raises(rec.CorruptRecord):
+        rec.decode(blob[:-1], "v1")
+
+
+def test_revision_past_2_64_wraps_to_1() -> None:
+    r = _record()
+    r.revision = 2**64  # one past a corrupt record's 0xFF..FF
+    assert rec.decode(rec.encode(r), "v1").revision == 1
+
+
+def test_a_format_3_record_is_read_and_its_dedup_ring_still_matches() -> None:
+    """Format 3: int32 window, 8-byte hashes, float32 vector; its hashes' low 4 bytes are today's hashes."""
+    window = np.arange(1, 9, dtype=np.int32)
+    old_hash = int.from_bytes(hashlib.blake2b(b"evt-1", digest_size=8).digest(), "little")
+    dedup = np.array([old_hash, 0, 0, 0], np.uint64)
+    seen, vector, state = np.full(16, 7, np.uint8), np.ones(4, np.float32), b"\x01\x02\x03\x04"
+    body = window.astype("<i4").tobytes() + dedup.astype("<u8").tobytes() + seen.tobytes() + vector.astype("<f4").tobytes() + state
+    head = rec.OLD_HEADERS[3].pack(rec.MAGIC, 3, 0, 5, 8, 0.0, math.nan, b"v1".ljust(16, b"\0"), 8, 4, 1, 16, 0)[:-4]
+    r = rec.decode(head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body, "v1", old_vector_dim=4)
+    assert r.history() == list(range(1, 9)) and r.seen(rec.event_hash("evt-1")) and not r.seen(rec.event_hash("evt-2"))
+    assert np.array_equal(r.vector, vector) and r.state == state and np.array_equal(r.seen_filter, seen)
+
+
+def test_resize_keeps_the_newest_items_and_event_ids() -> None:
+    r = _record(window_slots=50, dedup_slots=64)
+    r.resize(5, 4)
+    assert r.history() == [i * 5000 for i in range(8, 13)]
+    assert all(r.seen(rec.event_hash(f"e{i}")) for i in range(9, 13)) and not r.seen(rec.event_hash("e8"))
+    r.remember(rec.event_hash("e13"))  # the ring goes on overwriting the oldest
+    assert r.seen(rec.event_hash("e13")) and not r.seen(rec.event_hash("e9"))
+
+
+def test_a_new_codec_or_window_setting_keeps_the_users_state(tmp_path) -> None:
+    """A changed HOLOREC_STATE_CODEC re-packs the stored state (no replay: the whole history stays in it), and a
+    changed HOLOREC_HISTORY_SLOTS keeps the newest items; the next event goes on from there."""
+    from bench.faults import make_checkpoint
+    from model.checkpoint import load
+    from model.state import unpack
+    from service.engine import Engine, Event
+    from service.settings import Settings
+    from service.store import MemoryStore
+
+    ckpt, store = load(make_checkpoint(tmp_path / "ckpt", n_items=40)), MemoryStore()
+    items = [f"item-{1 + i % 40}" for i in range(120)]
+    before = Engine(ckpt, store, Settings(history_slots=50))
+    before.apply([[Event("u", i) for i in items]])
+    after = Engine(ckpt, store, Settings(state_codec="int8-rows", history_slots=10))
+    after.apply([[Event("u", "item-3")]])
+    r = rec.decode(store.get(after.key("u")), ckpt.version)
+    assert r.codec == "int8-rows" and r.applied == 121 and len(r.window) == 10
+    assert r.history() == [ckpt.item_index[i] for i in items[-9:]] + [ckpt.item_index["item-3"]]
+    with torch.no_grad():
+        _, whole = ckpt.model.replay([ckpt.item_index[i] for i in items + ["item-3"]])
+        _, last_10 = ckpt.model.replay([ckpt.item_index[i] for i in items[-9:] + ["item-3"]])
+    got = unpack([r.state], ckpt.model.init_state(1), "int8-rows")
+    for k in ("ssm0", "ssm1"):  # the SSM states remember more than 10 events: a replay of the window is far off
+        assert (got[k] - whole[k]).abs().max() < 1e-3 < 5e-3 < (got[k] - last_10[k]).abs().max()
