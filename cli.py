@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_consume)
 
     b = sub.add_parser("bench", help="benchmarks; results go to bench/results/")
-    b.add_argument("which", choices=["step", "accuracy", "train", "serve", "faults", "warm", "plots", "all"])
+    b.add_argument("which", choices=["step", "accuracy", "train", "serve", "faults", "warm", "memory", "plots", "all"])
     b.add_argument("--out", default="bench/results")
     b.add_argument("--quick", action="store_true", help="a small, fast version (for smoke tests)")
     b.add_argument("--data", help="dataset for `bench accuracy`")

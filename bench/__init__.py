@@ -6,7 +6,7 @@ import importlib
 
 from pathlib import Path
 
-MODULES = {"step": "bench.step", "accuracy": "bench.accuracy", "train": "bench.train_speed", "serve": "bench.serve", "faults": "bench.faults", "warm": "bench.ingest"}
+MODULES = {"step": "bench.step", "accuracy": "bench.accuracy", "train": "bench.train_speed", "serve": "bench.serve", "faults": "bench.faults", "warm": "bench.ingest", "memory": "bench.memory"}
 
 
 def run(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ command redraws them when it ends. Nothing here measures: each plot reads figure
     train_speed.png          train: positions/s and peak memory per model against sequence length
     accuracy.png             accuracy_*: NDCG@10 mean ± std over seeds per model, per table
     state_bytes_ndcg.png     serve codec: bytes per user's state against NDCG@10 for each codec
+    memory_frontier.png      memory: served NDCG@10 against Redis bytes per user, per model size and codec
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ def write_all(out: Path) -> list[Path]:
         print("bench plots: matplotlib is not installed (pip install -e '.[dev]'): no pictures drawn")
         return []
     written = []
-    serve, train = _load(out / "serve.json"), _load(out / "train_speed.json")
+    serve, train, memory = _load(out / "serve.json"), _load(out / "train_speed.json"), _load(out / "memory.json")
     accuracy = {p.stem.removeprefix("accuracy_"): json.loads(p.read_text()) for p in sorted(out.glob("accuracy_*.json"))}
     serve = serve or {}  # a partial serve run (HOLOREC_BENCH_SECTIONS) has some sections only
     for name, draw, data in (("latency_vs_history", _latency_vs_history, serve.get("o1")), ("throughput", _throughput, serve.get("load")),
                              ("train_speed", _train_speed, train), ("accuracy", _accuracy, accuracy),
-                             ("state_bytes_ndcg", _state_bytes_ndcg, serve.get("codec"))):
+                             ("state_bytes_ndcg", _state_bytes_ndcg, serve.get("codec")),
+                             ("memory_frontier", _memory_frontier, (memory or {}).get("frontier"))):
         if not data:
             continue
         fig = draw(plt, data)
@@ -107,6 +109,23 @@ def _state_bytes_ndcg(plt: Any, codec: dict[str, Any]) -> Any:
         ax.scatter(v["state_bytes"], v["ndcg10"], s=40)
         ax.annotate(name, (v["state_bytes"], v["ndcg10"]), textcoords="offset points", xytext=(5, 5))
     ax.set(xlabel="state bytes per user", ylabel="NDCG@10 (ML-100K, stepped with packing)", title="What packing the state costs")
+    return fig
+
+
+def _memory_frontier(plt: Any, frontier: list[dict[str, Any]]) -> Any:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    markers = {"float32": "o", "float16": "s", "int8": "^", "int8-rows": "v"}
+    for codec, marker in markers.items():
+        rows = [f for f in frontier if f["codec"] == codec]
+        ax.errorbar([f["used_memory_per_user"] for f in rows], [f["ndcg10"] for f in rows], yerr=[f["ndcg10_std"] for f in rows],
+                    fmt=marker, capsize=3, label=codec)
+        for f in rows:
+            ax.annotate(f["model"].removeprefix("holomamba").lstrip(":") or "default", (f["used_memory_per_user"], f["ndcg10"]),
+                        textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.axvline(4000, color="grey", linestyle="--", linewidth=1)
+    ax.set(xscale="log", xlabel="Redis used_memory per user, bytes (dashed: 4 GB per million users)",
+           ylabel="NDCG@10 served (ML-100K test)", title="HoloMambaRec: accuracy against memory per user")
+    ax.legend(title="state codec", fontsize=8)
     return fig
 
 

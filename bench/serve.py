@@ -377,8 +377,8 @@ def _ivf_recall(net: torch.nn.Module, lists: int, probe: int, users: int) -> flo
 def section_codec(tmp: Path, quick: bool, epochs: int, data: str) -> dict[str, Any]:
     """Bytes per user per state codec, and NDCG@10 when every step goes through pack/unpack."""
     from model.checkpoint import load
-    from model.evaluate import evaluate, metrics_from_ranks, ranks
-    from model.state import CODECS, pack, packed_size, unpack
+    from model.evaluate import evaluate, evaluate_served
+    from model.state import CODECS, pack, packed_size
     from service import record as rec
 
     if quick:
@@ -402,37 +402,18 @@ def section_codec(tmp: Path, quick: bool, epochs: int, data: str) -> dict[str, A
             train(ds, cfg, epochs=epochs, lr=hyper("holomamba", ds.kind)["lr"], out=Path(path))
         ckpt = load(path)
         net, source = ckpt.model, f"{path} (provenance: {json.dumps(ckpt.provenance)[:400]})"
-    sp = split(ds, net.config.max_len)
-    hist, targets = sp.eval_set("test")
-    L = net.config.max_len
-    seqs = [h[-L:] for h in hist]
+    from service.settings import Settings
+
+    hist, targets = split(ds, net.config.max_len).eval_set("test")
     template = net.init_state(1)
-    table = net.item_table().detach()
-    forward_ndcg = evaluate(net, hist, targets)["NDCG@10"]
-    out: dict[str, Any] = {"checkpoint": source, "users": len(seqs), "max_len": L, "forward_ndcg10": forward_ndcg, "codecs": {}}
-    base = None
-    for codec in ("none", *CODECS):
-        with torch.inference_mode():
-            state = net.init_state(len(seqs))
-            vec = torch.zeros(len(seqs), net.config.d_model)
-            for t in range(max(len(s) for s in seqs)):
-                rows = torch.tensor([u for u, s in enumerate(seqs) if len(s) > t])
-                items = torch.tensor([seqs[u][t] for u in rows.tolist()])
-                h, new = net.step(items, {k: v[rows] for k, v in state.items()})
-                if codec != "none":  # what the service does between two events: store, load
-                    new = unpack(pack(new, codec), template, codec)
-                for k in state:
-                    state[k][rows] = new[k]
-                vec[rows] = h
-            m = metrics_from_ranks(ranks(vec @ table.T, torch.tensor(targets)))
-        if codec == "none":
-            base = m["NDCG@10"]
-            out["step_ndcg10"] = base
-            continue
-        state_b = packed_size(template, codec)
-        empty = rec.empty("v", codec, L, 256, 1024, net.config.d_model, pack(template, codec)[0])  # default dedup slots and seen filter
-        record_b = len(rec.encode(empty))
-        out["codecs"][codec] = {"state_bytes": state_b, "record_bytes": record_b, "ndcg10": m["NDCG@10"],
+    forward_ndcg = evaluate(net, hist, targets, full_history=True)["NDCG@10"]
+    base = evaluate_served(net, hist, targets, None)["NDCG@10"]
+    out: dict[str, Any] = {"checkpoint": source, "users": len(hist), "forward_ndcg10": forward_ndcg, "step_ndcg10": base, "codecs": {}}
+    s = Settings()
+    for codec in CODECS:
+        m = evaluate_served(net, hist, targets, codec)
+        empty = rec.empty("v", codec, s.history_slots, s.dedup_slots, s.seen_filter_bytes, net.config.d_model, pack(template, codec)[0])
+        out["codecs"][codec] = {"state_bytes": packed_size(template, codec), "record_bytes": len(rec.encode(empty)), "ndcg10": m["NDCG@10"],
                                 "ndcg10_change": m["NDCG@10"] - base, "ndcg10_rel_change": (m["NDCG@10"] - base) / base if base else math.nan}
     return out
 
@@ -662,9 +643,10 @@ def markdown(res: dict[str, Any]) -> str:
     if "codec" in res:
         cd = res["codec"]
         lines += ["## 5. State size per codec (HOLOREC_STATE_CODEC) and what it costs in accuracy", "",
-                  f"ML-100K test users ({cd['users']}; MovieLens-1M is not available on this machine), each stepped through the last "
-                  f"{cd['max_len']} items of their history, the state packed and unpacked after every step. Checkpoint: {cd['checkpoint']}. "
-                  f"NDCG@10 (full ranking): forward {cd['forward_ndcg10']:.4f}, step without packing {cd['step_ndcg10']:.4f}.", "",
+                  f"ML-100K test users ({cd['users']}; MovieLens-1M is not available on this machine), each stepped through their whole "
+                  f"history, the state packed and unpacked after every step (`evaluate_served`). Checkpoint: {cd['checkpoint']}. "
+                  f"NDCG@10 (full ranking): forward over the whole history {cd['forward_ndcg10']:.4f}, step without packing {cd['step_ndcg10']:.4f}. "
+                  "`holorec bench memory` has these codecs for every model size, with their accuracy over seeds.", "",
                   "| codec | state bytes / user | whole record bytes | NDCG@10 | change vs no packing |", "|---|---:|---:|---:|---:|"]
         for codec, v in cd["codecs"].items():
             lines.append(f"| {codec} | {v['state_bytes']:,} | {v['record_bytes']:,} | {v['ndcg10']:.4f} | {v['ndcg10_change']:+.4f} ({100 * v['ndcg10_rel_change']:+.2f}%) |")

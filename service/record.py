@@ -1,6 +1,6 @@
 """One user's record: the binary value of their single Redis key. Never pickle.
 
-    header (78 bytes, little-endian)
+    header (74 bytes, little-endian)
       magic "HREC" | format u16 | codec id u8 (model/state.py CODECS) | item id bytes u8 (2 or 4)
       | revision u64 (offset 8) | events applied u64 | updated_at f64 | last event timestamp f64 (NaN = none)
       | model version 16s | window slots u16 | dedup slots u16 | dedup cursor u16 | seen filter bytes u16

@@ -56,7 +56,7 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
         assert v["c1"]["errors"] == {} and v["c1"]["p50_ms"] > 0 and v["c32"]["per_s"] > 0
 
     codecs = res["codec"]["codecs"]
-    assert set(codecs) == {"float32", "float16", "int8"}
+    assert set(codecs) == {"float32", "float16", "int8", "int8-rows"}
     assert codecs["float32"]["state_bytes"] == 2 * codecs["float16"]["state_bytes"] > codecs["int8"]["state_bytes"]
     assert codecs["float32"]["ndcg10_change"] == 0.0  # float32 packing is lossless
     assert all(math.isfinite(v["ndcg10"]) for v in codecs.values())
