@@ -11,9 +11,7 @@ import argparse
 import fcntl
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 
 from model import MODELS, ModelConfig
 from model.data import DEFAULT_MAX_LEN, load, split
+from bench.harness import command, hardware
 from model.evaluate import evaluate, evaluate_popularity, evaluate_served
 from model.train import hyper, set_threads, train
 
@@ -48,30 +47,6 @@ def step_ms(model: torch.nn.Module, batch: int = 1, steps: int = 200) -> float:
     for i in range(20, steps + 20):
         _, state = model.step(items[i], state)
     return (time.perf_counter() - t) / steps * 1e3
-
-
-def hardware(device: str) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    hw: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "device": device, "torch": torch.__version__, "python": platform.python_version(),
-                          "load_average_at_start": os.getloadavg()[0]}  # the machine may be shared: timings depend on it
-    if device.startswith("cuda") and torch.cuda.is_available():
-        hw["gpu"] = torch.cuda.get_device_name(0)
-    return hw
-
-
-def command() -> str:
-    """The command line as typed, with HOLOREC_THREADS if set."""
-    env = f"HOLOREC_THREADS={os.environ['HOLOREC_THREADS']} " if os.environ.get("HOLOREC_THREADS") else ""
-    prog = {"holorec": "holorec", "cli.py": "python -m cli"}.get(Path(sys.argv[0]).name, "python " + sys.argv[0])
-    return env + " ".join([prog, *sys.argv[1:]])
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

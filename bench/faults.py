@@ -18,11 +18,7 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,185 +30,9 @@ import httpx
 import redis
 import redis.cluster
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.harness import RedisClusterServers, RedisServer, Service, make_checkpoint, wait_for
+
 AOF_WINDOW_S = 2.0  # appendfsync everysec loses at most ~1 s of writes, 2 s when an fsync runs late
-
-
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise RuntimeError(f"{name} not found on PATH: these fault tests need real Redis binaries "
-                           "(Debian: apt-get install redis-server)")
-    return path
-
-
-def free_port(span: int = 0) -> int:
-    """A free loopback port; with span, port + span must be free too (the Redis Cluster bus port)."""
-    for _ in range(200):
-        port = random.randint(20000, 30000) if span else 0
-        try:
-            with socket.socket() as a:
-                a.bind(("127.0.0.1", port))
-                port = a.getsockname()[1]
-                if span:
-                    with socket.socket() as b:
-                        b.bind(("127.0.0.1", port + span))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free loopback port")
-
-
-def _wait(what: str, ok, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            got = ok()
-            if got:
-                return got
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(step)
-    raise TimeoutError(f"{what} not within {timeout:.0f} s")
-
-
-class RedisServer:
-    """One `redis-server` on a loopback port, its data and log in `workdir`; restartable in place."""
-
-    def __init__(self, workdir: Path, *args: str, port: int | None = None) -> None:
-        self.dir, self.args = Path(workdir), list(args)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
-
-    def start(self, wait: bool = True) -> None:
-        cmd = [_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-               "--save", "", "--logfile", "redis.log", "--daemonize", "no", "--protected-mode", "yes", *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if wait:  # PING answers LOADING while an AOF is replayed: wait for a real PONG
-            _wait(f"redis-server on port {self.port}", lambda: self.proc.poll() is None and self.client().ping(), 20)
-
-    def signal(self, sig: int) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a frozen one must be able to die
-            self.proc.kill()
-            self.proc.wait(10)
-
-    stop = kill
-
-
-class RedisClusterServers:
-    """A Redis Cluster of `masters` primaries (no replicas) on loopback ports, made by redis-cli."""
-
-    def __init__(self, workdir: Path, masters: int = 3) -> None:
-        self.nodes: list[RedisServer] = []
-        try:
-            for i in range(masters):
-                self.nodes.append(RedisServer(Path(workdir) / f"node{i}", "--cluster-enabled", "yes",
-                                              "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-                                              "--appendonly", "no", port=free_port(span=10000)))
-            addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
-            out = subprocess.run([_binary("redis-cli"), "--cluster", "create", *addrs, "--cluster-replicas", "0",
-                                  "--cluster-yes"], capture_output=True, text=True, timeout=60)
-            if out.returncode != 0:
-                raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
-            for n in self.nodes:
-                _wait("cluster_state:ok", lambda n=n: n.client().cluster("info")["cluster_state"] == "ok", 30)
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def url(self) -> str:
-        return self.nodes[0].url
-
-    def client(self) -> redis.cluster.RedisCluster:
-        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=5)
-
-    def stop(self) -> None:
-        for n in self.nodes:
-            n.kill()
-
-
-class Service:
-    """holorec under real uvicorn in a subprocess, configured by HOLOREC_* variables."""
-
-    def __init__(self, checkpoint: Path, redis_url: str, namespace: str, *, workers: int = 1, log: Path | None = None,
-                 wait: bool = True, **settings: object) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.metrics_dir = tempfile.mkdtemp(prefix="holorec-metrics-")  # /metrics sums every worker
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir, "HOLOREC_CHECKPOINT": str(checkpoint),
-               "HOLOREC_REDIS_URL": redis_url, "HOLOREC_NAMESPACE": namespace,
-               **{f"HOLOREC_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.items()}}
-        cmd = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", str(workers), "--log-level", "warning"]
-        self.log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # its own group: workers die with it
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with {self.proc.returncode}")
-            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if ready():
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"service on {self.url} not ready within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        if self.log is not subprocess.DEVNULL:
-            self.log.close()
-        shutil.rmtree(self.metrics_dir, ignore_errors=True)
-
-    def metric(self, name: str) -> float:
-        """Sum of a metric's samples (all labels, all workers) from /metrics."""
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and line[len(name)] in " {")
-
-
-def make_checkpoint(path: Path, *, max_len: int = 512, n_items: int = 40, seed: int = 0) -> Path:
-    """An untrained tiny checkpoint: these scenarios test bookkeeping, not accuracy."""
-    import torch
-
-    from model import ModelConfig, build_model
-    from model.checkpoint import Checkpoint, save
-
-    torch.manual_seed(seed)
-    attrs = torch.tensor([[0, 0]] + [[1 + i % 4, 1 + (i // 10) % 4] for i in range(n_items)])
-    cfg = ModelConfig(n_items=n_items, n_attrs=4, max_attrs=2, d_model=16, max_len=max_len, dropout=0.0)
-    save(Checkpoint(build_model(cfg, attrs).eval(), [f"item-{i}" for i in range(1, n_items + 1)],
-                    [f"genre-{j}" for j in range(1, 5)], list(range(1, n_items + 1)), {"dataset": "none (bench faults)"}), path)
-    return path
 
 
 def read_records(client: redis.Redis | redis.cluster.RedisCluster, checkpoint: Path, namespace: str,
@@ -338,24 +158,24 @@ def outage(workdir: Path, checkpoint: Path, *, n_users: int = 10, n_clients: int
 
         t_kill = time.monotonic()
         server.kill()
-        ready_down = _wait("/readyz 503 after SIGKILL", lambda: _readyz(svc.url) == 503, 10)
+        ready_down = wait_for("/readyz 503 after SIGKILL", lambda: _readyz(svc.url) == 503, 10)
         time.sleep(down_s)
         server.start()  # same dir: Redis replays the AOF before it answers
         t_up = time.monotonic()
-        _wait("/readyz 200 after restart", lambda: _readyz(svc.url) == 200, 30)
+        wait_for("/readyz 200 after restart", lambda: _readyz(svc.url) == 200, 30)
         t_ready = time.monotonic()
         acked_at_up = sum(n for t, n in tally.acks if t < t_up)
-        _wait("an acknowledged event after restart", lambda: sum(n for _, n in tally.acks) > acked_at_up, 30)
+        wait_for("an acknowledged event after restart", lambda: sum(n for _, n in tally.acks) > acked_at_up, 30)
         t_first_ack = time.monotonic()
         time.sleep(steady_s)
 
         server.signal(signal.SIGSTOP)  # hung, not dead: the socket accepts, nothing answers
         t_freeze = time.monotonic()
-        ready_frozen = _wait("/readyz 503 while frozen", lambda: _readyz(svc.url) == 503, 10)
+        ready_frozen = wait_for("/readyz 503 while frozen", lambda: _readyz(svc.url) == 503, 10)
         time.sleep(freeze_s)
         server.signal(signal.SIGCONT)
         t_thaw = time.monotonic()
-        _wait("/readyz 200 after SIGCONT", lambda: _readyz(svc.url) == 200, 30)
+        wait_for("/readyz 200 after SIGCONT", lambda: _readyz(svc.url) == 200, 30)
         time.sleep(steady_s)
         stop.set()
         _join(threads, 60)

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench.faults import ROOT, RedisServer, Service, _wait, read_records
+from bench.faults import read_records
+from bench.harness import ROOT, RedisServer, Service, wait_for
 
 
 class ConsumerProcess:
@@ -137,21 +137,21 @@ def stream_faults(workdir: Path, checkpoint: Path, *, n_users: int = 20, n_event
         client = server.client()
         start("a")
         start("b")
-        _wait("both consumers in the group", lambda: len(client.xinfo_consumers(stream, group)) == 2, 90)
+        wait_for("both consumers in the group", lambda: len(client.xinfo_consumers(stream, group)) == 2, 90)
         entries_read = lambda: client.xinfo_groups(stream)[0].get("entries-read") or 0  # noqa: E731
         producer = threading.Thread(target=produce, args=(server.url, stream, events), kwargs={"pause_s": 0.02})
         producer.start()
-        _wait("a quarter of the events read", lambda: entries_read() >= n_events // 4, 60, 0.002)
+        wait_for("a quarter of the events read", lambda: entries_read() >= n_events // 4, 60, 0.002)
         consumers[0].kill()  # SIGKILL, most likely with a batch in hand: its entries stay pending
         start("c")
-        _wait("half of the events read", lambda: entries_read() >= n_events // 2, 60, 0.002)
+        wait_for("half of the events read", lambda: entries_read() >= n_events // 2, 60, 0.002)
         server.kill()  # SIGKILL Redis while events are produced and applied
         time.sleep(0.5)
         server.start()  # the same directory: Redis replays its AOF before answering
         producer.join(120)
         again = random.Random(1).sample(events, replays)  # the same event ids once more
         produce(server.url, stream, again)
-        _wait("the stream drained", lambda: drained(client, stream, group), 120, 0.1)
+        wait_for("the stream drained", lambda: drained(client, stream, group), 120, 0.1)
         records = read_records(client, checkpoint, ns, sorted({e["user_id"] for e in events}))
         produced: dict[str, int] = {}
         for e in events:
@@ -235,10 +235,10 @@ def bench_stream(work: Path, n_events: int, n_users: int = 1000) -> dict:
         try:
             consumers = [ConsumerProcess(ckpt, server.url, "bench", stream, "g", f"c{i}") for i in range(n)]
             client = server.client()
-            _wait("consumers in the group", lambda: client.exists(stream) and len(client.xinfo_consumers(stream, "g")) == n, 120)
+            wait_for("consumers in the group", lambda: client.exists(stream) and len(client.xinfo_consumers(stream, "g")) == n, 120)
             t0 = time.perf_counter()
             produce(server.url, stream, events, chunk=1000)
-            _wait("the stream drained", lambda: drained(client, stream, "g"), 600, 0.02)
+            wait_for("the stream drained", lambda: drained(client, stream, "g"), 600, 0.02)
             out[f"consumers_{n}_events_per_s"] = round(n_events / (time.perf_counter() - t0), 1)
         finally:
             for c in consumers:

@@ -45,9 +45,9 @@ def _request_maker(spec: dict[str, Any]):
 
     kind = spec["kind"]
     if kind == "event":
-        return lambda: post([{"user_id": user(), "item_id": f"i{rng.randrange(1, n_items + 1)}"}])
+        return lambda: post([{"user_id": user(), "item_id": f"item-{rng.randrange(1, n_items + 1)}"}])
     if kind == "batch":
-        return lambda: post([{"user_id": user(), "item_id": f"i{rng.randrange(1, n_items + 1)}"} for _ in range(spec["batch"])])
+        return lambda: post([{"user_id": user(), "item_id": f"item-{rng.randrange(1, n_items + 1)}"} for _ in range(spec["batch"])])
     if kind == "recommend":
         def recommend() -> tuple[bytes, str]:
             u = user()

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 from tqdm import tqdm
 
-from bench.accuracy import command, hardware
-from bench.faults import RedisServer, Service
-from model import ModelConfig, build_model
-from model.checkpoint import Checkpoint, load, save
+from bench.harness import command, hardware
+from bench.harness import RedisServer, Service, make_checkpoint
+from model import ModelConfig
+from model.checkpoint import Checkpoint, load
 from model.state import CODECS, pack, packed_size
 from service import record as rec
 from service.engine import Engine, Event
@@ -44,13 +43,8 @@ def variant(name: str) -> dict[str, int]:
 
 
 def checkpoint(path: Path, **overrides: int) -> Path:
-    torch.manual_seed(0)
-    attrs = torch.randint(1, N_ATTRS + 1, (N_ITEMS + 1, MAX_ATTRS))
-    attrs[0] = 0
-    cfg = ModelConfig(n_items=N_ITEMS, n_attrs=N_ATTRS, max_attrs=MAX_ATTRS, **overrides)
-    save(Checkpoint(build_model(cfg, attrs).eval(), [f"i{i}" for i in range(1, N_ITEMS + 1)],
-                    [f"g{j}" for j in range(1, N_ATTRS + 1)], list(range(1, N_ITEMS + 1)), {"dataset": "none (bench memory)"}), path)
-    return path
+    """The bench's model: d_model 64 and the other ModelConfig defaults, but for `overrides`."""
+    return make_checkpoint(path, n_items=N_ITEMS, n_attrs=N_ATTRS, max_attrs=MAX_ATTRS, d_model=64, max_len=50, **overrides)
 
 
 def parts(ckpt: Checkpoint, s: Settings) -> dict[str, int]:
@@ -81,7 +75,7 @@ def engine_writer(ckpt_dir: Path, url: str, s: Settings, how: str):  # type: ign
             if how == "warm":
                 engine.warm(users, [[1 + u % N_ITEMS, 1 + (7 * u) % N_ITEMS] for u in range(len(users))], [time.time()] * len(users))
             else:
-                engine.apply([[Event(u, f"i{1 + i % N_ITEMS}", event_id=f"e{i}")] for i, u in enumerate(users)])
+                engine.apply([[Event(u, f"item-{1 + i % N_ITEMS}", event_id=f"e{i}")] for i, u in enumerate(users)])
     return write
 
 
@@ -89,7 +83,7 @@ def http_writer(svc: Service):  # type: ignore[no-untyped-def]
     def write(n: int) -> None:
         with httpx.Client(base_url=svc.url, timeout=120) as c:
             for start in tqdm(range(0, n, 1000), desc=f"POST /events {n:,} users", unit="k users", leave=False):
-                events = [{"user_id": f"user-{u}", "item_id": f"i{1 + u % N_ITEMS}", "event_id": f"e{u}"} for u in range(start, min(n, start + 1000))]
+                events = [{"user_id": f"user-{u}", "item_id": f"item-{1 + u % N_ITEMS}", "event_id": f"e{u}"} for u in range(start, min(n, start + 1000))]
                 r = c.post("/events", json={"events": events})
                 r.raise_for_status()
     return write

@@ -33,7 +33,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,86 +45,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import harness
+from bench.harness import ROOT, Service
 from bench.loadgen import finish as finish_load
 from bench.loadgen import loadgen
 from bench.loadgen import start as start_load
 
-ROOT = Path(__file__).resolve().parent.parent
 N_ITEMS, N_GENRES, MAX_GENRES = 3706, 18, 3  # MovieLens-1M's catalogue; genres per item drawn at random
 D_MODEL, N_LAYERS, MAX_LEN = 64, 2, 200
 
 
-# --- the service under test --------------------------------------------------------------------
-class Server:
-    """service.app under uvicorn in a subprocess on a free loopback port."""
-
-    def __init__(self, checkpoint: Path, redis_url: str, namespace: str, workers: int = 1, **env: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        full = {**os.environ, "HOLOREC_CHECKPOINT": str(checkpoint), "HOLOREC_REDIS_URL": redis_url,
-                "HOLOREC_NAMESPACE": namespace, **{f"HOLOREC_{k.upper()}": str(v) for k, v in env.items()}}
-        self.metrics_dir = None
-        if workers > 1:  # as `holorec serve --workers` does
-            self.metrics_dir = tempfile.mkdtemp(prefix="holorec-bench-metrics-")
-            full["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
-        cmd = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._wait_ready(workers)
-
-    def _wait_ready(self, workers: int, timeout: float = 180) -> None:
-        import httpx
-
-        deadline, ok = time.time() + timeout, 0
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                ok = ok + 1 if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200 else 0
-            except httpx.HTTPError:
-                ok = 0
-            if ok >= 3 * workers:  # several answers in a row: every worker is up, not just the first
-                time.sleep(0.5 if workers > 1 else 0)
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError("server did not become ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        if self.metrics_dir:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 # --- checkpoints ---------------------------------------------------------------------------------
-def make_checkpoint(path: Path, n_items: int, *, genres: bool = True, max_len: int = MAX_LEN, model: str = "holomamba", seed: int = 0):
-    """Random (untrained) weights with the given catalogue; items are named i1..iN."""
-    from model import ModelConfig, build_model
-    from model.checkpoint import Checkpoint, save
+def make_checkpoint(path: Path, n_items: int, *, genres: bool = True, max_len: int = MAX_LEN, model: str = "holomamba", seed: int = 0):  # type: ignore[no-untyped-def]
+    """This bench's random-weight model (d_model 64, 2 layers, up to 3 of 18 genres per item) over items item-1..item-N."""
+    from model.checkpoint import load
 
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    n_attrs, m = (N_GENRES, MAX_GENRES) if genres else (0, 0)
-    attrs = torch.randint(0, n_attrs + 1, (n_items + 1, m), generator=g) if genres else torch.zeros(n_items + 1, 0, dtype=torch.long)
-    attrs[0] = 0
-    cfg = ModelConfig(model=model, n_items=n_items, n_attrs=n_attrs, max_attrs=m, d_model=D_MODEL, n_layers=N_LAYERS, max_len=max_len, dropout=0.0)
-    net = build_model(cfg, attrs).eval()
-    ckpt = Checkpoint(net, [f"i{i}" for i in range(1, n_items + 1)], [f"g{j}" for j in range(1, n_attrs + 1)],
-                      list(range(1, min(n_items, 100) + 1)), {"dataset": "random weights for bench serve"})
-    save(ckpt, path)
-    return ckpt
+    return load(harness.make_checkpoint(path, n_items=n_items, n_attrs=N_GENRES if genres else 0, max_attrs=MAX_GENRES, model=model,
+                                        d_model=D_MODEL, n_layers=N_LAYERS, max_len=max_len, seed=seed))
 
 
 # --- sections ------------------------------------------------------------------------------------
@@ -141,13 +77,13 @@ def section_o1(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str
     rng = random.Random(1)
     r = redis.Redis.from_url(redis_url)
     out: dict[str, Any] = {"levels": {}, "rounds": rounds}
-    with Server(ckpt_dir, redis_url, ns) as srv, httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=600) as c:
+    with Service(ckpt_dir, redis_url, ns, access_log=False) as srv, httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=600) as c:
         t0 = time.perf_counter()
         for lvl in levels:  # 1000-event requests; the longest history dominates
             user, done = f"hist{lvl}", 0
             while done < lvl:
                 n = min(1000, lvl - done)
-                resp = c.post("/events", json={"events": [{"user_id": user, "item_id": f"i{rng.randrange(1, N_ITEMS + 1)}"} for _ in range(n)]})
+                resp = c.post("/events", json={"events": [{"user_id": user, "item_id": f"item-{rng.randrange(1, N_ITEMS + 1)}"} for _ in range(n)]})
                 resp.raise_for_status()
                 done += n
         out["prefill_s"] = time.perf_counter() - t0
@@ -202,7 +138,7 @@ def section_replay(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[str,
         engine = Engine(load(ckpt_dir), RedisStore(redis_url), settings)
         user = f"replay{L}"
         for s in range(0, L, 1000):
-            engine.apply([[Event(user, f"i{i}") for i in history[s : s + 1000]]])
+            engine.apply([[Event(user, f"item-{i}") for i in history[s : s + 1000]]])
         engine.recommend([RecQuery(user)])  # warm
         row["stored_state_ms"] = _median_ms(lambda: engine.recommend([RecQuery(user)]), n_req)
         row["redis_get_ms"] = _median_ms(lambda: engine.store.get_many([engine.key(user)]), n_req)  # the floor of both designs
@@ -232,7 +168,7 @@ def section_replay(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[str,
 
             got = naive()
             if name == "holomamba":
-                row["holomamba_same_top10"] = [f"i{j}" for j in got] == state_items
+                row["holomamba_same_top10"] = [f"item-{j}" for j in got] == state_items
             naive()
             row[f"naive_{name}_ms"] = _median_ms(naive, max(n_req // (4 if L >= 1000 else 1), 10))
             row[f"ratio_{name}"] = row[f"naive_{name}_ms"] / row["stored_state_ms"]
@@ -260,7 +196,7 @@ def section_load(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[s
             env = {} if batching else {"max_batch": "1"}
             name = f"w{workers}_{'batch' if batching else 'nobatch'}"
             res: dict[str, Any] = {}
-            with Server(ckpt_dir, redis_url, ns, workers=workers, **env) as srv:
+            with Service(ckpt_dir, redis_url, ns, workers=workers, access_log=False, **env) as srv:
                 # users with some history, so /recommend scores from state
                 loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": N_ITEMS, "n_users": 2000,
                          "concurrency": 4, "requests": 10 if quick else 40, "seconds": 60})
@@ -340,7 +276,7 @@ def section_catalogue(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[s
 
         def timed(**env: str) -> dict[str, Any]:
             res: dict[str, Any] = {}
-            with Server(ckpt_dir, redis_url, f"{ns}-{size}", **env) as srv:  # each catalogue is another checkpoint
+            with Service(ckpt_dir, redis_url, f"{ns}-{size}", access_log=False, **env) as srv:  # each catalogue is another checkpoint
                 loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": size, "n_users": 500,
                          "concurrency": 2, "requests": 5 if quick else 20, "seconds": 60})
                 for conc in (1, 32):
@@ -438,7 +374,7 @@ def section_profile(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dic
         return {"skipped": "py-spy is not installed (pip install -e '.[dev]')"}
     seconds = 2 if quick else 8
     out: dict[str, Any] = {"sample_seconds": seconds, "rate_hz": 250, "cases": {}}
-    with Server(ckpt_dir, redis_url, ns) as srv, tempfile.TemporaryDirectory() as tmp:
+    with Service(ckpt_dir, redis_url, ns, access_log=False) as srv, tempfile.TemporaryDirectory() as tmp:
         loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": N_ITEMS, "n_users": 2000,
                  "concurrency": 4, "requests": 10 if quick else 40, "seconds": 60})
         for case, spec in [("recommend", {"kind": "recommend", "n_users": 2000}), ("event", {"kind": "event"})]:
@@ -483,12 +419,6 @@ def _profile_shares(raw: str) -> dict[str, Any]:
 
 
 # --- driver -----------------------------------------------------------------------------------------
-def hardware() -> dict[str, Any]:
-    from bench.accuracy import hardware as machine
-
-    return machine("cpu")
-
-
 def _load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -519,7 +449,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     only = os.environ.get("HOLOREC_BENCH_SECTIONS", "o1,replay,load,catalogue,codec,profile").split(",")
     ns = f"bench-serve-{uuid.uuid4().hex[:10]}"
     tmp = Path(tempfile.mkdtemp(prefix="holorec-bench-serve-"))
-    result: dict[str, Any] = {"quick": quick, "namespace": ns, "hardware": hardware(), "load_avg": {"start": _load_avg()}, "cpu": {},
+    result: dict[str, Any] = {"quick": quick, "namespace": ns, "hardware": harness.hardware(), "load_avg": {"start": _load_avg()}, "cpu": {},
                               "command": "holorec bench serve" + (" --quick" if quick else ""), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     t_all = time.perf_counter()
     try:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.accuracy import command, hardware
+from bench.harness import command, hardware
 from model import ModelConfig, SeqRecModel, build_model
 from model.state import CODECS, packed_size
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.accuracy import command, hardware
+from bench.harness import command, hardware
 from model import MODELS
 from model.train import set_threads
 

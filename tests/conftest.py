@@ -1,26 +1,21 @@
-"""Shared fixtures: a real Redis namespace per test, a tiny trained checkpoint, a live uvicorn server."""
+"""Shared fixtures: a real Redis namespace per test, a tiny trained checkpoint, live uvicorn servers (bench/harness.py)."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 import torch
 
+from bench.harness import Service
 from model import ModelConfig, build_model
 from model.checkpoint import Checkpoint, save
 
 torch.set_num_threads(1)  # the test machine has 2 cores, shared with the uvicorn servers the tests start
 REDIS_URL = os.environ.get("HOLOREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_sequences(n_users: int = 60, n_items: int = 40, length: int = 20, seed: int = 0) -> list[list[int]]:
@@ -87,59 +82,13 @@ def namespace() -> Iterator[str]:
         r.delete(*keys)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
-    """Poll url/readyz until 200; fail at once if the process exits."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("server did not become ready")
-
-
-class Server:
-    """`holorec`'s app under real uvicorn in a subprocess."""
-
-    def __init__(self, env: dict[str, str], workers: int = 1) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-        cmd = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", str(workers), "--log-level", "warning"]
-        self.log = open(Path(env.get("HOLOREC_TEST_LOG", os.devnull)), "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        wait_ready(self.proc, self.url, timeout)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
 @pytest.fixture
 def server_factory(namespace: str) -> Iterator:
-    servers: list[Server] = []
+    """start(checkpoint, workers=1, **settings) -> a Service on the test Redis in this test's namespace."""
+    servers: list[Service] = []
 
-    def start(checkpoint: Path, workers: int = 1, **env: str) -> Server:
-        base = {"HOLOREC_CHECKPOINT": str(checkpoint), "HOLOREC_REDIS_URL": REDIS_URL, "HOLOREC_NAMESPACE": namespace}
-        s = Server({**base, **{f"HOLOREC_{k.upper()}": str(v) for k, v in env.items()}}, workers)
+    def start(checkpoint: Path, workers: int = 1, **settings: object) -> Service:
+        s = Service(checkpoint, REDIS_URL, namespace, workers=workers, **settings)
         servers.append(s)
         return s
 

@@ -9,7 +9,8 @@ import httpx
 import pytest
 from redis.cluster import key_slot
 
-from bench.faults import RedisClusterServers, Service, concurrency, make_checkpoint
+from bench.faults import concurrency
+from bench.harness import RedisClusterServers, Service, make_checkpoint
 from service.store import RedisStore, user_key
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis
 
-from bench.faults import make_checkpoint
+from bench.harness import make_checkpoint
 from bench.ingest import stream_faults
 from model.checkpoint import load
 from service import record as rec

@@ -16,9 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.faults import RedisServer, Service, free_port
+from bench.harness import ROOT, RedisServer, Service, free_port
 from bench.ingest import ConsumerProcess, produce
-from tests.conftest import ROOT
 
 DASHBOARD = ROOT / "deploy/grafana/dashboards/holorec.json"
 PROMETHEUS = shutil.which("prometheus")

@@ -8,7 +8,7 @@ from prometheus_client.metrics import MetricWrapperBase
 import service.metrics
 from cli import build_parser
 from service.settings import Settings
-from tests.conftest import ROOT
+from bench.harness import ROOT
 
 README = (ROOT / "README.md").read_text()
 

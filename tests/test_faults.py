@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.faults import RedisServer, Service, concurrency, make_checkpoint, outage
+from bench.faults import concurrency, outage
+from bench.harness import RedisServer, Service, make_checkpoint
 from model.checkpoint import load
 
 TIMEOUT_S = 0.5  # HOLOREC_STORE_TIMEOUT_S for these services

@@ -20,13 +20,12 @@ import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from bench.faults import RedisServer, Service
+from bench.harness import ROOT, RedisServer, Service
 from model.checkpoint import CheckpointError, _sha256, _version, load
 from service.app import create_app
 from service.record import HEADER
 from service.settings import Settings
 from service.store import user_key
-from tests.conftest import ROOT
 
 NS = "input"
 
@@ -36,13 +35,7 @@ class Live:
         self.redis, self.service, self.url, self.log = server, service, service.url, log
 
     def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            m = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
-            if m and ",".join(sorted(m.group(1).split(","))) == want:
-                return float(m.group(2))
-        return 0.0
+        return self.service.metric(name, **labels)
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def test_resize_keeps_the_newest_items_and_event_ids() -> None:
 def test_a_new_codec_or_window_setting_keeps_the_users_state(tmp_path) -> None:
     """A changed HOLOREC_STATE_CODEC re-packs the stored state (no replay: the whole history stays in it), and a
     changed HOLOREC_HISTORY_SLOTS keeps the newest items; the next event goes on from there."""
-    from bench.faults import make_checkpoint
+    from bench.harness import make_checkpoint
     from model.checkpoint import load
     from model.state import unpack
     from service.engine import Engine, Event

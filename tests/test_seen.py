@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import torch
 
-from bench.faults import make_checkpoint
+from bench.harness import make_checkpoint
 from model.checkpoint import load
 from model.evaluate import _mask_seen
 from model.seen import SeenFilter, false_positive_rate

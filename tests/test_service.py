@@ -10,14 +10,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 import redis
 import torch
 
 from model.checkpoint import load
 from service.record import decode
 from service.store import user_key
-from tests.conftest import REDIS_URL, ROOT, free_port, tiny_sequences, train_tiny, wait_ready
+from bench.harness import ROOT, free_port, wait_for
+from tests.conftest import REDIS_URL, tiny_sequences, train_tiny
 
 
 def post(c: httpx.Client, events: list[dict]) -> httpx.Response:
@@ -200,7 +200,7 @@ def test_serve_prints_curl_lines_that_work_as_printed(ckpt_dir: Path):
         assert f"http://127.0.0.1:{port}/docs" in printed[0]
         curls = [line.split("try:", 1)[-1].strip() for line in printed[1:]]
         assert all(c.startswith("curl ") for c in curls), printed
-        wait_ready(proc, f"http://127.0.0.1:{port}")
+        wait_for("the service", lambda: proc.poll() is None and httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200, 60)
         posted = json.loads(subprocess.run(["bash", "-c", curls[0]], capture_output=True, text=True, check=True).stdout)
         assert posted["applied"] == 2 and not posted["unknown_items"], posted
         rec = json.loads(subprocess.run(["bash", "-c", curls[1]], capture_output=True, text=True, check=True).stdout)

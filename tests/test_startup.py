@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT, free_port
+from bench.harness import ROOT, free_port
 
 HOLOREC = str(Path(sys.executable).parent / "holorec")
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.faults import make_checkpoint
+from bench.harness import ROOT, make_checkpoint
 from model import ModelConfig, build_model
 from model.checkpoint import load
 from model.data import left_pad
@@ -27,7 +27,7 @@ from service.engine import Engine, Event, RecQuery
 from service.settings import Settings
 from service.store import MemoryStore, RedisStore
 from service.warm import batches, rewarm, warm
-from tests.conftest import REDIS_URL, ROOT
+from tests.conftest import REDIS_URL
 
 
 @pytest.mark.parametrize("model, extra", [("holomamba", {}), ("holomamba", {"bundle": 3}), ("gru4rec", {}),
