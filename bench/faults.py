@@ -229,6 +229,7 @@ def concurrency(redis_url: str, client: redis.Redis | redis.cluster.RedisCluster
     try:
         for i in range(replicas):  # start them all, then wait: their imports overlap
             services.append(Service(checkpoint, redis_url, namespace, workers=workers, wait=False, redis_cluster=cluster,
+                                    history_slots=4096,  # a window that holds every event: the history is checked whole
                                     log=log_dir / f"replica{i}.log" if log_dir else None))
         for s in services:
             s.wait_ready()

@@ -34,16 +34,17 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from service.metrics import REDIS_LATENCY
-from service.record import stored_revision
+from service.record import REVISION_OFFSET, stored_revision
 
-# KEYS[1] record; ARGV[1] the 8 revision bytes expected at offset 8 (all zero: absent or revision 0; empty: a
-# value shorter than 16 bytes, i.e. corrupt); ARGV[2] new value; ARGV[3] TTL s (0: none). Revisions are compared
-# as bytes: Lua numbers are doubles, exact only to 2^53, and a corrupt record can hold any 64-bit revision.
-CAS_SCRIPT = """
+# KEYS[1] record; ARGV[1] the 8 revision bytes expected at the record's REVISION_OFFSET (all zero: absent or
+# revision 0; empty: a value too short to hold them, i.e. corrupt); ARGV[2] new value; ARGV[3] TTL s (0: none).
+# Revisions are compared as bytes: Lua numbers are doubles, exact only to 2^53, and a corrupt record can hold any
+# 64-bit revision. Lua strings count from 1.
+CAS_SCRIPT = f"""
 local cur = redis.call('GET', KEYS[1])
 local rev = string.rep(string.char(0), 8)
 if cur then
-  if string.len(cur) < 16 then rev = '' else rev = string.sub(cur, 9, 16) end
+  if string.len(cur) < {REVISION_OFFSET + 8} then rev = '' else rev = string.sub(cur, {REVISION_OFFSET + 1}, {REVISION_OFFSET + 8}) end
 end
 if rev ~= ARGV[1] then return 0 end
 if tonumber(ARGV[3]) > 0 then
