@@ -22,14 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bench.harness import command, hardware
 from model import ModelConfig, SeqRecModel, build_model
 from model.state import CODECS, packed_size
 
 MODELS = (("holomamba", {}), ("holomamba", {"bundle": 4}), ("gru4rec", {}), ("elastic", {}), ("sasrec", {}))
-BEFORE = "holomamba (before: full-table embed)"  # the step as first committed: embed = index a freshly encoded item_table()
 BATCHES = (1, 64, 1024)
 ROUNDS, QUICK_ROUNDS = {1: 300, 64: 60, 1024: 9}, {1: 20, 64: 5, 1024: 3}  # SASRec's b=1024 step alone takes seconds
 N_ITEMS, N_ATTRS, MAX_ATTRS = 3706, 18, 3  # MovieLens-1M: 3706 rated movies, 18 genres, <= 3 kept per movie here
@@ -46,12 +44,10 @@ def item_attrs(seed: int = 0) -> torch.Tensor:
     return attrs  # (v, m)
 
 
-def build(name: str, full_table_embed: bool = False, **kw: Any) -> tuple[str, SeqRecModel]:
+def build(name: str, **kw: Any) -> tuple[str, SeqRecModel]:
     torch.manual_seed(0)
     model = build_model(config(name, **kw), item_attrs()).eval()
-    if full_table_embed:  # re-encode all items per call (item_table(), not the cached table()): what serving avoids
-        model.embed = lambda items: F.embedding(items, model.item_table())  # type: ignore[method-assign]
-    return (BEFORE if full_table_embed else name + "".join(f" ({k} {v})" for k, v in kw.items())), model
+    return name + "".join(f" ({k} {v})" for k, v in kw.items()), model
 
 
 def time_steps(models: dict[str, SeqRecModel], batch: int, rounds: int) -> dict[str, dict[str, float]]:
@@ -95,9 +91,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         cell = {b: f"{st[b]['median_ms']:.3f} [{st[b]['p10_ms']:.3f}-{st[b]['p90_ms']:.3f}]" for b in st}
         lines.append(f"| {r['model']} | {r['params']:,} | {s['float32']:,} | {s['float16']:,} | {s['int8']:,} | "
                      f"{cell['1']} | {cell['64']} | {cell['1024']} | {1e3 * st['1024']['median_ms'] / 1024:.1f} |")
-    lines += ["", f"`{BEFORE}` is the same model stepped the way it was first committed, re-encoding the whole "
-              "catalogue's HRR item table on every event (timed after the others, not between them: that encode flushes the CPU caches); "
-              "without gradients HoloMambaRec now indexes its item table, encoded once per weight update (SeqRecModel.table).",
+    lines += ["", "HoloMambaRec indexes its HRR item table, encoded once per weight update (SeqRecModel.table), not per event.",
               "", "Every model's state is the same size after 1 event or 100,000 (SASRec's is its window of max_len item ids). "
               "A bundled HoloMambaRec still runs one SSM step per event (a peek, or the commit of a full group); "
               "bundling shortens the recurrence in training, not the per-event cost.",
@@ -114,15 +108,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]  # other processes on the machine: timings are only as quiet as it is
     quick = getattr(args, "quick", False)
     models = dict(build(n, **k) for n, k in MODELS)
-    models.__setitem__(*build("holomamba", full_table_embed=True))
     rows = [{"model": label, "params": sum(p.numel() for p in m.parameters()),
              "state_bytes": {c: packed_size(m.init_state(1), c) for c in CODECS}, "step": {}} for label, m in models.items()]
     for b in BATCHES:
         rounds = QUICK_ROUNDS[b] if quick else ROUNDS[b]
-        # the full-table step encodes the whole catalogue, which flushes the CPU caches: interleaved, it would slow
-        # whichever model steps after it, so it is timed on its own after the others
-        timed = time_steps({k: m for k, m in models.items() if k != BEFORE}, b, rounds)
-        timed.update(time_steps({BEFORE: models[BEFORE]}, b, rounds))
+        timed = time_steps(models, b, rounds)
         for row in rows:
             row["step"][str(b)] = timed[row["model"]]
         print(f"b={b}: " + "  ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in timed.items()), flush=True)
