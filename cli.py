@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model and write a checkpoint directory")
     t.add_argument("--data", required=True, help="MovieLens folder, S3-Rec NAME.txt, CSV/Parquet file, or 'synthetic'")
     t.add_argument("--attributes", help="item -> attributes file for a CSV/Parquet dataset")
-    t.add_argument("--model", default="holomamba", choices=["holomamba", "sasrec", "gru4rec", "elastic"])
+    t.add_argument("--model", default="holomamba", help="holomamba, sasrec, gru4rec or elastic (model.MODELS)")
     t.add_argument("--epochs", type=int, default=10, help="passes over every training position (default: 10, the paper's budget)")
     t.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation NDCG@10 ...")
     t.add_argument("--patience-steps", type=int, default=500, help="... that also hold this many optimizer steps")

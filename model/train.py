@@ -197,8 +197,11 @@ def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def cli_train(args: argparse.Namespace) -> None:
     """`holorec train`: per-dataset defaults for max_len and dropout, then train() and save."""
+    from model import MODELS
     from model.data import DataError
 
+    if args.model not in MODELS:
+        raise SystemExit(f"holorec train: unknown model {args.model!r}; choose from {', '.join(MODELS)}")
     try:
         ds = load(args.data, args.attributes)
     except DataError as e:
