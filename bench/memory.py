@@ -91,7 +91,7 @@ def http_writer(svc: Service):  # type: ignore[no-untyped-def]
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = getattr(args, "quick", False)
-    n_defaults, n_each = (1_000, 500) if quick else (100_000, 20_000)
+    n_defaults, n_each = (500, 200) if quick else (100_000, 20_000)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     found = sorted(out.glob(FRONTIER))

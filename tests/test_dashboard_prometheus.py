@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.harness import ROOT, RedisServer, Service, free_port
+from bench.harness import ROOT, RedisServer, Service, free_port, metric
 from bench.ingest import ConsumerProcess, produce
 
 DASHBOARD = ROOT / "deploy/grafana/dashboards/holorec.json"
@@ -49,10 +49,9 @@ def start_prometheus(tmp: Path, targets: list[str]) -> tuple[subprocess.Popen, s
 def consumer_metric(port: int, name: str) -> float:
     """A counter's total over its labels on `holorec consume`'s /metrics; 0 while it is not serving yet."""
     try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        return metric(f"http://127.0.0.1:{port}", name)
     except httpx.HTTPError:
         return 0.0
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def query(url: str, expr: str) -> list[dict]:

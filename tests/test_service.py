@@ -63,24 +63,23 @@ def test_record_size_is_constant_in_history_length(ckpt_dir: Path, server_factor
     sizes = {}
     with httpx.Client(base_url=srv.url, timeout=60) as c:
         post(c, [{"user_id": "short", "item_id": f"item-{1 + i % 40}"} for i in range(10)])
-        for _ in range(5):
+        for _ in range(2):
             assert post(c, [{"user_id": "long", "item_id": f"item-{1 + i % 40}"} for i in range(1000)]).json()["applied"] == 1000
         for u in ("short", "long"):
             sizes[u] = (r.strlen(user_key(namespace, u)), c.get(f"/users/{u}").json())
     assert sizes["short"][0] == sizes["long"][0] == sizes["short"][1]["state_bytes"]
-    assert sizes["long"][1]["events_applied"] == 5000
+    assert sizes["long"][1]["events_applied"] == 2000
 
 
-def test_concurrent_writers_lose_nothing(tmp_path: Path, server_factory, namespace: str) -> None:
-    """8 clients x 500 events for one user: exactly 4,000 applied, state = replay in applied order."""
-    ckpt_dir = tmp_path / "long"
-    ckpt = train_tiny(ckpt_dir, steps=5)
-    srv = server_factory(ckpt_dir, history_slots=4096)  # a window that holds the whole history
+def test_concurrent_writers_lose_nothing(ckpt_dir: Path, server_factory, namespace: str) -> None:
+    """8 clients x 200 events for one user: exactly 1,600 applied, state = replay in applied order."""
+    ckpt = load(ckpt_dir)
+    srv = server_factory(ckpt_dir, history_slots=2048)  # a window that holds the whole history
     errors: list[str] = []
 
     def client(n: int) -> None:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
-            for req in range(50):
+            for req in range(20):
                 events = [{"user_id": "shared", "item_id": f"item-{1 + (n * 5 + j) % 40}", "event_id": f"c{n}-{req}-{j}"} for j in range(10)]
                 r = post(c, events)
                 if r.status_code != 200 or r.json()["applied"] != 10:
@@ -94,9 +93,9 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path, server_factory, namespa
     assert not errors
     blob = redis.Redis.from_url(REDIS_URL).get(user_key(namespace, "shared"))
     record = decode(blob, ckpt.version, ckpt.model.config.d_model)
-    assert record.applied == 4000
+    assert record.applied == 1600
     applied_order = record.history()
-    assert len(applied_order) == 4000
+    assert len(applied_order) == 1600
     with torch.no_grad():
         vector, _ = ckpt.model.replay(applied_order)
     assert np.allclose(record.vector, vector.numpy(), atol=1e-4)
