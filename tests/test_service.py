@@ -6,17 +6,20 @@ import os
 import subprocess
 import sys
 import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import redis
 import torch
 
 from model.checkpoint import load
 from service.record import decode
 from service.store import user_key
-from bench.harness import ROOT, free_port, wait_for
+from bench.harness import ROOT, Service, free_port, wait_for
 from tests.conftest import REDIS_URL, tiny_sequences, train_tiny
 
 
@@ -39,8 +42,21 @@ def expected_top(ckpt_dir: Path, history: list[int], k: int) -> tuple[list[str],
     return [ckpt.items[i - 1] for i in top.indices.tolist()], top.values.tolist()
 
 
-def test_streamed_history_recommends_what_forward_does(ckpt_dir: Path, server_factory) -> None:
-    srv = server_factory(ckpt_dir)
+@pytest.fixture(scope="module")
+def shared(ckpt_dir: Path) -> Iterator[tuple[Service, str]]:
+    """One server for the tests that need no settings of their own (each uses its own user ids), and its namespace."""
+    ns = "t" + uuid.uuid4().hex[:12]
+    srv = Service(ckpt_dir, REDIS_URL, ns, max_events=50, history_slots=2048)
+    yield srv, ns
+    srv.stop()
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(f"holorec:{ns}:*", count=1000))
+    if keys:
+        r.delete(*keys)
+
+
+def test_streamed_history_recommends_what_forward_does(ckpt_dir: Path, shared: tuple[Service, str]) -> None:
+    srv, _ = shared
     history = tiny_sequences(1, length=30, seed=7)[0]
     with httpx.Client(base_url=srv.url) as c:
         for start in range(0, len(history), 7):  # several requests, as a stream would arrive
@@ -57,24 +73,25 @@ def test_streamed_history_recommends_what_forward_does(ckpt_dir: Path, server_fa
     assert meta["events_applied"] == 30 and meta["current_model"] is True
 
 
-def test_record_size_is_constant_in_history_length(ckpt_dir: Path, server_factory, namespace: str) -> None:
-    srv = server_factory(ckpt_dir)
+def test_record_size_is_constant_in_history_length(shared: tuple[Service, str]) -> None:
+    srv, namespace = shared
     r = redis.Redis.from_url(REDIS_URL)
     sizes = {}
     with httpx.Client(base_url=srv.url, timeout=60) as c:
         post(c, [{"user_id": "short", "item_id": f"item-{1 + i % 40}"} for i in range(10)])
-        for _ in range(2):
-            assert post(c, [{"user_id": "long", "item_id": f"item-{1 + i % 40}"} for i in range(1000)]).json()["applied"] == 1000
+        for _ in range(40):  # 50 events a request: the shared server's HOLOREC_MAX_EVENTS
+            assert post(c, [{"user_id": "long", "item_id": f"item-{1 + i % 40}"} for i in range(50)]).json()["applied"] == 50
         for u in ("short", "long"):
             sizes[u] = (r.strlen(user_key(namespace, u)), c.get(f"/users/{u}").json())
     assert sizes["short"][0] == sizes["long"][0] == sizes["short"][1]["state_bytes"]
     assert sizes["long"][1]["events_applied"] == 2000
 
 
-def test_concurrent_writers_lose_nothing(ckpt_dir: Path, server_factory, namespace: str) -> None:
-    """8 clients x 200 events for one user: exactly 1,600 applied, state = replay in applied order."""
+def test_concurrent_writers_lose_nothing(ckpt_dir: Path, shared: tuple[Service, str]) -> None:
+    """8 clients x 200 events for one user: exactly 1,600 applied, state = replay in applied order (the shared
+    server's window of 2,048 holds the whole history)."""
     ckpt = load(ckpt_dir)
-    srv = server_factory(ckpt_dir, history_slots=2048)  # a window that holds the whole history
+    srv, namespace = shared
     errors: list[str] = []
 
     def client(n: int) -> None:
@@ -101,8 +118,8 @@ def test_concurrent_writers_lose_nothing(ckpt_dir: Path, server_factory, namespa
     assert np.allclose(record.vector, vector.numpy(), atol=1e-4)
 
 
-def test_bad_input_gets_the_documented_status(ckpt_dir: Path, server_factory) -> None:
-    srv = server_factory(ckpt_dir, max_events=50)
+def test_bad_input_gets_the_documented_status(shared: tuple[Service, str]) -> None:
+    srv, _ = shared  # HOLOREC_MAX_EVENTS=50
     with httpx.Client(base_url=srv.url) as c:
         unknown = post(c, [{"user_id": "u", "item_id": "no-such-item"}, {"user_id": "u", "item_id": "item-1"}])
         assert unknown.status_code == 200
@@ -124,10 +141,11 @@ def test_bad_input_gets_the_documented_status(ckpt_dir: Path, server_factory) ->
         assert c.get("/users/nobody").status_code == 404
 
 
-def test_duplicates_popularity_attributes_and_delete(ckpt_dir: Path, server_factory) -> None:
-    srv = server_factory(ckpt_dir)
+def test_duplicates_popularity_attributes_and_delete(ckpt_dir: Path, shared: tuple[Service, str]) -> None:
+    srv, _ = shared
     ckpt = load(ckpt_dir)
     with httpx.Client(base_url=srv.url) as c:
+        users = users_seen(c)  # other tests' users on this server
         fresh = c.get("/recommend/newcomer", params={"k": 5}).json()
         assert fresh["source"] == "popular"
         assert [x["item_id"] for x in fresh["items"]] == [ckpt.items[i - 1] for i in ckpt.popular[:5]]
@@ -136,9 +154,9 @@ def test_duplicates_popularity_attributes_and_delete(ckpt_dir: Path, server_fact
         assert (first.json()["applied"], first.json()["duplicate"]) == (1, 1)
         assert (again.json()["applied"], again.json()["duplicate"]) == (1, 1)
         assert c.get("/users/d").json()["events_applied"] == 2
-        assert users_seen(c) == 1  # created once, however many events
+        assert users_seen(c) == users + 1  # created once, however many events
         post(c, [{"user_id": "d2", "item_id": "item-4"}])
-        assert users_seen(c) == 2
+        assert users_seen(c) == users + 2
         genre = c.get("/recommend/d", params={"k": 20, "attribute": "genre-2", "exclude": "item-5,item-9"}).json()
         j = ckpt.attribute_index["genre-2"]
         allowed = {ckpt.items[i - 1] for i in range(1, 41) if j in ckpt.model.item_attrs[i].tolist()}
@@ -146,7 +164,7 @@ def test_duplicates_popularity_attributes_and_delete(ckpt_dir: Path, server_fact
         assert got and got <= allowed - {"item-5", "item-9", "item-1", "item-3"}
         assert c.delete("/users/d").json()["deleted"] is True
         assert c.delete("/users/d").json()["deleted"] is False  # idempotent, counted once
-        assert users_seen(c) == 1
+        assert users_seen(c) == users + 1
         assert c.get("/users/d").status_code == 404
         assert c.get("/recommend/d").json()["source"] == "popular"
 
