@@ -28,9 +28,21 @@ def _data(a: argparse.Namespace) -> None:
 
 
 def _serve(a: argparse.Namespace) -> None:
+    """Bad settings and a taken port fail here, in one line, before torch and the model load."""
+    import os
+    import socket
+
+    from service.settings import settings_or_exit
+
+    s = settings_or_exit("serve")
+    try:
+        with socket.create_server((a.host, a.port)):
+            pass
+    except OSError as e:
+        sys.exit(f"holorec serve: cannot listen on {a.host}:{a.port}: {os.strerror(e.errno) if e.errno else e} (choose another with --port)")
     from service.app import serve
 
-    serve(a.checkpoint, host=a.host, port=a.port, workers=a.workers)
+    serve(a.checkpoint, host=a.host, port=a.port, workers=a.workers or s.workers)
 
 
 def _warm(a: argparse.Namespace) -> None:

@@ -26,7 +26,7 @@ from service.api import router
 from service.batcher import Batcher
 from service.engine import Conflict, Engine
 from service.metrics import ERRORS, HTTP_LATENCY, MODEL_INFO
-from service.settings import Settings
+from service.settings import Settings, setting_problems
 from service.store import MemoryStore, RedisStore, StateStore, StoreUnavailable
 
 log = logging.getLogger("holorec")
@@ -225,34 +225,10 @@ def curl_example(ckpt: Checkpoint, base: str) -> str:
     return f"curl -s -X POST {base}/events -H 'Content-Type: application/json' -d {shlex.quote(events)}"
 
 
-def setting_problems(e: ValidationError) -> list[str]:
-    """One "HOLOREC_NAME: what is wrong" per bad setting."""
-    return [f"HOLOREC_{'_'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors()]
-
-
-def settings_or_exit(command: str) -> Settings:
-    """Settings from the environment, or one line per bad HOLOREC_* variable and exit 2 (no traceback)."""
-    try:
-        return Settings()
-    except ValidationError as e:
-        for problem in setting_problems(e):
-            print(f"holorec {command}: {problem}", file=sys.stderr)
-        sys.exit(2)
-
-
-def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, workers: int | None = None) -> None:
-    import socket
-
+def serve(checkpoint: str, host: str, port: int, workers: int) -> None:
+    """`holorec serve` after cli.py's checks of the settings and the port: load the checkpoint, print, run uvicorn."""
     import uvicorn
 
-    s = settings_or_exit("serve")
-    workers = workers or s.workers
-    try:  # a port already taken fails here, in one line, rather than after the banner and inside uvicorn
-        with socket.create_server((host, port)):
-            pass
-    except OSError as e:
-        print(f"holorec serve: cannot listen on {host}:{port}: {os.strerror(e.errno) if e.errno else e} (choose another with --port)", file=sys.stderr)
-        sys.exit(1)
     os.environ["HOLOREC_CHECKPOINT"] = checkpoint
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="holorec-metrics-")

@@ -201,7 +201,8 @@ def cli_consume(a: argparse.Namespace) -> None:
     from prometheus_client import start_http_server
 
     from model.checkpoint import CheckpointError, load
-    from service.app import make_store, settings_or_exit
+    from service.app import make_store
+    from service.settings import settings_or_exit
     from service.metrics import registry
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,9 +1,10 @@
 """Service configuration: every field is an environment variable HOLOREC_<NAME> (case-insensitive)."""
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,3 +45,18 @@ class Settings(BaseSettings):
     stream_batch: int = Field(500, ge=1, description="holorec consume: stream entries read and applied per batch")
     stream_block_ms: int = Field(1000, ge=1, description="holorec consume: how long one read waits for new entries")
     stream_claim_idle_ms: int = Field(30000, ge=1, description="holorec consume: entries unacknowledged this long by another consumer are claimed")
+
+
+def setting_problems(e: ValidationError) -> list[str]:
+    """One "HOLOREC_NAME: what is wrong" per bad setting."""
+    return [f"HOLOREC_{'_'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors()]
+
+
+def settings_or_exit(command: str) -> Settings:
+    """Settings from the environment, or one line per bad HOLOREC_* variable and exit 2 (no traceback)."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        for problem in setting_problems(e):
+            print(f"holorec {command}: {problem}", file=sys.stderr)
+        sys.exit(2)

@@ -85,7 +85,8 @@ def rewarm(engine: Engine, *, batch: int = 1000, progress: bool = True) -> dict:
 def cli_warm(a: argparse.Namespace) -> None:
     from model.checkpoint import CheckpointError, load
     from model.data import DataError, load as load_data
-    from service.app import make_store, settings_or_exit
+    from service.app import make_store
+    from service.settings import settings_or_exit
 
     s = settings_or_exit("warm")
     if not s.redis_url:
