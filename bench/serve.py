@@ -320,7 +320,7 @@ def section_codec(tmp: Path, quick: bool, epochs: int, data: str) -> dict[str, A
     if quick:
         from model.data import split, synthetic
 
-        ds = synthetic(n_users=120, n_items=60, n_attrs=4, seed=0)
+        ds = synthetic(n_users=60, n_items=60, n_attrs=4, seed=0, seq_len=(5, 15))
         ckpt = make_checkpoint(tmp / "codec-quick", ds.n_items, genres=False, max_len=50)
         net, source = ckpt.model, "synthetic data, random weights (--quick: figures meaningless)"
     else:
