@@ -65,6 +65,14 @@ class RecResult:
     source: str  # state | popular
 
 
+@dataclass
+class Loaded:
+    """A user's record as read, ready for this model, with the revision to compare-and-set against."""
+    record: rec.Record
+    revision: int  # 0: no record stored; -1: a stored value too short to hold one (corrupt)
+    dirty: bool  # re-warmed, re-packed, resized or rebuilt on reading: to be written back even without an event
+
+
 class Conflict(RuntimeError):
     """A user's record kept changing under us for every retry."""
 
@@ -113,14 +121,14 @@ class Engine:
         if self.seen is not None:
             self.seen.add(r.seen_filter, items)
 
-    def _read(self, user_ids: list[str]) -> list[tuple[rec.Record, int, bool]]:
+    def _read(self, user_ids: list[str]) -> list[Loaded]:
         """(record ready for this model, revision to CAS against, whether it must be written back)."""
         blobs = self.store.get_many([self.key(u) for u in user_ids])
-        out: list[tuple[rec.Record, int, bool]] = []
+        out: list[Loaded] = []
         stale: list[int] = []
         for u, blob in zip(user_ids, blobs):
             if blob is None:
-                out.append((self._fresh(), 0, False))
+                out.append(Loaded(self._fresh(), 0, False))
                 continue
             try:
                 r = rec.decode(blob, self.version, self.d)
@@ -136,17 +144,17 @@ class Engine:
                     if r.codec != self.s.state_codec:  # the same state, stored another way: re-packed, history kept
                         r.state = pack(unpack([r.state], self.template, r.codec), self.s.state_codec)[0]
                         r.codec, resized = self.s.state_codec, True
-                    out.append((r, r.revision, resized))
+                    out.append(Loaded(r, r.revision, resized))
                     continue
                 stale.append(len(out))
-                out.append((r, r.revision, True))
+                out.append(Loaded(r, r.revision, True))
             except (rec.CorruptRecord, ValueError) as e:  # ValueError: a state the codec cannot unpack
                 log.warning("corrupt state record for user %r (%s): rebuilt empty, not served", u, e)
                 ERRORS.labels("corrupt_record").inc()
                 STATE_REBUILDS.labels("corrupt").inc()
-                out.append((self._fresh(), rec.stored_revision(blob), True))
+                out.append(Loaded(self._fresh(), rec.stored_revision(blob), True))
         if stale:
-            self._rewarm([out[i][0] for i in stale])
+            self._rewarm([out[i].record for i in stale])
             for i in stale:
                 STATE_REBUILDS.labels("model_change").inc()
         return out
@@ -238,7 +246,7 @@ class Engine:
         loaded = self._read(users)
         outcomes: list[list[tuple[int, bool]]] = []  # per user: (request, applied?) per event
         seqs: list[list[int]] = []
-        for u, (r, _, _) in zip(users, loaded):
+        for u, r in zip(users, (x.record for x in loaded)):
             out, seq = [], []
             for req, e, item in by_user[u]:
                 h = rec.event_hash(e.event_id) if e.event_id is not None else None
@@ -256,13 +264,14 @@ class Engine:
                 out.append((req, True))
             outcomes.append(out)
             seqs.append(seq)
-        state = unpack([r.state for r, _, _ in loaded], self.template, self.s.state_codec)
-        vec = torch.from_numpy(np.stack([r.vector for r, _, _ in loaded]))  # (u, d)
+        state = unpack([x.record.state for x in loaded], self.template, self.s.state_codec)
+        vec = torch.from_numpy(np.stack([x.record.vector for x in loaded]))  # (u, d)
         state, vec = self._advance(state, vec, seqs)
         blobs = pack(state, self.s.state_codec)
         now = time.time()
         writes = []
-        for i, (r, expected, _) in enumerate(loaded):
+        for i, x in enumerate(loaded):
+            r, expected = x.record, x.revision
             r.state, r.vector, r.updated_at, r.revision = blobs[i], vec[i].numpy(), now, max(expected, 0) + 1
             writes.append((self.key(users[i]), expected, self._encode(r)))
         oks = self.store.cas_many(writes, self.s.state_ttl_s)
@@ -272,7 +281,7 @@ class Engine:
             if not ok:
                 failed.append(users[i])
                 continue
-            created += loaded[i][1] == 0
+            created += loaded[i].revision == 0
             for req, applied in outcomes[i]:
                 if applied:
                     results[req].applied += 1
@@ -329,10 +338,9 @@ class Engine:
         -> records rewritten."""
         return self._write_back(user_ids, self._read(user_ids))
 
-    def _write_back(self, user_ids: list[str], loaded: list[tuple[rec.Record, int, bool]]) -> int:
+    def _write_back(self, user_ids: list[str], loaded: list[Loaded]) -> int:
         """Store the records `_read` re-warmed or reset; losing the race means someone wrote newer state."""
-        rewrites = [(self.key(u), expected, self._encode(self._bumped(r, expected)))
-                    for u, (r, expected, dirty) in zip(user_ids, loaded) if dirty]
+        rewrites = [(self.key(u), x.revision, self._encode(self._bumped(x.record, x.revision))) for u, x in zip(user_ids, loaded) if x.dirty]
         return sum(self.store.cas_many(rewrites, self.s.state_ttl_s)) if rewrites else 0
 
     # --- recommendations ---------------------------------------------------------------
@@ -348,12 +356,12 @@ class Engine:
     def recommend(self, queries: list[RecQuery]) -> list[RecResult]:
         loaded = self._read([q.user_id for q in queries])
         self._write_back([q.user_id for q in queries], loaded)
-        with_state = [i for i, (r, _, _) in enumerate(loaded) if r.applied > 0]
-        out: list[RecResult] = [self._popular(q) if r.applied <= 0 else None for q, (r, _, _) in zip(queries, loaded)]  # type: ignore[misc]
+        with_state = [i for i, x in enumerate(loaded) if x.record.applied > 0]
+        out: list[RecResult] = [self._popular(q) if x.record.applied <= 0 else None for q, x in zip(queries, loaded)]  # type: ignore[misc]
         if with_state:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                h = torch.from_numpy(np.stack([loaded[i][0].vector for i in with_state]))  # (n, d)
+                h = torch.from_numpy(np.stack([loaded[i].record.vector for i in with_state]))  # (n, d)
                 exact = h @ self.table.T if self.index is None else None  # (n, v): one product for the batch
                 for row, i in enumerate(with_state):
                     q = queries[i]
@@ -363,7 +371,7 @@ class Engine:
                         cand, scores = self.index.search(h[row])  # type: ignore[union-attr]
                     else:  # an attribute filter could leave the probed clusters short of k items: score all
                         cand, scores = None, self.table @ h[row]
-                    self._exclude(scores, q, loaded[i][0], cand)
+                    self._exclude(scores, q, loaded[i].record, cand)
                     top = torch.topk(scores, min(q.k, len(scores)))
                     idx = top.indices if cand is None else cand[top.indices]
                     out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.values.tolist()) if v > -math.inf], "state")

@@ -50,7 +50,7 @@ def test_evaluate_excludes_what_the_service_excludes(tmp_path: Path) -> None:
     engine = Engine(ckpt, MemoryStore(), Settings(seen_filter_bytes=16))  # a small filter: false positives happen
     history = list(range(1, 200, 3))
     engine.apply([[Event("u", ckpt.items[i - 1]) for i in history]])
-    (r, _, _), = engine._read(["u"])
+    r = engine._read(["u"])[0].record
     served = set(engine._excluded_ids(RecQuery("u"), r).tolist()) - {0}
     scores = torch.zeros(1, 201)
     _mask_seen(scores, [history], torch.tensor([1]), SeenFilter(ckpt.items, 16))
@@ -68,6 +68,7 @@ def test_a_format_2_record_is_read_and_its_filter_refilled_from_the_window(tmp_p
     head = rec.OLD_HEADERS[2].pack(rec.MAGIC, 2, 0, r.revision, r.applied, r.updated_at, r.last_event_ts, ckpt.version.encode()[:16],
                               len(r.window), len(r.dedup), r.dedup_pos, 0)[:-4]
     store.set(engine.key("u"), head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body)
-    (old, _, dirty), = engine._read(["u"])
+    loaded = engine._read(["u"])[0]
+    old, dirty = loaded.record, loaded.dirty
     assert dirty and old.applied == 11 and np.array_equal(old.vector, r.vector)
     assert engine.seen.contains(old.seen_filter, np.arange(4, 12)).all()  # the window's 8 items, refilled
