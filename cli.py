@@ -1,30 +1,72 @@
 """`holorec`: the one command. train, evaluate, serve, warm, consume, data, bench.
 
-Each subcommand only parses arguments and calls a plain function in model/, service/ or bench/,
-imported lazily so `holorec --help` is instant.
+Each subcommand turns its arguments into calls of typed functions in model/, service/ and bench/ (and
+its errors into one line and an exit status); everything is imported lazily so `holorec --help` is instant.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def _train(a: argparse.Namespace) -> None:
-    from model.train import cli_train
+    """Per-dataset defaults for max_len, lr and dropout, then model.train.train(), which saves the checkpoint."""
+    from model import MODELS, ModelConfig
+    from model.data import DEFAULT_MAX_LEN, DataError, load
+    from model.train import hyper, train
 
-    cli_train(a)
+    if a.model not in MODELS:
+        sys.exit(f"holorec train: unknown model {a.model!r}; choose from {', '.join(MODELS)}")
+    try:
+        ds = load(a.data, a.attributes)
+    except DataError as e:
+        sys.exit(f"holorec train: {e}")
+    h = hyper(a.model, ds.kind)
+    config = ModelConfig(model=a.model, d_model=a.d_model, n_layers=a.layers, dropout=a.dropout if a.dropout is not None else h["dropout"],
+                         max_len=a.max_len or DEFAULT_MAX_LEN[ds.kind])
+    ckpt, report = train(ds, config, epochs=a.epochs, lr=a.lr if a.lr is not None else h["lr"], batch_size=a.batch_size, seed=a.seed,
+                         device=a.device, patience=a.patience, patience_steps=a.patience_steps, out=Path(a.out))
+    print(f"checkpoint: {a.out} (version {ckpt.version}; best epoch {report['best_epoch']} of {report['epochs_run']}, "
+          f"{report['train_seconds']:.1f} s)")
+    print(json.dumps({"test": report["test"], "popularity_test": report["popularity_test"]}, indent=2))
 
 
 def _evaluate(a: argparse.Namespace) -> None:
-    from model.evaluate import cli_evaluate
+    """Reload the checkpoint's dataset (or --data), re-split, print the metrics as JSON."""
+    from model.checkpoint import CheckpointError, load as load_checkpoint
+    from model.data import DataError, load, split
+    from model.evaluate import evaluate
+    from model.seen import SeenFilter
+    from model.train import set_threads
 
-    cli_evaluate(a)
+    set_threads()
+    try:
+        ckpt = load_checkpoint(a.checkpoint)
+        data = a.data or ckpt.provenance.get("data")
+        if not data:
+            sys.exit("holorec evaluate: the checkpoint records no dataset; pass --data")
+        ds = load(data, None if a.data else ckpt.provenance.get("attributes"))
+    except (CheckpointError, DataError) as e:
+        sys.exit(f"holorec evaluate: {e}")
+    if ds.items != ckpt.items:
+        sys.exit(f"holorec evaluate: {data} has a different item vocabulary ({ds.n_items} items) from the checkpoint ({len(ckpt.items)})")
+    histories, targets = split(ds, ckpt.model.config.max_len).eval_set(a.split)
+    seen_filter = SeenFilter(ds.items, a.seen_filter_bytes) if a.exclude_seen and a.seen_filter_bytes else None
+    m = evaluate(ckpt.model.to(a.device), histories, targets, exclude_seen=a.exclude_seen, seen_filter=seen_filter, device=a.device)
+    print(json.dumps({"checkpoint": str(a.checkpoint), "version": ckpt.version, "data": data, "split": a.split, "exclude_seen": a.exclude_seen,
+                      "seen_filter_bytes": a.seen_filter_bytes if seen_filter else 0, "users": len(targets), "metrics": m}, indent=2))
 
 
 def _data(a: argparse.Namespace) -> None:
-    from model.data import cli_data
+    """MovieLens-1M into --dest, from GroupLens (md5-checked) or --from a zip or folder."""
+    from model.data import DataError, fetch_ml1m
 
-    cli_data(a)
+    try:
+        fetch_ml1m(Path(a.dest), a.from_path)
+    except DataError as e:
+        sys.exit(f"holorec data: {e}")
 
 
 def _serve(a: argparse.Namespace) -> None:
@@ -46,15 +88,73 @@ def _serve(a: argparse.Namespace) -> None:
 
 
 def _warm(a: argparse.Namespace) -> None:
-    from service.warm import cli_warm
+    """Write every user's state from a log into Redis (service/warm.py), and/or re-warm another checkpoint's."""
+    import torch
 
-    cli_warm(a)
+    from model.checkpoint import CheckpointError, load
+    from model.data import DataError, load as load_data
+    from service.app import make_store
+    from service.engine import Engine
+    from service.settings import settings_or_exit
+    from service.warm import rewarm, warm
+
+    s = settings_or_exit("warm")
+    if not s.redis_url:
+        sys.exit("holorec warm: HOLOREC_REDIS_URL is not set; warm writes the states `holorec serve` reads from Redis")
+    if not a.rewarm and not a.data:
+        sys.exit("holorec warm: --data is required (or --rewarm to re-warm the stored records for this checkpoint)")
+    torch.set_num_threads(s.threads)
+    try:
+        engine = Engine(load(a.checkpoint), make_store(s), s)
+        ds = load_data(a.data, a.attributes) if a.data else None
+    except (CheckpointError, DataError) as e:
+        sys.exit(f"holorec warm: {e}")
+    progress = sys.stderr.isatty()
+    out = {}
+    if a.rewarm:
+        out["rewarm"] = rewarm(engine, progress=progress)
+    if ds is not None:
+        out["warm"] = warm(engine, ds, overwrite=a.overwrite, progress=progress)
+    print(json.dumps(out))
 
 
 def _consume(a: argparse.Namespace) -> None:
-    from service.consume import cli_consume
+    """Apply a Redis Stream's events through a consumer group until SIGTERM/SIGINT (service/consume.py)."""
+    import logging
+    import os
+    import signal
+    import socket
+    import threading
 
-    cli_consume(a)
+    import torch
+    from prometheus_client import start_http_server
+
+    from model.checkpoint import CheckpointError, load
+    from service.app import make_store
+    from service.consume import Consumer, stream_client
+    from service.engine import Engine
+    from service.metrics import registry
+    from service.settings import settings_or_exit
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = settings_or_exit("consume")
+    if not s.redis_url:
+        sys.exit("holorec consume: HOLOREC_REDIS_URL is not set; the stream and the states live in Redis")
+    torch.set_num_threads(s.threads)
+    try:
+        engine = Engine(load(a.checkpoint), make_store(s), s)
+    except CheckpointError as e:
+        sys.exit(f"holorec consume: checkpoint refused: {e}")
+    name = a.consumer or f"{socket.gethostname()}-{os.getpid()}"
+    consumer = Consumer(engine, stream_client(s), a.stream, a.group, name, a.dead_letter or f"{a.stream}:dead")
+    if a.metrics_port is not None:
+        start_http_server(a.metrics_port, a.metrics_host, registry=registry())
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch in hand, acknowledge it, then exit
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("holorec").info("holorec consume: stream %s, group %s, consumer %s, dead letters to %s",
+                                      a.stream, a.group, name, consumer.dead_letter)
+    consumer.run(stop, new_only=a.new_only)
 
 
 def _bench(a: argparse.Namespace) -> None:

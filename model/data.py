@@ -12,7 +12,6 @@ Shape letters: u users, l max_len, v n_items + 1, m max_attrs.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -558,15 +557,8 @@ def _install_folder(src: Path, dest: Path) -> None:
     _load_ml1m(dest)  # parse it once so a bad copy fails here, not at training time
 
 
-def cli_data(args: argparse.Namespace) -> None:
-    """`holorec data`: MovieLens-1M into --dest, from GroupLens (md5-checked) or --from a zip/folder."""
-    try:
-        _cli_data(Path(args.dest), getattr(args, "from_path", None))
-    except DataError as e:
-        raise SystemExit(f"holorec data: {e}") from e
-
-
-def _cli_data(dest: Path, src: str | None) -> None:
+def fetch_ml1m(dest: Path, src: str | None = None) -> None:
+    """MovieLens-1M into `dest`: downloaded from GroupLens (md5-checked), or from `src`, a zip or a folder."""
     if src:
         p = Path(src)
         if p.is_dir():
@@ -574,7 +566,7 @@ def _cli_data(dest: Path, src: str | None) -> None:
         elif p.is_file():
             _install_zip(p, dest, check_md5=p.name == "ml-1m.zip")
         else:
-            raise SystemExit(f"holorec data: {p}: no such file or directory")
+            raise DataError(f"{p}: no such file or directory")
     else:
         with tempfile.TemporaryDirectory() as tmp:
             zip_path = Path(tmp) / "ml-1m.zip"
@@ -582,7 +574,7 @@ def _cli_data(dest: Path, src: str | None) -> None:
             try:
                 urllib.request.urlretrieve(ML1M_URL, zip_path)
             except OSError as e:
-                raise SystemExit(f"holorec data: download failed ({e}); fetch ml-1m.zip elsewhere and pass --from") from e
+                raise DataError(f"download failed ({e}); fetch ml-1m.zip elsewhere and pass --from") from e
             _install_zip(zip_path, dest, check_md5=True)
     print(load(str(dest)).summary())
     print(f"MovieLens-1M ready in {dest}")

@@ -9,8 +9,6 @@ all averaged over users. Shape letters: b batch, l max_len, v n_items + 1.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 
 import numpy as np
@@ -138,30 +136,3 @@ def evaluate_popularity(counts: list[int], histories: list[list[int]], targets: 
 
 def format_metrics(m: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in m.items() if not math.isnan(v))
-
-
-def cli_evaluate(args: argparse.Namespace) -> None:
-    """`holorec evaluate CHECKPOINT`: reload the checkpoint's dataset, re-split, print metrics as JSON."""
-    from model.checkpoint import CheckpointError, load as load_checkpoint
-    from model.data import DataError, load, split
-    from model.train import set_threads
-
-    set_threads()
-    try:
-        ckpt = load_checkpoint(args.checkpoint)
-        data = args.data or ckpt.provenance.get("data")
-        if not data:
-            raise SystemExit("holorec evaluate: the checkpoint records no dataset; pass --data")
-        ds = load(data, None if args.data else ckpt.provenance.get("attributes"))
-    except (CheckpointError, DataError) as e:
-        raise SystemExit(f"holorec evaluate: {e}") from e
-    if ds.items != ckpt.items:
-        raise SystemExit(f"holorec evaluate: {data} has a different item vocabulary ({ds.n_items} items) from the checkpoint ({len(ckpt.items)})")
-    sp = split(ds, ckpt.model.config.max_len)
-    histories, targets = sp.eval_set(args.split)
-    model = ckpt.model.to(args.device)
-    seen_filter = SeenFilter(ds.items, args.seen_filter_bytes) if args.exclude_seen and args.seen_filter_bytes else None
-    m = evaluate(model, histories, targets, exclude_seen=args.exclude_seen, seen_filter=seen_filter, device=args.device)
-    report = {"checkpoint": str(args.checkpoint), "version": ckpt.version, "data": data, "split": args.split,
-              "exclude_seen": args.exclude_seen, "seen_filter_bytes": args.seen_filter_bytes if seen_filter else 0, "users": len(targets), "metrics": m}
-    print(json.dumps(report, indent=2))

@@ -19,8 +19,6 @@ Shape letters: b batch, l max_len.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -35,7 +33,7 @@ from tqdm import tqdm
 
 from model import build_model
 from model.checkpoint import Checkpoint, save
-from model.data import DEFAULT_MAX_LEN, Dataset, load, split
+from model.data import Dataset, load, split
 from model.evaluate import evaluate, evaluate_popularity, format_metrics
 from model.protocol import ModelConfig
 
@@ -193,30 +191,3 @@ def length_buckets(lengths: Tensor, batch_size: int, g: torch.Generator, pool: i
 
 def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def cli_train(args: argparse.Namespace) -> None:
-    """`holorec train`: per-dataset defaults for max_len and dropout, then train() and save."""
-    from model import MODELS
-    from model.data import DataError
-
-    if args.model not in MODELS:
-        raise SystemExit(f"holorec train: unknown model {args.model!r}; choose from {', '.join(MODELS)}")
-    try:
-        ds = load(args.data, args.attributes)
-    except DataError as e:
-        raise SystemExit(f"holorec train: {e}") from e
-    h = hyper(args.model, ds.kind)
-    config = ModelConfig(
-        model=args.model,
-        d_model=args.d_model,
-        n_layers=args.layers,
-        dropout=args.dropout if args.dropout is not None else h["dropout"],
-        max_len=args.max_len or DEFAULT_MAX_LEN[ds.kind],
-    )
-    lr = args.lr if args.lr is not None else h["lr"]
-    ckpt, report = train(ds, config, epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=args.seed,
-                         device=args.device, patience=args.patience, patience_steps=args.patience_steps, out=Path(args.out))
-    print(f"checkpoint: {args.out} (version {ckpt.version}; best epoch {report['best_epoch']} of {report['epochs_run']}, "
-          f"{report['train_seconds']:.1f} s)")
-    print(json.dumps({"test": report["test"], "popularity_test": report["popularity_test"]}, indent=2))

@@ -18,12 +18,9 @@ reason and acknowledged: it never blocks the group.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import signal
 import socket
-import sys
 import threading
 import time
 
@@ -194,32 +191,3 @@ def stream_client(s: Settings) -> redis.Redis | redis.cluster.RedisCluster:
     if s.redis_cluster:
         return redis.cluster.RedisCluster.from_url(s.redis_url, **opts)
     return redis.Redis.from_url(s.redis_url, **opts)  # type: ignore[arg-type]
-
-
-def cli_consume(a: argparse.Namespace) -> None:
-    import torch
-    from prometheus_client import start_http_server
-
-    from model.checkpoint import CheckpointError, load
-    from service.app import make_store
-    from service.settings import settings_or_exit
-    from service.metrics import registry
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    s = settings_or_exit("consume")
-    if not s.redis_url:
-        sys.exit("holorec consume: HOLOREC_REDIS_URL is not set; the stream and the states live in Redis")
-    torch.set_num_threads(s.threads)
-    try:
-        engine = Engine(load(a.checkpoint), make_store(s), s)
-    except CheckpointError as e:
-        sys.exit(f"holorec consume: checkpoint refused: {e}")
-    name = a.consumer or f"{socket.gethostname()}-{os.getpid()}"
-    consumer = Consumer(engine, stream_client(s), a.stream, a.group, name, a.dead_letter or f"{a.stream}:dead")
-    if a.metrics_port is not None:
-        start_http_server(a.metrics_port, a.metrics_host, registry=registry())
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch in hand, acknowledge it, then exit
-        signal.signal(sig, lambda *_: stop.set())
-    log.info("holorec consume: stream %s, group %s, consumer %s, dead letters to %s", a.stream, a.group, name, consumer.dead_letter)
-    consumer.run(stop, new_only=a.new_only)

@@ -10,15 +10,11 @@ user's first touch after a new checkpoint is deployed.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
-import sys
 import time
 from collections.abc import Iterator
 
-import torch
 from tqdm import tqdm
 
 from model.checkpoint import Checkpoint
@@ -80,29 +76,3 @@ def rewarm(engine: Engine, *, batch: int = 1000, progress: bool = True) -> dict:
             seen += len(chunk)
             bar.update(len(chunk))
     return {"records": seen, "rewarmed": rewritten, "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def cli_warm(a: argparse.Namespace) -> None:
-    from model.checkpoint import CheckpointError, load
-    from model.data import DataError, load as load_data
-    from service.app import make_store
-    from service.settings import settings_or_exit
-
-    s = settings_or_exit("warm")
-    if not s.redis_url:
-        sys.exit("holorec warm: HOLOREC_REDIS_URL is not set; warm writes the states `holorec serve` reads from Redis")
-    if not a.rewarm and not a.data:
-        sys.exit("holorec warm: --data is required (or --rewarm to re-warm the stored records for this checkpoint)")
-    torch.set_num_threads(s.threads)
-    try:
-        engine = Engine(load(a.checkpoint), make_store(s), s)
-        ds = load_data(a.data, a.attributes) if a.data else None
-    except (CheckpointError, DataError) as e:
-        sys.exit(f"holorec warm: {e}")
-    progress = sys.stderr.isatty()
-    out = {}
-    if a.rewarm:
-        out["rewarm"] = rewarm(engine, progress=progress)
-    if ds is not None:
-        out["warm"] = warm(engine, ds, overwrite=a.overwrite, progress=progress)
-    print(json.dumps(out))

@@ -1,7 +1,6 @@
 """Loaders for every raw format, malformed input, the leave-one-out split, synthetic data, `holorec data --from`."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import zipfile
@@ -10,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from model.data import DataError, Dataset, cli_data, left_pad, load, split, synthetic
+from model.data import DataError, Dataset, fetch_ml1m, left_pad, load, split, synthetic
 
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
           "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
@@ -197,24 +196,24 @@ def test_synthetic_deterministic_and_reloadable() -> None:
 # --- holorec data --from -----------------------------------------------------------------
 
 
-def test_cli_data_from_zip_and_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fetch_ml1m_from_zip_and_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = write_ml1m(tmp_path / "src" / "ml-1m")
     archive = tmp_path / "movielens-copy.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for f in src.iterdir():
             z.write(f, f"ml-1m/{f.name}")
-    cli_data(argparse.Namespace(dest=str(tmp_path / "a"), from_path=str(archive)))
+    fetch_ml1m(tmp_path / "a", str(archive))
     assert "2 users, 4 items" in capsys.readouterr().out
     assert load(str(tmp_path / "a")).sequences == load(str(src)).sequences
-    cli_data(argparse.Namespace(dest=str(tmp_path / "b"), from_path=str(tmp_path / "src")))
+    fetch_ml1m(tmp_path / "b", str(tmp_path / "src"))
     assert (tmp_path / "b" / "movies.dat").read_bytes() == (src / "movies.dat").read_bytes()
     # a file called ml-1m.zip must carry the published checksum
     named = tmp_path / "ml-1m.zip"
     named.write_bytes(archive.read_bytes())
-    with pytest.raises(SystemExit, match="does not match the published"):
-        cli_data(argparse.Namespace(dest=str(tmp_path / "c"), from_path=str(named)))
+    with pytest.raises(DataError, match="does not match the published"):
+        fetch_ml1m(tmp_path / "c", str(named))
     bad = tmp_path / "other.zip"
     with zipfile.ZipFile(bad, "w") as z:
         z.writestr("ml-1m/ratings.dat", "1::2::3::4\n")
-    with pytest.raises(SystemExit, match="not a MovieLens-1M archive"):
-        cli_data(argparse.Namespace(dest=str(tmp_path / "d"), from_path=str(bad)))
+    with pytest.raises(DataError, match="not a MovieLens-1M archive"):
+        fetch_ml1m(tmp_path / "d", str(bad))
