@@ -36,7 +36,8 @@ def _train(a: argparse.Namespace) -> None:
 def _evaluate(a: argparse.Namespace) -> None:
     """Reload the checkpoint's dataset (or --data), re-split, print the metrics as JSON."""
     from model.checkpoint import CheckpointError, load as load_checkpoint
-    from model.data import DataError, load, split
+    from model.data import DataError, load
+    from model.split import split
     from model.evaluate import evaluate
     from model.seen import SeenFilter
     from model.train import set_threads
@@ -61,7 +62,8 @@ def _evaluate(a: argparse.Namespace) -> None:
 
 def _data(a: argparse.Namespace) -> None:
     """MovieLens-1M into --dest, from GroupLens (md5-checked) or --from a zip or folder."""
-    from model.data import DataError, fetch_ml1m
+    from model.data import DataError
+    from model.fetch import fetch_ml1m
 
     try:
         fetch_ml1m(Path(a.dest), a.from_path)

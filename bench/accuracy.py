@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from model import MODELS, ModelConfig
-from model.data import DEFAULT_MAX_LEN, load, split
+from model.data import DEFAULT_MAX_LEN, load
+from model.split import split
 from bench.harness import command, hardware
 from model.evaluate import evaluate, evaluate_popularity, evaluate_served
 from model.train import hyper, set_threads, train

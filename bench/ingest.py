@@ -199,7 +199,7 @@ def _post(url: str, events: list[dict], per_request: int, clients: int = 4) -> f
 
 def bench_warm(work: Path, name: str, n_users: int, sample_users: int) -> dict:
     from model.checkpoint import load
-    from model.data import synthetic
+    from model.synthetic import synthetic
     from service.engine import Engine
     from service.settings import Settings
     from service.store import RedisStore

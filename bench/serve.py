@@ -315,13 +315,15 @@ def section_codec(tmp: Path, quick: bool, epochs: int, data: str) -> dict[str, A
     from service import record as rec
 
     if quick:
-        from model.data import split, synthetic
+        from model.split import split
+        from model.synthetic import synthetic
 
         ds = synthetic(n_users=60, n_items=60, n_attrs=4, seed=0, seq_len=(5, 15))
         ckpt = make_checkpoint(tmp / "codec-quick", ds.n_items, genres=False, max_len=50)
         net, source = ckpt.model, "synthetic data, random weights (--quick: figures meaningless)"
     else:
-        from model.data import load as load_data, split
+        from model.data import load as load_data
+        from model.split import split
 
         from model import ModelConfig
         from model.data import DEFAULT_MAX_LEN

@@ -40,7 +40,8 @@ def _rss_mb() -> float:
 def one(model: str, length: int, positions: int, steps: int, device: str, d_model: int) -> dict[str, Any]:
     """Runs inside the child process; returns the measurements."""
     from model import ModelConfig, build_model
-    from model.data import split, synthetic
+    from model.split import split
+    from model.synthetic import synthetic
     set_threads()
     batch = max(1, positions // length)
     ds = synthetic(n_users=batch, n_items=1000, n_attrs=20, seed=0, seq_len=(length + 3, length + 3))

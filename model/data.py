@@ -1,9 +1,8 @@
-"""Interaction data: the public raw formats in, one `Dataset` out, and the leave-one-out split.
+"""Interaction data: the public raw formats in, one `Dataset` out (model/split.py splits it).
 
     load(path)      recognises, by shape, a MovieLens-100K or -1M folder, an S3-Rec NAME.txt
                     (+ NAME_item2attributes.json), a CSV/Parquet table (user,item,timestamp),
                     or the word `synthetic`; malformed lines raise DataError(file, line)
-    split(ds, L)    per user: last item test, second-to-last validation, the rest training
 
 Item and attribute indices start at 1 (0 is padding) and follow the natural order of the
 external ids ("2" before "10"), so S3-Rec's already-numbered items keep their numbers.
@@ -13,17 +12,11 @@ Shape letters: u users, l max_len, v n_items + 1, m max_attrs.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import shutil
-import tempfile
-import urllib.request
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,11 +24,11 @@ from torch import Tensor
 
 DEFAULT_MAX_LEN = {"movielens": 200, "s3rec": 50, "table": 50, "synthetic": 50}
 
-ML1M_URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
-# Published md5 of GroupLens' ml-1m.zip (the value GroupLens lists in ml-1m.zip.md5 and that
-# dataset loaders such as DataRec and papers_with_code's movielens config verify against).
-ML1M_MD5 = "c4d9eecfca2ab87c1945afe126590906"
-ML1M_FILES = ("ratings.dat", "movies.dat", "users.dat")
+
+
+def train_part(seq: list[int]) -> list[int]:
+    """The items of a user's sequence that training sees: all but the validation and test targets."""
+    return seq[:-2] if len(seq) >= 3 else seq
 
 
 class DataError(ValueError):
@@ -85,7 +78,7 @@ class Dataset:
         """Interactions per item index over training positions only (all but each user's last two)."""
         counts = [0] * (self.n_items + 1)
         for seq in self.sequences:
-            for i in _train_part(seq):
+            for i in train_part(seq):
                 counts[i] += 1
         return counts
 
@@ -102,73 +95,12 @@ class Dataset:
         return f"{self.name}: {len(self.users)} users, {self.n_items} items, {self.n_interactions} interactions, {self.n_attrs} attributes"
 
 
-# --- the split -------------------------------------------------------------------------
-
-
-@dataclass
-class Split:
-    """Leave-one-out. Users with fewer than 3 items are kept for training only (no valid/test row).
-
-    Training rows: each user's training sequence s (all but the last two items) gives one row,
-    inputs s[:-1] and targets s[1:], cut to the most recent max_len and left-padded with 0: one
-    row covers every training position inside the window (SASRec's protocol; older positions of
-    users with more than max_len + 1 training items are not trained on).
-    Evaluation: full histories (models see the last max_len items; exclude_seen uses them all).
-    """
-
-    max_len: int
-    inputs: Tensor  # (u_train, l) left-padded
-    targets: Tensor  # (u_train, l) left-padded, inputs shifted by one
-    valid_histories: list[list[int]]  # s[:-2]
-    valid_targets: list[int]  # s[-2]
-    test_histories: list[list[int]]  # s[:-1] (includes the validation item)
-    test_targets: list[int]  # s[-1]
-
-    def eval_set(self, which: str) -> tuple[list[list[int]], list[int]]:
-        if which not in ("valid", "test"):
-            raise ValueError(f"split must be 'valid' or 'test', not {which!r}")
-        return (self.valid_histories, self.valid_targets) if which == "valid" else (self.test_histories, self.test_targets)
-
-
-def _train_part(seq: list[int]) -> list[int]:
-    return seq[:-2] if len(seq) >= 3 else seq
-
-
-def left_pad(seqs: list[list[int]], length: int) -> Tensor:  # -> (len(seqs), length)
-    """The most recent `length` items of each sequence, right-aligned, zeros in front."""
-    out = torch.zeros(len(seqs), length, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        s = s[-length:] if length > 0 else []
-        if s:
-            out[r, length - len(s) :] = torch.tensor(s, dtype=torch.long)
-    return out
-
-
-def split(ds: Dataset, max_len: int) -> Split:
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    rows_in, rows_out = [], []
-    vh, vt, th, tt = [], [], [], []
-    for seq in ds.sequences:
-        train = _train_part(seq)
-        if len(train) >= 2:
-            rows_in.append(train[:-1])
-            rows_out.append(train[1:])
-        if len(seq) >= 3:
-            vh.append(seq[:-2])
-            vt.append(seq[-2])
-            th.append(seq[:-1])
-            tt.append(seq[-1])
-    return Split(max_len, left_pad(rows_in, max_len), left_pad(rows_out, max_len), vh, vt, th, tt)
-
-
-# --- loading ---------------------------------------------------------------------------
-
-
 def load(path: str, attributes: str | None = None) -> Dataset:
     """Read a dataset, recognised by its shape (see the module docstring)."""
     if path == "synthetic" or path.startswith("synthetic:"):
-        return synthetic(**_synthetic_params(path))
+        from model.synthetic import synthetic, synthetic_params
+
+        return synthetic(**synthetic_params(path))
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: no such file or directory (expected a MovieLens folder, an S3-Rec NAME.txt, a .csv, .tsv or .parquet table, or 'synthetic')")
@@ -436,145 +368,3 @@ def _set_attributes(ds: Dataset, attrs_of: dict[str, list[str]]) -> None:
     wanted = {x for x in ds.items if x in attrs_of}
     ds.attributes, attr_index = _index({a for x in wanted for a in attrs_of[x]})
     ds.item_attrs = [[]] + [sorted({attr_index[a] for a in attrs_of.get(x, [])}) for x in ds.items]
-
-
-# --- synthetic ---------------------------------------------------------------------------
-
-
-def synthetic(n_users: int = 600, n_items: int = 300, n_attrs: int = 12, seed: int = 0, seq_len: tuple[int, int] = (8, 40)) -> Dataset:
-    """Users drifting between attribute clusters, moving along Markov chains inside a cluster.
-
-    Item i belongs to cluster i mod n_attrs (its attribute "c<k>"); each item has one favourite
-    successor (p = 0.6) and two others (0.15 each) in its cluster, else a Zipf-popular item of the
-    cluster. A user starts in a cluster drawn from their own preferences and moves to another
-    with probability 0.1 per step. So the next item is predictable from the last one (a sequential
-    model can learn it) while global popularity is a weak guess.
-    """
-    rng = np.random.default_rng(seed)
-    clusters = [np.arange(c, n_items, n_attrs) for c in range(n_attrs)]  # 0-based item ids per cluster
-    successors: dict[int, tuple[int, int, int]] = {}  # item -> (favourite, other, other)
-    zipf: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # cluster -> (members, Zipf weights)
-    for members in clusters:
-        perm = rng.permutation(members)
-        for j, i in enumerate(perm):
-            others = rng.choice(members, size=2, replace=True)
-            successors[int(i)] = (int(perm[(j + 1) % len(perm)]), *(int(o) for o in others))
-        w = 1.0 / np.arange(1, len(members) + 1)
-        zipf[len(zipf)] = (rng.permutation(members), w / w.sum())
-    sequences: list[list[int]] = []
-    for _ in range(n_users):
-        prefs = rng.dirichlet(np.full(n_attrs, 0.3))
-        length = int(rng.integers(seq_len[0], seq_len[1] + 1))
-        c = int(rng.choice(n_attrs, p=prefs))
-        members, w = zipf[c]
-        cur = int(rng.choice(members, p=w))
-        seq = [cur]
-        while len(seq) < length:
-            r = rng.random()
-            if r < 0.1:  # drift to another interest
-                c = int(rng.choice(n_attrs, p=prefs))
-                members, w = zipf[c]
-                cur = int(rng.choice(members, p=w))
-            elif r < 0.1 + 0.9 * 0.6:
-                cur = successors[cur][0]
-            elif r < 0.1 + 0.9 * 0.9:
-                cur = successors[cur][1 + int(rng.integers(0, 2))]
-            else:
-                members, w = zipf[cur % n_attrs]
-                cur = int(rng.choice(members, p=w))
-            seq.append(cur)
-        sequences.append([i + 1 for i in seq])
-    items = [f"i{i}" for i in range(n_items)]
-    attributes = [f"c{c}" for c in range(n_attrs)]
-    item_attrs = [[]] + [[i % n_attrs + 1] for i in range(n_items)]
-    defaults = dict(n_users=600, n_items=300, n_attrs=12, seed=0)
-    given = dict(n_users=n_users, n_items=n_items, n_attrs=n_attrs, seed=seed)
-    source = "synthetic" if given == defaults and seq_len == (8, 40) else "synthetic:" + ",".join(f"{k}={v}" for k, v in given.items())
-    if seq_len != (8, 40):
-        source += f",min_len={seq_len[0]},max_len={seq_len[1]}"
-    users = [f"u{u}" for u in range(n_users)]
-    return Dataset("synthetic", users, sequences, items, attributes, item_attrs, kind="synthetic", source=source)
-
-
-def _synthetic_params(spec: str) -> dict[str, Any]:
-    """'synthetic' or 'synthetic:n_users=200,n_items=100,seed=1' -> synthetic() keyword arguments."""
-    params: dict[str, Any] = {}
-    _, _, rest = spec.partition(":")
-    lens = [8, 40]
-    for part in filter(None, rest.split(",")):
-        key, _, value = part.partition("=")
-        if key in ("n_users", "n_items", "n_attrs", "seed") and value.isdigit():
-            params[key] = int(value)
-        elif key in ("min_len", "max_len") and value.isdigit():
-            lens[key == "max_len"] = int(value)
-        else:
-            raise DataError(f"{spec}: bad synthetic parameter {part!r} (n_users, n_items, n_attrs, seed, min_len, max_len)")
-    params["seq_len"] = (lens[0], lens[1])
-    return params
-
-
-# --- holorec data ------------------------------------------------------------------------
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _install_zip(zip_path: Path, dest: Path, *, check_md5: bool) -> None:
-    """Verify the archive (md5 when it claims to be GroupLens' ml-1m.zip, then its members) and extract."""
-    if check_md5:
-        got = _md5(zip_path)
-        if got != ML1M_MD5:
-            raise DataError(f"{zip_path}: md5 {got} does not match the published {ML1M_MD5} for ml-1m.zip")
-    try:
-        with zipfile.ZipFile(zip_path) as z:
-            names = set(z.namelist())
-            missing = [f for f in ML1M_FILES if f"ml-1m/{f}" not in names]
-            if missing:
-                raise DataError(f"{zip_path}: not a MovieLens-1M archive (missing ml-1m/{', ml-1m/'.join(missing)})")
-            with tempfile.TemporaryDirectory() as tmp:
-                for f in ML1M_FILES:
-                    z.extract(f"ml-1m/{f}", tmp)
-                _install_folder(Path(tmp) / "ml-1m", dest)
-    except zipfile.BadZipFile as e:
-        raise DataError(f"{zip_path}: not a zip archive ({e})") from e
-
-
-def _install_folder(src: Path, dest: Path) -> None:
-    if (src / "ml-1m" / "ratings.dat").is_file():
-        src = src / "ml-1m"
-    missing = [f for f in ML1M_FILES[:2] if not (src / f).is_file()]
-    if missing:
-        raise DataError(f"{src}: not a MovieLens-1M folder (missing {', '.join(missing)})")
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in ML1M_FILES:
-        if (src / f).is_file():
-            shutil.copyfile(src / f, dest / f)
-    _load_ml1m(dest)  # parse it once so a bad copy fails here, not at training time
-
-
-def fetch_ml1m(dest: Path, src: str | None = None) -> None:
-    """MovieLens-1M into `dest`: downloaded from GroupLens (md5-checked), or from `src`, a zip or a folder."""
-    if src:
-        p = Path(src)
-        if p.is_dir():
-            _install_folder(p, dest)
-        elif p.is_file():
-            _install_zip(p, dest, check_md5=p.name == "ml-1m.zip")
-        else:
-            raise DataError(f"{p}: no such file or directory")
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            zip_path = Path(tmp) / "ml-1m.zip"
-            print(f"downloading {ML1M_URL}")
-            try:
-                urllib.request.urlretrieve(ML1M_URL, zip_path)
-            except OSError as e:
-                raise DataError(f"download failed ({e}); fetch ml-1m.zip elsewhere and pass --from") from e
-            _install_zip(zip_path, dest, check_md5=True)
-    print(load(str(dest)).summary())
-    print(f"MovieLens-1M ready in {dest}")

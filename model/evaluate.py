@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.data import left_pad
+from model.split import left_pad
 from model.seen import SeenFilter
 from model.protocol import SeqRecModel
 

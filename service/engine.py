@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from model.checkpoint import Checkpoint
-from model.data import left_pad
+from model.split import left_pad
 from model.seen import SeenFilter
 from model.state import pack, unpack
 from service import record as rec

@@ -9,7 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from model.data import DataError, Dataset, fetch_ml1m, left_pad, load, split, synthetic
+from model.data import DataError, Dataset, load
+from model.fetch import fetch_ml1m
+from model.split import left_pad, split
+from model.synthetic import synthetic
 
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
           "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]

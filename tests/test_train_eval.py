@@ -14,7 +14,8 @@ from torch import Tensor
 
 from model import ModelConfig
 from model.checkpoint import load as load_checkpoint
-from model.data import split, synthetic
+from model.split import split
+from model.synthetic import synthetic
 from model.evaluate import evaluate, evaluate_popularity, ranks
 from model.protocol import SeqRecModel
 from model.train import train

@@ -19,7 +19,7 @@ import torch
 from bench.harness import ROOT, make_checkpoint
 from model import ModelConfig, build_model
 from model.checkpoint import load
-from model.data import left_pad
+from model.split import left_pad
 from model.data import load as load_data
 from model.state import unpack
 from service import record as rec
