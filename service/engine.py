@@ -24,7 +24,7 @@ from service import record as rec
 from service.index import IVFIndex
 from service.metrics import CAS_CONFLICTS, ERRORS, EVENTS, RECOMMENDATIONS, SCORE_LATENCY, STATE_REBUILDS, STEP_LATENCY, USERS_SEEN
 from service.settings import Settings
-from service.store import StateStore, StoreUnavailable, user_key
+from service.store import StateStore, user_key
 
 log = logging.getLogger("holorec")
 

@@ -20,7 +20,7 @@ from model.checkpoint import load
 from service.record import decode
 from service.store import user_key
 from bench.harness import ROOT, Service, free_port, wait_for
-from tests.conftest import REDIS_URL, tiny_sequences, train_tiny
+from tests.conftest import REDIS_URL, tiny_sequences
 
 
 def post(c: httpx.Client, events: list[dict]) -> httpx.Response:
