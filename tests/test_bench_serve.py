@@ -22,10 +22,10 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "serve.json").read_text())["quick"] is True
     md = (tmp_path / "serve.md").read_text()
     assert "holorec bench serve --quick" in md and "## 5." in md
-    assert res["hardware"]["cores"] >= 1 and res["load_avg"]["start"]
+    assert res["load_avg"]["start"] and res["hardware"]["cpu"] in md
 
     o1 = res["o1"]
-    assert o1["record_bytes_constant"] and o1["p50_ratio_longest_to_shortest"] > 0
+    assert o1["record_bytes_constant"]
     for lvl, v in o1["levels"].items():
         assert v["errors"] == 0 and v["p50_ms"] > 0 and v["p99_ms"] >= v["p50_ms"] and v["record_bytes"] > 0
         assert v["events_applied"] >= int(lvl)
@@ -33,13 +33,12 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
     for v in res["replay"]["max_len"].values():
         assert v["stored_state_ms"] > 0 and v["holomamba_same_top10"] and v["redis_get_ms"] > 0
         for m in res["replay"]["models"]:
-            assert v[f"naive_{m}_ms"] > 0 and v[f"ratio_{m}"] > 0
+            assert v[f"naive_{m}_ms"] > 0
 
     for run_ in res["load"]["runs"].values():
         for case in ("livez_c1", "event_c1", "livez", "event", "batch100", "recommend"):
             assert run_[case]["errors"] == 0 and run_[case]["requests"] > 0 and run_[case]["per_s"] > 0
             assert 0 < run_[case]["p50_ms"] <= run_[case]["p95_ms"] <= run_[case]["p99_ms"]
-        assert run_["batch100"]["events_per_s"] == run_["batch100"]["per_s"] * 100
         bd = run_["event_c1"]["breakdown"]  # from the service's own histograms: one GET, one CAS, one step per event
         assert bd["server_count"] == bd["redis_cas_count"] == bd["model_step_count"] == run_["event_c1"]["requests"]
         assert 0 < bd["model_step_ms"] < bd["server_ms"] < bd["client_mean_ms"] and bd["redis_get_ms"] > 0
