@@ -27,7 +27,8 @@ from service.engine import Conflict, Engine
 from service.metrics import ERRORS, MODEL_INFO
 from service.middleware import BodyLimit, Timing
 from service.settings import Settings, setting_problems
-from service.store import MemoryStore, RedisStore, StateStore, StoreUnavailable
+from service.cache import RecordCache
+from service.store import MemoryStore, RedisStore, StateStore, StoreUnavailable, user_key_prefix
 
 log = logging.getLogger("holorec")
 
@@ -38,7 +39,10 @@ def make_store(s: Settings) -> StateStore:
                     "not shared between workers). Set it to a redis:// URL for production.")
         return MemoryStore()
     log.info("state store: %s %s", "Redis Cluster" if s.redis_cluster else "Redis", s.redis_url.split("@")[-1])
-    return RedisStore(s.redis_url, cluster=s.redis_cluster, timeout_s=s.store_timeout_s)
+    cache = None
+    if s.client_cache_entries and not s.redis_cluster:
+        cache = RecordCache(s.redis_url, user_key_prefix(s.namespace), s.client_cache_entries, s.store_timeout_s)
+    return RedisStore(s.redis_url, cluster=s.redis_cluster, timeout_s=s.store_timeout_s, cache=cache)
 
 
 def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None = None) -> FastAPI:

@@ -121,9 +121,9 @@ class Engine:
         if self.seen is not None:
             self.seen.add(r.seen_filter, items)
 
-    def _read(self, user_ids: list[str]) -> list[Loaded]:
-        """(record ready for this model, revision to CAS against, whether it must be written back)."""
-        blobs = self.store.get_many([self.key(u) for u in user_ids])
+    def _read(self, user_ids: list[str], cached: bool = False) -> list[Loaded]:
+        """Each user's record ready for this model; `cached`: through the client-side cache (recommendations)."""
+        blobs = self.store.get_many([self.key(u) for u in user_ids], cached)
         out: list[Loaded] = []
         stale: list[int] = []
         for u, blob in zip(user_ids, blobs):
@@ -354,7 +354,7 @@ class Engine:
         return self.attr_masks[j]
 
     def recommend(self, queries: list[RecQuery]) -> list[RecResult]:
-        loaded = self._read([q.user_id for q in queries])
+        loaded = self._read([q.user_id for q in queries], cached=True)
         self._write_back([q.user_id for q in queries], loaded)
         with_state = [i for i, x in enumerate(loaded) if x.record.applied > 0]
         out: list[RecResult] = [self._popular(q) if x.record.applied <= 0 else None for q, x in zip(queries, loaded)]  # type: ignore[misc]

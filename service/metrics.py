@@ -24,6 +24,7 @@ CAS_CONFLICTS = Counter("holorec_cas_conflicts_total", "Compare-and-set write co
 STATE_REBUILDS = Counter("holorec_state_rebuilds_total", "User states rebuilt from their ring buffer", ["reason"])  # model_change | corrupt
 ERRORS = Counter("holorec_errors_total", "Errors by kind", ["kind"])  # store_unavailable | corrupt_record | internal | ...
 MODEL_INFO = Gauge("holorec_model_info", "Loaded model (value 1)", ["version", "model"], multiprocess_mode="max")
+RECORD_CACHE = Counter("holorec_record_cache_total", "User records GET /recommend read, from the client-side cache or Redis", ["result"])  # hit | miss
 USERS_SEEN = Gauge("holorec_users_seen", "Users with a state record", multiprocess_mode="max")
 # holorec consume (its own process, on --metrics-port)
 STREAM_ENTRIES = Counter("holorec_stream_entries_total", "Stream entries by outcome", ["outcome"])  # applied | duplicate | dead_letter

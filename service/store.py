@@ -33,6 +33,7 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from service.cache import RecordCache
 from service.metrics import REDIS_LATENCY
 from service.record import REVISION_OFFSET, stored_revision
 
@@ -68,7 +69,7 @@ class StoreUnavailable(RuntimeError):
 class StateStore(Protocol):
     kind: str
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+    def get_many(self, keys: Sequence[str], cached: bool = False) -> list[bytes | None]: ...
     def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None) -> list[bool]: ...
     def delete(self, key: str) -> bool: ...
     def get(self, key: str) -> bytes | None: ...
@@ -80,7 +81,12 @@ class StateStore(Protocol):
 
 
 def user_key(namespace: str, user_id: str) -> str:
-    return f"holorec:{namespace}:{{u:{user_id}}}"
+    return f"{user_key_prefix(namespace)}{user_id}}}"
+
+
+def user_key_prefix(namespace: str) -> str:
+    """What every user record's key of a namespace starts with."""
+    return f"holorec:{namespace}:{{u:"
 
 
 def user_keys(namespace: str) -> str:
@@ -103,8 +109,8 @@ class RedisStore:
 
     kind = "redis"
 
-    def __init__(self, url: str, *, cluster: bool = False, timeout_s: float = 1.0) -> None:
-        self.url, self.cluster = url, cluster
+    def __init__(self, url: str, *, cluster: bool = False, timeout_s: float = 1.0, cache: RecordCache | None = None) -> None:
+        self.url, self.cluster, self.cache = url, cluster, cache
         self.opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10,
                          retry=Retry(NoBackoff(), 0))
         self._client: redis.Redis | redis.cluster.RedisCluster | None = None
@@ -152,7 +158,10 @@ class RedisStore:
             except redis.ConnectionError:
                 return fn()
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[str], cached: bool = False) -> list[bytes | None]:
+        """With `cached` (reads that serve recommendations), through the client-side cache when there is one."""
+        if cached and self.cache is not None:
+            return self.cache.get_many(keys, self.get_many)
         if len(keys) == 1:
             return [self._read("get", lambda: self.r.get(keys[0]))]
         if not self.cluster:
@@ -221,7 +230,7 @@ class MemoryStore:
             return None
         return item[0]
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[str], cached: bool = False) -> list[bytes | None]:
         with self.lock:
             return [self._live(k) for k in keys]
 
