@@ -33,14 +33,15 @@ from service.store import MemoryStore, RedisStore, StateStore, StoreUnavailable,
 log = logging.getLogger("holorec")
 
 
-def make_store(s: Settings) -> StateStore:
+def make_store(s: Settings, serving: bool = False) -> StateStore:
+    """The store the settings name; `serving` (the app): with the client-side record cache for GET /recommend."""
     if not s.redis_url:
         log.warning("HOLOREC_REDIS_URL is not set: using the embedded in-process state store (state is lost on exit, "
                     "not shared between workers). Set it to a redis:// URL for production.")
         return MemoryStore()
     log.info("state store: %s %s", "Redis Cluster" if s.redis_cluster else "Redis", s.redis_url.split("@")[-1])
     cache = None
-    if s.client_cache_entries and not s.redis_cluster:
+    if serving and s.client_cache_entries and not s.redis_cluster:
         cache = RecordCache(s.redis_url, user_key_prefix(s.namespace), s.client_cache_entries, s.store_timeout_s)
     return RedisStore(s.redis_url, cluster=s.redis_cluster, timeout_s=s.store_timeout_s, cache=cache)
 
@@ -53,7 +54,7 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(s.threads)
         ckpt = checkpoint or load(s.checkpoint)
-        engine = Engine(ckpt, make_store(s), s)
+        engine = Engine(ckpt, make_store(s, serving=True), s)
         MODEL_INFO.labels(ckpt.version, ckpt.model.config.model).set(1)
         window = s.batch_window_ms / 1000
         app.state.event_batcher = Batcher(engine.apply, window_s=window, max_size=s.max_batch, name="events")
