@@ -231,11 +231,9 @@ class Engine:
                 else:
                     by_user.setdefault(e.user_id, []).append((r, e, item))
         pending = list(by_user)
-        for attempt in range(self.s.cas_retries):
-            if not pending:
+        for _ in range(self.s.cas_retries):  # no sleep between rounds: this thread is the one the next batch waits for,
+            if not pending:                  # and every round some writer of each contended user wins, so it ends
                 break
-            if attempt:
-                time.sleep(min(0.001 * 2**attempt, 0.05) * np.random.rand())
             pending = self._apply_once(pending, by_user, results)
             CAS_CONFLICTS.inc(len(pending))
         if pending:
