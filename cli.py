@@ -25,7 +25,7 @@ def _train(a: argparse.Namespace) -> None:
         sys.exit(f"holorec train: {e}")
     h = hyper(a.model, ds.kind)
     config = ModelConfig(model=a.model, d_model=a.d_model, n_layers=a.layers, dropout=a.dropout if a.dropout is not None else h["dropout"],
-                         max_len=a.max_len or DEFAULT_MAX_LEN[ds.kind])
+                         max_len=a.max_len or DEFAULT_MAX_LEN[ds.kind], **({"d_state": a.d_state} if a.d_state else {}))
     ckpt, report = train(ds, config, epochs=a.epochs, lr=a.lr if a.lr is not None else h["lr"], batch_size=a.batch_size, seed=a.seed,
                          device=a.device, patience=a.patience, patience_steps=a.patience_steps, out=Path(a.out))
     print(f"checkpoint: {a.out} (version {ckpt.version}; best epoch {report['best_epoch']} of {report['epochs_run']}, "
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-len", type=int, help="most recent items kept per user (default per dataset)")
     t.add_argument("--d-model", type=int, default=64)
     t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--d-state", type=int, help="holomamba: SSM state size per channel (default 16); the served state, and so Redis memory, "
+                   "grows with it (bench/results/memory.md)")
     t.add_argument("--dropout", type=float, help="default per model and dataset")
     t.add_argument("--lr", type=float, help="default per model and dataset (1e-3 unless tuned)")
     t.add_argument("--batch-size", type=int, default=128)
