@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset path (default: the one recorded in the checkpoint)")
     e.add_argument("--split", default="test", choices=["valid", "test"])
     e.add_argument("--exclude-seen", action="store_true", help="also remove the user's history items from the ranking")
-    e.add_argument("--seen-filter-bytes", type=int, default=1024,
+    e.add_argument("--seen-filter-bytes", type=int, default=384,
                    help="with --exclude-seen, remove what a seen filter of this size reports, as the service does "
                         "(HOLOREC_SEEN_FILTER_BYTES); 0 = exactly the history")
     e.add_argument("--device", default="cpu")

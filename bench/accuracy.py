@@ -28,12 +28,15 @@ from model.train import hyper, set_threads, train
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
 
+def row_overrides(name: str) -> dict[str, int]:
+    """The integer config fields a table row name sets after a colon: `holomamba:ffn_mult=0,d_state=8`."""
+    return {k: int(v) for k, v in (f.split("=") for f in name.partition(":")[2].split(",") if f)}
+
+
 def model_config(name: str, **kw: Any) -> ModelConfig:
-    """A table row name to its config: a registered model, optionally with integer config fields
-    after a colon, e.g. `holomamba:bundle=2` (temporal bundling) or `holomamba:ffn_mult=0,d_state=8`."""
-    base, _, fields = name.partition(":")
-    over = {k: int(v) for k, v in (f.split("=") for f in fields.split(",") if f)}
-    return ModelConfig(model=base, **kw | over)
+    """A table row name to its config: a registered model, optionally with config fields after a colon,
+    e.g. `holomamba:bundle=2` (temporal bundling) or `holomamba:d_state=8`."""
+    return ModelConfig(model=name.partition(":")[0], **kw | row_overrides(name))
 
 
 @torch.no_grad()
@@ -140,6 +143,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dropout = args.dropout if getattr(args, "dropout", None) is not None else h["dropout"]
         settings = {"lr": lr, "dropout": dropout, "epochs": epochs, "patience": patience, "patience_steps": patience_steps,
                     "max_len": max_len, "d_model": d_model, "batch_size": batch_size}
+        if name.startswith("holomamba"):  # a changed default state size is another model, never a finished run of this one
+            settings["d_state"] = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout).d_state
         settings_of[name] = settings
         for seed in range(seeds):
             done = [r for r in runs.get(name, []) if r["seed"] == seed and r.get("settings") == settings]

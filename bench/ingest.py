@@ -108,7 +108,7 @@ def clean_replay_mismatches(checkpoint: Path, client: redis.Redis, namespace: st
     from service.settings import Settings
     from service.store import MemoryStore
 
-    clean = Engine(load(checkpoint), MemoryStore(), Settings(namespace=namespace))
+    clean = Engine(load(checkpoint), MemoryStore(), Settings(namespace=namespace, state_codec="float32"))
     clean.apply([[Event(e["user_id"], e["item_id"], e["event_id"]) for e in events]])
     bad = []
     for u in sorted({e["user_id"] for e in events}):
@@ -130,6 +130,7 @@ def stream_faults(workdir: Path, checkpoint: Path, *, n_users: int = 20, n_event
 
     def start(name: str) -> None:
         consumers.append(ConsumerProcess(checkpoint, server.url, ns, stream, group, name, stream_batch=50,
+                                         state_codec="float32",  # lossless: an event applied twice shows in the state
                                          stream_block_ms=200, stream_claim_idle_ms=claim_idle_ms,
                                          log=log_dir / f"{name}.log" if log_dir else None))
 

@@ -24,6 +24,7 @@ import httpx
 from tqdm import tqdm
 
 from bench.harness import command, hardware
+from bench.accuracy import row_overrides
 from bench.harness import RedisServer, Service, make_checkpoint
 from model import ModelConfig
 from model.checkpoint import Checkpoint, load
@@ -35,11 +36,6 @@ from service.store import RedisStore, user_keys
 
 N_ITEMS, N_ATTRS, MAX_ATTRS = 3706, 18, 3
 FRONTIER = "frontier/accuracy_*.json"  # bench accuracy --codecs ... --out OUT/frontier: the first such table
-
-
-def variant(name: str) -> dict[str, int]:
-    """'holomamba:d_state=8' -> {'d_state': 8}; a frontier row's config change."""
-    return {k: int(v) for k, v in (kv.split("=") for kv in name.split(":")[1:])}
 
 
 def checkpoint(path: Path, **overrides: int) -> Path:
@@ -96,7 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     found = sorted(out.glob(FRONTIER))
     frontier = json.loads(found[0].read_text()) if found else None
-    names = list(frontier["runs"]) if frontier else ["holomamba", "holomamba:d_state=8"]
+    names = list(frontier["runs"]) if frontier else ["holomamba:d_state=16", "holomamba"]
     result: dict[str, Any] = {"bench": "memory", "command": command(), "hardware": hardware("cpu"), "items": N_ITEMS,
                               "defaults": Settings().model_dump(include={"state_codec", "history_slots", "dedup_slots", "seen_filter_bytes"}),
                               "model_defaults": {k: getattr(ModelConfig(), k) for k in ("d_model", "n_layers", "d_state", "expand", "d_conv")},
@@ -117,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 svc.stop()
             for name in names:
-                ckpt_dir = checkpoint(Path(tmp) / name.replace(":", "_"), **variant(name))
+                ckpt_dir = checkpoint(Path(tmp) / name.replace(":", "_"), **row_overrides(name))
                 for codec in CODECS:
                     sc = s.model_copy(update={"state_codec": codec})
                     per_user, length = used_per_user(server, engine_writer(ckpt_dir, server.url, sc, "apply"), n_each)

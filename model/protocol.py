@@ -40,7 +40,7 @@ class ModelConfig:
     dropout: float = 0.2
     max_len: int = 50  # training window; also SASRec's replay window and the service's ring buffer
     # selective SSM (holomamba)
-    d_state: int = 16
+    d_state: int = 4  # per channel: what the served state, and so Redis memory, scales with (bench/results/memory.md)
     expand: int = 2
     d_conv: int = 4
     ffn_mult: int = 4  # holomamba: a point-wise feed-forward sublayer (d -> ffn_mult d -> d) after each SSM block; 0 = none

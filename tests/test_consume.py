@@ -30,7 +30,7 @@ def ckpt_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def consumer(ckpt_path: Path, namespace: str, name: str = "c1", group: str = "g") -> Consumer:
-    s = Settings(redis_url=REDIS_URL, namespace=namespace, stream_block_ms=10)
+    s = Settings(redis_url=REDIS_URL, namespace=namespace, stream_block_ms=10, state_codec="float32")  # compared within 1e-4
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     stream = f"holorec:{namespace}:events"  # inside the namespace: the fixture deletes it
     return Consumer(Engine(load(ckpt_path), RedisStore(REDIS_URL), s), client, stream, group, name, stream + ":dead")

@@ -44,9 +44,10 @@ def expected_top(ckpt_dir: Path, history: list[int], k: int) -> tuple[list[str],
 
 @pytest.fixture(scope="module")
 def shared(ckpt_dir: Path) -> Iterator[tuple[Service, str]]:
-    """One server for the tests that need no settings of their own (each uses its own user ids), and its namespace."""
+    """One server for the tests that need no settings of their own (each uses its own user ids), and its namespace;
+    the state stored as float32, so served scores can be compared with the model's forward within 1e-4."""
     ns = "t" + uuid.uuid4().hex[:12]
-    srv = Service(ckpt_dir, REDIS_URL, ns, max_events=50, history_slots=2048)
+    srv = Service(ckpt_dir, REDIS_URL, ns, max_events=50, history_slots=2048, state_codec="float32")  # lossless: compared with forward
     yield srv, ns
     srv.stop()
     r = redis.Redis.from_url(REDIS_URL)

@@ -82,12 +82,12 @@ def write_log(path: Path, n_users: int = 50, seed: int = 0, unknown: float = 0.0
 
 
 def engine_for(ckpt_path: Path, namespace: str, store=None) -> Engine:  # type: ignore[no-untyped-def]
-    s = Settings(redis_url=REDIS_URL, namespace=namespace)
+    s = Settings(redis_url=REDIS_URL, namespace=namespace, state_codec="float32")  # lossless: states compared within 1e-4
     return Engine(load(ckpt_path), store or RedisStore(REDIS_URL), s)
 
 
 def run_cli(*args: str, namespace: str) -> dict:
-    env = {**os.environ, "HOLOREC_REDIS_URL": REDIS_URL, "HOLOREC_NAMESPACE": namespace, "HOLOREC_THREADS": "1"}
+    env = {**os.environ, "HOLOREC_REDIS_URL": REDIS_URL, "HOLOREC_NAMESPACE": namespace, "HOLOREC_THREADS": "1", "HOLOREC_STATE_CODEC": "float32"}
     out = subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
