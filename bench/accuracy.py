@@ -29,13 +29,14 @@ METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
 
 def row_overrides(name: str) -> dict[str, int]:
-    """The integer config fields a table row name sets after a colon: `holomamba:ffn_mult=0,d_state=8`."""
-    return {k: int(v) for k, v in (f.split("=") for f in name.partition(":")[2].split(",") if f)}
+    """The integer config fields a table row name sets, each after a colon: `holomamba:ffn_mult=0:d_state=8`
+    (colons, not commas: --models is a comma-separated list of such names)."""
+    return {k: int(v) for k, v in (f.split("=") for f in name.split(":")[1:] if f)}
 
 
 def model_config(name: str, **kw: Any) -> ModelConfig:
     """A table row name to its config: a registered model, optionally with config fields after a colon,
-    e.g. `holomamba:bundle=2` (temporal bundling) or `holomamba:d_state=8`."""
+    e.g. `holomamba:bundle=2` (temporal bundling) or `holomamba:d_state=16:expand=1`."""
     return ModelConfig(model=name.partition(":")[0], **kw | row_overrides(name))
 
 
