@@ -35,7 +35,7 @@ from service.settings import Settings
 from service.store import RedisStore, user_keys
 
 N_ITEMS, N_ATTRS, MAX_ATTRS = 3706, 18, 3
-FRONTIER = "frontier/accuracy_*.json"  # bench accuracy --codecs ... --out OUT/frontier: the first such table
+FRONTIER = "frontier/accuracy_*.json"  # bench accuracy --codecs ... --out OUT/frontier: a table per dataset
 
 
 def checkpoint(path: Path, **overrides: int) -> Path:
@@ -90,9 +90,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_defaults, n_each = (500, 200) if quick else (100_000, 20_000)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    found = sorted(out.glob(FRONTIER))
-    frontier = json.loads(found[0].read_text()) if found else None
-    names = list(frontier["runs"]) if frontier else ["holomamba:d_state=16", "holomamba"]
+    frontiers = [json.loads(p.read_text()) for p in sorted(out.glob(FRONTIER))]
+    names = list(dict.fromkeys(n for acc in frontiers for n in acc["runs"])) or ["holomamba:d_state=16", "holomamba"]
     result: dict[str, Any] = {"bench": "memory", "command": command(), "hardware": hardware("cpu"), "items": N_ITEMS,
                               "defaults": Settings().model_dump(include={"state_codec", "history_slots", "dedup_slots", "seen_filter_bytes"}),
                               "model_defaults": {k: getattr(ModelConfig(), k) for k in ("d_model", "n_layers", "d_state", "expand", "d_conv")},
@@ -121,10 +120,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"  {name} {codec}: record {length:,} B, used_memory {per_user:,.0f} B/user")
         finally:
             server.stop()
-    result["frontier"] = _frontier(frontier, result["rows"]) if frontier else None
+    result["frontier"] = [f | {"dataset": acc["dataset"]} for acc in frontiers for f in _frontier(acc, result["rows"])] or None
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     (out / "memory.json").write_text(json.dumps(result, indent=2))
-    (out / "memory.md").write_text(_markdown(result, frontier))
+    (out / "memory.md").write_text(_markdown(result, frontiers))
     print(f"wrote {out / 'memory.md'} and {out / 'memory.json'}")
     return result
 
@@ -153,7 +152,7 @@ def _frontier(acc: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str,
     return out
 
 
-def _markdown(r: dict[str, Any], acc: dict[str, Any] | None) -> str:
+def _markdown(r: dict[str, Any], frontiers: list[dict[str, Any]]) -> str:
     hw = r["hardware"]
     lines = [
         "# Memory: what a user costs in Redis",
@@ -174,9 +173,10 @@ def _markdown(r: dict[str, Any], acc: dict[str, Any] | None) -> str:
     lines += ["", "Redis overhead: the key's string, its dict entry and object header, and the allocator rounding the value up "
               "to its size class (jemalloc's classes are a quarter of a power of two apart: 512 B steps from 2 to 4 KiB, "
               "1 KiB from 4 to 8, 2 KiB from 8 to 16).", ""]
-    if r["frontier"]:
+    for acc in frontiers:
+        rows = sorted((f for f in r["frontier"] or [] if f["dataset"] == acc["dataset"]), key=lambda f: f["record_bytes"])
         lines += [
-            "## The accuracy-bytes frontier",
+            f"## The accuracy-bytes frontier: {acc['dataset']}",
             "",
             f"NDCG@10 on {acc['dataset']}'s test users, served as the service serves it: each user's whole history stepped "
             f"one event at a time, the state stored through the codec between two events (`evaluate_served`). Trained "
@@ -187,7 +187,7 @@ def _markdown(r: dict[str, Any], acc: dict[str, Any] | None) -> str:
             "| model | codec | seeds | NDCG@10 served | state bytes | record bytes | Redis per user |",
             "|---|---|---:|---:|---:|---:|---:|",
         ]
-        for f in sorted(r["frontier"], key=lambda f: f["record_bytes"]):
+        for f in rows:
             lines.append(f"| {f['model']} | {f['codec']} | {f['seeds']} | {f['ndcg10']:.4f} ± {f['ndcg10_std']:.4f} | "
                          f"{f['state_bytes']:,} | {f['record_bytes']:,} | {f['used_memory_per_user']:,.0f} |")
         lines.append("")

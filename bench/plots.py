@@ -113,19 +113,21 @@ def _state_bytes_ndcg(plt: Any, codec: dict[str, Any]) -> Any:
 
 
 def _memory_frontier(plt: Any, frontier: list[dict[str, Any]]) -> Any:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    datasets = sorted({f.get("dataset", "") for f in frontier})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4), squeeze=False)
     markers = {"float32": "o", "float16": "s", "int8": "^", "int8-rows": "v"}
-    for codec, marker in markers.items():
-        rows = [f for f in frontier if f["codec"] == codec]
-        ax.errorbar([f["used_memory_per_user"] for f in rows], [f["ndcg10"] for f in rows], yerr=[f["ndcg10_std"] for f in rows],
-                    fmt=marker, capsize=3, label=codec)
-        for f in rows:
-            ax.annotate(f["model"].removeprefix("holomamba").lstrip(":") or "default", (f["used_memory_per_user"], f["ndcg10"]),
-                        textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.axvline(4000, color="grey", linestyle="--", linewidth=1)
-    ax.set(xscale="log", xlabel="Redis used_memory per user, bytes (dashed: 4 GB per million users)",
-           ylabel="NDCG@10 served (ML-100K test)", title="HoloMambaRec: accuracy against memory per user")
-    ax.legend(title="state codec", fontsize=8)
+    for ax, ds in zip(axes[0], datasets):
+        for codec, marker in markers.items():
+            rows = [f for f in frontier if f["codec"] == codec and f.get("dataset", "") == ds]
+            ax.errorbar([f["used_memory_per_user"] for f in rows], [f["ndcg10"] for f in rows], yerr=[f["ndcg10_std"] for f in rows],
+                        fmt=marker, capsize=3, label=codec)
+            for f in rows:
+                ax.annotate(f["model"].removeprefix("holomamba").lstrip(":") or "default", (f["used_memory_per_user"], f["ndcg10"]),
+                            textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.axvline(4000, color="grey", linestyle="--", linewidth=1)
+        ax.set(xscale="log", xlabel="Redis used_memory per user, bytes (dashed: 4 GB per million users)",
+               ylabel=f"NDCG@10 served ({ds} test)", title=f"HoloMambaRec on {ds}: accuracy against memory per user")
+        ax.legend(title="state codec", fontsize=8)
     return fig
 
 

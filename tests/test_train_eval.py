@@ -239,7 +239,8 @@ def test_bench_plots_draws_every_picture_from_the_committed_results(tmp_path: Pa
     for f in (ROOT / "bench/results").glob("*.json"):
         shutil.copy(f, tmp_path)
     written = write_all(tmp_path)
-    assert {p.name for p in written} == {"latency_vs_history.png", "throughput.png", "train_speed.png", "accuracy.png", "state_bytes_ndcg.png"}
+    assert {p.name for p in written} == {"latency_vs_history.png", "throughput.png", "train_speed.png", "accuracy.png", "state_bytes_ndcg.png",
+                                         "memory_frontier.png"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
     (tmp_path / "empty").mkdir()
     assert write_all(tmp_path / "empty") == []
