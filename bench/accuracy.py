@@ -177,7 +177,9 @@ def _write(stem: Path, result: dict[str, Any], t0: float, settings_of: dict[str,
     with open(stem.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = stem.with_suffix(".json")
-        on_disk = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
+        disk = json.loads(path.read_text()) if path.exists() else {}
+        on_disk = disk.get("runs", {})
+        result["commands"] = list(dict.fromkeys(disk.get("commands", []) + result.get("commands", [])))  # every process's
         for name, settings in settings_of.items():  # a row is one model at one set of settings: runs at others are replaced
             mine = [r for r in result["runs"].get(name, []) if r.get("settings") == settings]
             seeds = {r["seed"] for r in mine}
