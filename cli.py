@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="dataset for `bench accuracy`")
     b.add_argument("--epochs", type=int, default=10)
     b.add_argument("--seeds", type=int, default=3)
+    b.add_argument("--seed", type=int, help="`bench accuracy`: run only this one of the seeds (processes can fill one table side by side)")
     b.add_argument("--models", help="comma-separated models for `bench accuracy`/`train` (default: all registered)")
     b.add_argument("--max-len", type=int, help="`bench accuracy`: training window (default per dataset)")
     b.add_argument("--batch-size", type=int, default=128, help="`bench accuracy`: training batch size")

@@ -142,29 +142,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         h = hyper(name.partition(":")[0], ds.kind)
         lr = args.lr if getattr(args, "lr", None) is not None else h["lr"]
         dropout = args.dropout if getattr(args, "dropout", None) is not None else h["dropout"]
+        cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout)
         settings = {"lr": lr, "dropout": dropout, "epochs": epochs, "patience": patience, "patience_steps": patience_steps,
-                    "max_len": max_len, "d_model": d_model, "batch_size": batch_size}
+                    "max_len": max_len, "d_model": cfg.d_model, "batch_size": batch_size}  # d_model as the row name may set it
         if name.startswith("holomamba"):  # a changed default state size is another model, never a finished run of this one
-            settings["d_state"] = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout).d_state
+            settings["d_state"] = cfg.d_state
         settings_of[name] = settings
-        for seed in range(seeds):
+        for seed in range(seeds) if getattr(args, "seed", None) is None else [args.seed]:
             done = [r for r in runs.get(name, []) if r["seed"] == seed and r.get("settings") == settings]
             if done:
                 print(f"  {name} seed {seed}: already in {stem}.json, skipped")
                 continue
-            cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout)
             ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience,
                               patience_steps=patience_steps, device=args.device, progress=not quick)
             print(f"  {name} seed {seed}: test NDCG@10 {rep['test']['NDCG@10']:.4f} HR@10 {rep['test']['HR@10']:.4f} "
                   f"(valid {rep['valid']['NDCG@10']:.4f}; best epoch {rep['best_epoch']}/{rep['epochs_run']}, {rep['train_seconds']:.0f} s)", flush=True)
             runs[name] = [r for r in runs.get(name, []) if r["seed"] != seed] + [{
                 "seed": seed, "settings": settings, "test": rep["test"], "valid": rep["valid"], "best_epoch": rep["best_epoch"],
-                "epochs_run": rep["epochs_run"], "train_seconds": rep["train_seconds"],
+                "epochs_run": rep["epochs_run"], "train_seconds": rep["train_seconds"], "device": args.device,
                 "valid_curve": [round(e["valid"]["NDCG@10"], 5) for e in rep["history"]]}]
             _write(stem, result | {"runs": runs}, t0, settings_of)  # the run is safe on disk before the extra evaluations
+            model = ckpt.model.to(args.device)  # train() hands the checkpoint back on the CPU
             runs[name][-1].update({
-                "test_seen_excluded": evaluate(ckpt.model, test_h, test_t, exclude_seen=True, device=args.device),
-                "test_full_history": None if name.startswith("sasrec") else evaluate(ckpt.model, test_h, test_t, full_history=True, device=args.device),
+                "test_seen_excluded": evaluate(model, test_h, test_t, exclude_seen=True, device=args.device),
+                "test_full_history": None if name.startswith("sasrec") else evaluate(model, test_h, test_t, full_history=True, device=args.device),
                 "step_ms_b1": step_ms(ckpt.model),
                 "test_served": {c: evaluate_served(ckpt.model, test_h, test_t, c) for c in codecs}})
             _write(stem, result | {"runs": runs}, t0, settings_of)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Every converged accuracy table, as one script: the lr x dropout grid on validation, then each model
-# at its defaults, 3 seeds, to convergence (200 epochs, patience 10), on ML-100K and Amazon Beauty.
+# Every converged accuracy table, as one script: each model at its defaults, 3 seeds, to convergence
+# (200 epochs, patience 10), on Amazon Beauty and ML-100K, one process per (dataset, model, seed), the
+# longest runs first; then a few HoloMambaRec ablations on Beauty; then the lr x dropout grid on validation.
 # Every run lands in bench/results/*.json as it ends and a rerun skips finished runs, so this script
-# can be cut off and run again. JOBS processes at once, one torch thread each (HOLOREC_THREADS=1).
+# can be cut off and run again. JOBS processes at once, one torch thread each (HOLOREC_THREADS=1);
+# each run's log goes to LOGS/<n>.log.
 #   bash bench/accuracy_all.sh                         # CPU, 2 processes
-#   DEVICE=cuda JOBS=8 bash bench/accuracy_all.sh      # a GPU machine
+#   DEVICE=cuda JOBS=12 bash bench/accuracy_all.sh     # a GPU machine
 # The grid's chosen values become defaults only by a commit to model/train.py's TUNED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,13 +14,23 @@ DATA=${DATA:-../shared/data}
 DEVICE=${DEVICE:-cpu}
 JOBS=${JOBS:-2}
 HOLOREC=${HOLOREC:-.venv/bin/holorec}
+LOGS=${LOGS:-bench/results/logs}
+mkdir -p "$LOGS"
 B="$HOLOREC bench accuracy --epochs 200 --patience 10 --device $DEVICE"
 runs=()
+for ds in "$DATA/beauty/Beauty.txt" "$DATA/ml-100k"; do
+  for m in holomamba sasrec gru4rec elastic; do
+    for s in 0 1 2; do runs+=("$B --data $ds --models $m --seeds 3 --seed $s"); done
+  done
+done
+for s in 1 2; do runs+=("$B --data $DATA/beauty/Beauty.txt --models holomamba:d_state=16 --seeds 3 --seed $s"); done
+for m in holomamba:n_layers=3 holomamba:d_model=128 sasrec:d_model=128; do
+  runs+=("$B --data $DATA/beauty/Beauty.txt --models $m --seeds 1 --seed 0")
+done
 for ds in "$DATA/ml-100k" "$DATA/beauty/Beauty.txt"; do
   for m in holomamba sasrec gru4rec elastic; do runs+=("$B --data $ds --models $m --grid"); done
 done
-for ds in "$DATA/ml-100k" "$DATA/beauty/Beauty.txt"; do
-  for m in holomamba sasrec gru4rec elastic; do runs+=("$B --data $ds --models $m --seeds 3"); done
-done
-printf '%s\n' "${runs[@]}" | HOLOREC_THREADS=1 xargs -P "$JOBS" -I{} sh -c '{} > /dev/null 2>&1 || echo "failed: {}"'
+n=0
+for r in "${runs[@]}"; do n=$((n + 1)); printf '%s\t%s\n' "$n" "$r"; done \
+  | HOLOREC_THREADS=1 xargs -P "$JOBS" -n 1 -d '\n' sh -c 'n=${0%%	*}; r=${0#*	}; $r > "'"$LOGS"'/$n.log" 2>&1 || echo "failed: $r"'
 ls -l bench/results/accuracy_*_200ep.md bench/results/tune_*_200ep.md || true

@@ -83,10 +83,11 @@ def evaluate(
         users = order[s : s + batch_size]
         hist, tgt = [histories[u] for u in users], torch.tensor([targets[u] for u in users], dtype=torch.long)
         x = left_pad(hist, max(1, min(L, max(len(h) for h in hist))))  # (b, width <= L)
-        scores = model.score(model.user_vector(x.to(device))).float().cpu()  # (b, v)
+        scores = model.score(model.user_vector(x.to(device))).float()  # (b, v), on the model's device
         if exclude_seen:
+            scores = scores.cpu()
             _mask_seen(scores, hist, tgt, seen_filter)
-        all_ranks.append(ranks(scores, tgt))
+        all_ranks.append(ranks(scores, tgt.to(scores.device)).cpu())  # ranked where scored: a GPU copies back b ranks, not b x v scores
     model.train(was_training)
     return metrics_from_ranks(torch.cat(all_ranks), ks)
 
