@@ -1,0 +1,18 @@
+import glob, re, statistics as st
+rows = {}
+for f in sorted(glob.glob("*.log")):
+    ds, model, seed = re.match(r"(.+?)_(.+)_seed(\d)\.log", f).groups()
+    text = open(f).read()
+    m = re.search(r"test NDCG@10 ([\d.]+) HR@10 ([\d.]+) \(valid ([\d.]+); best epoch (\d+)/(\d+), (\d+) s\)", text)
+    vals = [float(v) for v in re.findall(r"^epoch \d+:.* NDCG@10=([\d.]+)", text, re.M)]
+    rows.setdefault((ds, model), []).append((int(seed), m.groups() if m else None, vals))
+for (ds, model), rs in rows.items():
+    done = [r for r in rs if r[1]]
+    cut = [r for r in rs if not r[1] and r[2]]
+    line = f"{ds} {model}:"
+    if done:
+        nd = [float(r[1][0]) for r in done]
+        line += f" test NDCG@10 {st.fmean(nd):.4f} ± {st.stdev(nd) if len(nd) > 1 else 0:.4f} over seeds {[r[0] for r in done]} ({', '.join(r[1][0] + ' best ' + r[1][3] + '/' + r[1][4] for r in done)})"
+    if cut:
+        line += " | cut off: " + ", ".join(f"seed {r[0]} after {len(r[2])} epochs, best valid {max(r[2]):.4f} at epoch {r[2].index(max(r[2])) + 1}" for r in cut)
+    print(line)
