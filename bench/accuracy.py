@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "step_ms_b1": step_ms(ckpt.model),
                 "test_served": {c: evaluate_served(ckpt.model, test_h, test_t, c) for c in codecs}})
             _write(stem, result | {"runs": runs}, t0, settings_of)
+            print("run record: " + json.dumps({"table": str(stem), "model": name} | runs[name][-1]), flush=True)  # a log alone can rebuild the table
     return _write(stem, result | {"runs": runs}, t0, settings_of)
 
 

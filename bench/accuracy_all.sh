@@ -2,12 +2,15 @@
 # Every converged accuracy table, as one script: each model at its defaults, 3 seeds, to convergence
 # (200 epochs, patience 10), on Amazon Beauty and ML-100K, one process per (dataset, model, seed), the
 # longest runs first; then a few HoloMambaRec ablations on Beauty; then the lr x dropout grid on validation.
-# Every run lands in bench/results/*.json as it ends and a rerun skips finished runs, so this script
-# can be cut off and run again. JOBS processes at once, one torch thread each (HOLOREC_THREADS=1);
-# each run's log goes to LOGS/<n>.log.
-#   bash bench/accuracy_all.sh                         # CPU, 2 processes
-#   DEVICE=cuda JOBS=12 bash bench/accuracy_all.sh     # a GPU machine
-# The grid's chosen values become defaults only by a commit to model/train.py's TUNED.
+# Every run lands in bench/results/*.json as it ends (and its record in its log, LOGS/<n>.log) and a
+# rerun skips finished runs, so this script can be cut off and run again. JOBS processes at once, one
+# torch thread each (HOLOREC_THREADS=1). ONLY: run only the commands matching this grep pattern.
+# DEADLINE_S: every run is stopped that many seconds after the start (a run cut off is lost; the rest is kept).
+#   bash bench/accuracy_all.sh                                        # CPU, 2 processes
+#   DEVICE=cuda JOBS=12 DEADLINE_S=500 bash bench/accuracy_all.sh     # a GPU machine, inside a 10-minute call
+# On a lent device, copy bench/results back in the same call: the next call re-sends the working tree,
+# which overwrites the tracked results (bench/results/gpu-2026-12-01/README.md). The grid's chosen
+# values become defaults only by a commit to model/train.py's TUNED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -15,6 +18,8 @@ DEVICE=${DEVICE:-cpu}
 JOBS=${JOBS:-2}
 HOLOREC=${HOLOREC:-.venv/bin/holorec}
 LOGS=${LOGS:-bench/results/logs}
+ONLY=${ONLY:-.}
+END=$(( $(date +%s) + ${DEADLINE_S:-1000000000} ))
 mkdir -p "$LOGS"
 B="$HOLOREC bench accuracy --epochs 200 --patience 10 --device $DEVICE"
 runs=()
@@ -31,6 +36,8 @@ for ds in "$DATA/ml-100k" "$DATA/beauty/Beauty.txt"; do
   for m in holomamba sasrec gru4rec elastic; do runs+=("$B --data $ds --models $m --grid"); done
 done
 n=0
-for r in "${runs[@]}"; do n=$((n + 1)); printf '%s\t%s\n' "$n" "$r"; done \
-  | HOLOREC_THREADS=1 xargs -P "$JOBS" -n 1 -d '\n' sh -c 'n=${0%%	*}; r=${0#*	}; $r > "'"$LOGS"'/$n.log" 2>&1 || echo "failed: $r"'
-ls -l bench/results/accuracy_*_200ep.md bench/results/tune_*_200ep.md || true
+for r in "${runs[@]}"; do n=$((n + 1)); printf '%s\t%s\n' "$n" "$r"; done | grep -e "$ONLY" \
+  | HOLOREC_THREADS=1 END=$END LOGS=$LOGS xargs -P "$JOBS" -n 1 -d '\n' sh -c \
+    'n=${0%%	*}; r=${0#*	}; left=$((END - $(date +%s))); [ "$left" -gt 0 ] || exit 0
+     timeout "$left" $r > "$LOGS/$n.log" 2>&1 || echo "failed or cut off: $r"'
+ls -l bench/results/accuracy_*_200ep.md bench/results/tune_*_200ep.md 2>/dev/null || true
