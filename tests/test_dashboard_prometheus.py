@@ -2,8 +2,8 @@
 
 A service with two uvicorn workers (and a `holorec consume` process) is driven through every outcome the
 dashboard plots — applied, duplicate and unknown events, state and popular recommendations, a model
-change that rebuilds states, a 422, then Redis killed for 503s — while Prometheus scrapes them once a
-second. Then each panel's query, with the dashboard's variables substituted, must return series.
+change that rebuilds states, a 422, then Redis killed for 503s — while Prometheus scrapes them four times
+a second. Then each panel's query, with the dashboard's variables substituted, must return series.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from bench.ingest import ConsumerProcess, produce
 
 DASHBOARD = ROOT / "deploy/grafana/dashboards/holorec.json"
 PROMETHEUS = shutil.which("prometheus")
+SCRAPE_S = 0.25  # Prometheus's scrape and rule interval here: each pause below spans a few scrapes
 
 
 def panel_queries() -> list[tuple[str, str]]:
@@ -39,7 +40,8 @@ def panel_queries() -> list[tuple[str, str]]:
 def start_prometheus(tmp: Path, targets: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cfg = tmp / "prometheus.yml"
-    cfg.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+    ms = int(SCRAPE_S * 1000)
+    cfg.write_text(f"global: {{scrape_interval: {ms}ms, scrape_timeout: {ms}ms, evaluation_interval: {ms}ms}}\n"
                    f"scrape_configs:\n  - job_name: holorec\n    static_configs:\n      - targets: {json.dumps(targets)}\n")
     proc = subprocess.Popen([PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=open(tmp / "prometheus.log", "w"))
@@ -88,24 +90,24 @@ def test_every_dashboard_query_returns_series(ckpt_dir: Path, ckpt_b_dir: Path, 
                 for u in ("u1", "u2", f"nobody{rnd}"):
                     assert c.get(f"/recommend/{u}").status_code == 200
                 assert c.post("/events", json={"events": []}).status_code == 422
-                time.sleep(1)
+                time.sleep(2 * SCRAPE_S)
             # the consumer (a process that loads torch and the model) may start slowly on a busy machine: wait
             # until it has taken every entry, so its counters exist and have been scraped, before Redis goes
             deadline = time.monotonic() + 120
             while consumer_metric(consumer_port, "holorec_stream_entries_total") < 6 * 12 and time.monotonic() < deadline:
                 time.sleep(0.5)
-            time.sleep(3)
+            time.sleep(3 * SCRAPE_S)
             redis_server.kill()  # now the store is gone: 503s, counted as errors and 5xx
             for _ in range(3):
                 for _ in range(3):
                     assert c.post("/events", json={"events": [{"user_id": "u1", "item_id": "item-3"}]}).status_code == 503
-                time.sleep(1.5)
+                time.sleep(2 * SCRAPE_S)
         queries = panel_queries()
         assert len(queries) >= 20
         deadline, empty = time.monotonic() + 30, queries
         while empty and time.monotonic() < deadline:  # Prometheus may be a scrape behind
             empty = [(t, e) for t, e in queries if not query(prom_url, e)]
-            time.sleep(1)
+            time.sleep(SCRAPE_S)
         assert not empty, f"panel queries with no series: {empty}"
     finally:
         if prom:
