@@ -371,7 +371,7 @@ def section_profile(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dic
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         return {"skipped": "py-spy is not installed (pip install -e '.[dev]')"}
-    seconds = 2 if quick else 8
+    seconds = 1 if quick else 8
     out: dict[str, Any] = {"sample_seconds": seconds, "rate_hz": 250, "cases": {}}
     with Service(ckpt_dir, redis_url, ns, access_log=False) as srv, tempfile.TemporaryDirectory() as tmp:
         loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": N_ITEMS, "n_users": 2000,
