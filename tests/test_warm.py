@@ -57,8 +57,8 @@ def test_batches_are_shortest_first_and_bounded() -> None:
 
 @pytest.fixture(scope="module")
 def ckpt_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Untrained; a window (6) shorter than most histories, so the ring buffer's cut is checked too."""
-    return make_checkpoint(tmp_path_factory.mktemp("warm") / "ckpt", max_len=6)
+    """Untrained weights; the ring buffer's size is the engine's setting (engine_for), not the checkpoint's."""
+    return make_checkpoint(tmp_path_factory.mktemp("warm") / "ckpt")
 
 
 def write_log(path: Path, n_users: int = 50, seed: int = 0, unknown: float = 0.05) -> dict[str, list[tuple[str, float]]]:
@@ -81,13 +81,18 @@ def write_log(path: Path, n_users: int = 50, seed: int = 0, unknown: float = 0.0
     return events
 
 
+SLOTS = 6  # a ring buffer shorter than most histories (up to 30 items), so warming's window cut is checked too
+
+
 def engine_for(ckpt_path: Path, namespace: str, store=None) -> Engine:  # type: ignore[no-untyped-def]
-    s = Settings(redis_url=REDIS_URL, namespace=namespace, state_codec="float32")  # lossless: states compared within 1e-4
+    s = Settings(redis_url=REDIS_URL, namespace=namespace, state_codec="float32",  # lossless: states compared within 1e-4
+                 history_slots=SLOTS)
     return Engine(load(ckpt_path), store or RedisStore(REDIS_URL), s)
 
 
 def run_cli(*args: str, namespace: str) -> dict:
-    env = {**os.environ, "HOLOREC_REDIS_URL": REDIS_URL, "HOLOREC_NAMESPACE": namespace, "HOLOREC_THREADS": "1", "HOLOREC_STATE_CODEC": "float32"}
+    env = {**os.environ, "HOLOREC_REDIS_URL": REDIS_URL, "HOLOREC_NAMESPACE": namespace, "HOLOREC_THREADS": "1", "HOLOREC_STATE_CODEC": "float32",
+           "HOLOREC_HISTORY_SLOTS": str(SLOTS)}
     out = subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -151,7 +156,7 @@ def test_rewarm_moves_every_record_to_the_new_checkpoint(ckpt_path: Path, namesp
     write_log(tmp_path / "log.csv", n_users=12, seed=2)
     old = engine_for(ckpt_path, namespace)
     warm(old, load_data(str(tmp_path / "log.csv")), progress=False)
-    new_ckpt = make_checkpoint(tmp_path / "new", max_len=6, seed=1)
+    new_ckpt = make_checkpoint(tmp_path / "new", seed=1)
     new = engine_for(new_ckpt, namespace)
     users = sorted(u for u in (f"user-{i}" for i in range(12)) if old.user_meta(u))
     counts = {u: old.user_meta(u)["events_applied"] for u in users}  # type: ignore[index]
