@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -210,21 +210,23 @@ class Service:
 
 # --- checkpoints ------------------------------------------------------------------------------------
 def make_checkpoint(path: Path, *, n_items: int = 40, n_attrs: int = 4, max_attrs: int = 2, model: str = "holomamba",
-                    d_model: int = 16, max_len: int = 50, seed: int = 0, **config: int) -> Path:
-    """Random (untrained) weights over items item-1..item-N with attributes genre-1..genre-M: for everything
-    that tests bookkeeping, bytes or speed rather than accuracy. `config`: other ModelConfig fields."""
+                    d_model: int = 16, max_len: int = 50, seed: int = 0, items: Sequence[str] | None = None, **config: int) -> Path:
+    """Random (untrained) weights over items item-1..item-N (or these `items`) with attributes genre-1..genre-M: for
+    everything that tests bookkeeping, bytes or speed rather than accuracy. `config`: other ModelConfig fields."""
     import torch
 
     from model import ModelConfig, build_model
     from model.checkpoint import Checkpoint, save
 
+    names = list(items) if items is not None else [f"item-{i}" for i in range(1, n_items + 1)]
+    n_items = len(names)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     attrs = torch.randint(1, n_attrs + 1, (n_items + 1, max_attrs), generator=g) if n_attrs else torch.zeros(n_items + 1, 0, dtype=torch.long)
     attrs[0] = 0
     cfg = ModelConfig(model=model, n_items=n_items, n_attrs=n_attrs, max_attrs=max_attrs if n_attrs else 0, d_model=d_model,
                       max_len=max_len, dropout=0.0, **config)
-    save(Checkpoint(build_model(cfg, attrs).eval(), [f"item-{i}" for i in range(1, n_items + 1)],
+    save(Checkpoint(build_model(cfg, attrs).eval(), names,
                     [f"genre-{j}" for j in range(1, n_attrs + 1)], list(range(1, min(n_items, 100) + 1)),
                     {"dataset": "none: random weights"}), path)
     return path

@@ -31,7 +31,7 @@ import httpx
 import redis
 
 from bench.faults import read_records
-from bench.harness import ROOT, RedisServer, Service, wait_for
+from bench.harness import ROOT, RedisServer, Service, make_checkpoint, wait_for
 
 
 class ConsumerProcess:
@@ -168,19 +168,6 @@ def stream_faults(workdir: Path, checkpoint: Path, *, n_users: int = 20, n_event
 
 
 # --- holorec bench warm -----------------------------------------------------------------------------
-def _checkpoint(path: Path, items: list[str]) -> Path:
-    """The served configuration (d_model 64, 2 layers), random weights, over these item ids."""
-    import torch
-
-    from model import ModelConfig, build_model
-    from model.checkpoint import Checkpoint, save
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(n_items=len(items), max_len=50, dropout=0.0)).eval()
-    save(Checkpoint(model, items, [], list(range(1, len(items) + 1)), {"dataset": "none (bench ingest)"}), path)
-    return path
-
-
 def _post(url: str, events: list[dict], per_request: int, clients: int = 4) -> float:
     """POST /events in requests of `per_request` events from `clients` threads; -> seconds. Any non-200 raises."""
     events = [{**e, "timestamp": float(e["timestamp"])} if "timestamp" in e else e for e in events]
@@ -207,7 +194,7 @@ def bench_warm(work: Path, name: str, n_users: int, sample_users: int) -> dict:
     from service.warm import warm
 
     ds = synthetic(n_users=n_users, n_items=12101, n_attrs=12, seq_len=(5, 13))  # Beauty: 8.9 items per user
-    ckpt = _checkpoint(work / f"ckpt-{name}", ds.items)
+    ckpt = make_checkpoint(work / f"ckpt-{name}", items=ds.items, n_attrs=0, d_model=64)  # the served size, random weights
     server = RedisServer(work / f"redis-{name}")
     try:
         s = Settings(redis_url=server.url, namespace="warm")
@@ -227,7 +214,7 @@ def bench_warm(work: Path, name: str, n_users: int, sample_users: int) -> dict:
 
 
 def bench_stream(work: Path, n_events: int, n_users: int = 1000) -> dict:
-    ckpt = _checkpoint(work / "ckpt-stream", [f"item-{i}" for i in range(1, 1001)])
+    ckpt = make_checkpoint(work / "ckpt-stream", n_items=1000, n_attrs=0, d_model=64)
     out: dict = {"events": n_events, "users": n_users}
     events = make_events(n_users, n_events, n_items=1000)
     for n in (1, 2):
