@@ -19,17 +19,12 @@ import torch
 from model.checkpoint import load
 from service.record import decode
 from service.store import user_key
-from bench.harness import ROOT, Service, free_port, wait_for
+from bench.harness import ROOT, Service, free_port, metrics, wait_for
 from tests.conftest import REDIS_URL, tiny_sequences
 
 
 def post(c: httpx.Client, events: list[dict]) -> httpx.Response:
     return c.post("/events", json={"events": events})
-
-
-def users_seen(c: httpx.Client) -> float:
-    """The holorec_users_seen gauge: users created minus users deleted, counted in the store."""
-    return next(float(line.split()[1]) for line in c.get("/metrics").text.splitlines() if line.startswith("holorec_users_seen "))
 
 
 def expected_top(ckpt_dir: Path, history: list[int], k: int) -> tuple[list[str], list[float]]:
@@ -146,7 +141,7 @@ def test_duplicates_popularity_attributes_and_delete(ckpt_dir: Path, shared: tup
     srv, _ = shared
     ckpt = load(ckpt_dir)
     with httpx.Client(base_url=srv.url) as c:
-        users = users_seen(c)  # other tests' users on this server
+        users = srv.metric("holorec_users_seen")  # users created minus deleted, counted in the store: other tests' too
         fresh = c.get("/recommend/newcomer", params={"k": 5}).json()
         assert fresh["source"] == "popular"
         assert [x["item_id"] for x in fresh["items"]] == [ckpt.items[i - 1] for i in ckpt.popular[:5]]
@@ -155,9 +150,9 @@ def test_duplicates_popularity_attributes_and_delete(ckpt_dir: Path, shared: tup
         assert (first.json()["applied"], first.json()["duplicate"]) == (1, 1)
         assert (again.json()["applied"], again.json()["duplicate"]) == (1, 1)
         assert c.get("/users/d").json()["events_applied"] == 2
-        assert users_seen(c) == users + 1  # created once, however many events
+        assert srv.metric("holorec_users_seen") == users + 1  # created once, however many events
         post(c, [{"user_id": "d2", "item_id": "item-4"}])
-        assert users_seen(c) == users + 2
+        assert srv.metric("holorec_users_seen") == users + 2
         genre = c.get("/recommend/d", params={"k": 20, "attribute": "genre-2", "exclude": "item-5,item-9"}).json()
         j = ckpt.attribute_index["genre-2"]
         allowed = {ckpt.items[i - 1] for i in range(1, 41) if j in ckpt.model.item_attrs[i].tolist()}
@@ -165,7 +160,7 @@ def test_duplicates_popularity_attributes_and_delete(ckpt_dir: Path, shared: tup
         assert got and got <= allowed - {"item-5", "item-9", "item-1", "item-3"}
         assert c.delete("/users/d").json()["deleted"] is True
         assert c.delete("/users/d").json()["deleted"] is False  # idempotent, counted once
-        assert users_seen(c) == users + 1
+        assert srv.metric("holorec_users_seen") == users + 1
         assert c.get("/users/d").status_code == 404
         assert c.get("/recommend/d").json()["source"] == "popular"
 
@@ -198,12 +193,16 @@ def test_api_key_and_metrics(ckpt_dir: Path, server_factory) -> None:
         assert c.get("/livez").status_code == 200 and c.get("/readyz").status_code == 200
         assert c.get("/docs").status_code == c.get("/openapi.json").status_code == 200
         assert c.get("/no-such-page").status_code == 404
-        text = c.get("/metrics").text
-    assert 'route="/docs"' in text and 'route="/openapi.json"' in text and 'route="unmatched",status="404"' in text
-    for name in ("holorec_http_request_duration_seconds_bucket{le=\"5e-05\",method=\"POST\",route=\"/events\",status=\"200\"}",
-                 "holorec_model_step_duration_seconds_bucket", "holorec_redis_duration_seconds_bucket", "holorec_batch_size_bucket",
-                 'holorec_events_total{outcome="applied"}', 'holorec_recommendations_total{source="state"}', "holorec_model_info"):
-        assert name in text, name
+    latency = "holorec_http_request_duration_seconds"
+    first_bucket = (("le", "5e-05"), ("method", "POST"), ("route", "/events"), ("status", "200"))  # buckets start at 50 us
+    assert (latency + "_bucket", first_bucket) in metrics(srv.url)
+    for route, status in (("/docs", "200"), ("/openapi.json", "200"), ("unmatched", "404")):
+        assert srv.metric(latency + "_count", route=route, status=status) >= 1, route
+    for name, labels in (("holorec_model_step_duration_seconds_count", {}), ("holorec_redis_duration_seconds_count", {}),
+                         ("holorec_batch_size_count", {}), ("holorec_events_total", {"outcome": "applied"}),
+                         ("holorec_recommendations_total", {"source": "state"})):
+        assert srv.metric(name, **labels) >= 1, name
+    assert srv.metric("holorec_model_info") == 1
 
 
 def test_serve_prints_curl_lines_that_work_as_printed(ckpt_dir: Path):
