@@ -1,5 +1,5 @@
 """The real processes tests and benches run against, written once: free ports, readiness waits,
-`redis-server` and Redis Cluster processes, the service under uvicorn, random-weight checkpoints,
+`redis-server` and Redis Cluster processes, the service under uvicorn, `holorec consume`, random-weight checkpoints,
 /metrics read through prometheus_client's parser, and the machine a result was measured on.
 
 Everything binds to loopback; every process started here is stopped by its `stop()` (or `with`).
@@ -206,6 +206,35 @@ class Service:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ConsumerProcess:
+    """`holorec consume` in a subprocess, configured by HOLOREC_* variables."""
+
+    def __init__(self, checkpoint: Path, redis_url: str, namespace: str, stream: str, group: str, name: str, *,
+                 log: Path | None = None, metrics_port: int | None = None, **settings: object) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HOLOREC_REDIS_URL": redis_url, "HOLOREC_NAMESPACE": namespace,
+               "HOLOREC_THREADS": os.environ.get("HOLOREC_THREADS", "1"),
+               **{f"HOLOREC_{k.upper()}": str(v) for k, v in settings.items()}}
+        cmd = [sys.executable, "-m", "cli", "consume", "--checkpoint", str(checkpoint), "--stream", stream,
+               "--group", group, "--consumer", name, *(["--metrics-port", str(metrics_port)] if metrics_port else [])]
+        self.log: IO[Any] | int = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if not isinstance(self.log, int):
+            self.log.close()
 
 
 # --- checkpoints ------------------------------------------------------------------------------------

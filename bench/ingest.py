@@ -19,8 +19,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,36 +29,7 @@ import httpx
 import redis
 
 from bench.faults import read_records
-from bench.harness import ROOT, RedisServer, Service, make_checkpoint, wait_for
-
-
-class ConsumerProcess:
-    """`holorec consume` in a subprocess, configured by HOLOREC_* variables."""
-
-    def __init__(self, checkpoint: Path, redis_url: str, namespace: str, stream: str, group: str, name: str, *,
-                 log: Path | None = None, metrics_port: int | None = None, **settings: object) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HOLOREC_REDIS_URL": redis_url, "HOLOREC_NAMESPACE": namespace,
-               "HOLOREC_THREADS": os.environ.get("HOLOREC_THREADS", "1"),
-               **{f"HOLOREC_{k.upper()}": str(v) for k, v in settings.items()}}
-        cmd = [sys.executable, "-m", "cli", "consume", "--checkpoint", str(checkpoint), "--stream", stream,
-               "--group", group, "--consumer", name, *(["--metrics-port", str(metrics_port)] if metrics_port else [])]
-        self.log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if self.log is not subprocess.DEVNULL:
-            self.log.close()
+from bench.harness import ConsumerProcess, RedisServer, Service, make_checkpoint, wait_for
 
 
 def make_events(n_users: int, n_events: int, n_items: int = 40, seed: int = 0) -> list[dict[str, str]]:

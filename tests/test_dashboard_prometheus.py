@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.harness import ROOT, RedisServer, Service, free_port, metric
-from bench.ingest import ConsumerProcess, produce
+from bench.harness import ROOT, ConsumerProcess, RedisServer, Service, free_port, metric
+from bench.ingest import produce
 
 DASHBOARD = ROOT / "deploy/grafana/dashboards/holorec.json"
 PROMETHEUS = shutil.which("prometheus")
