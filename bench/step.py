@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from bench.harness import command, hardware
-from model import ModelConfig, SeqRecModel, build_model
+from model import MODELS as MODEL_NAMES, ModelConfig, SeqRecModel, build_model
 from model.state import CODECS, packed_size
 
-MODELS = (("holomamba", {}), ("holomamba", {"bundle": 4}), ("gru4rec", {}), ("elastic", {}), ("sasrec", {}))
+MODELS = (*((name, {}) for name in MODEL_NAMES), ("holomamba", {"bundle": 4}))  # every model, and HoloMambaRec bundling 4
 BATCHES = (1, 64, 1024)
 ROUNDS, QUICK_ROUNDS = {1: 300, 64: 60, 1024: 9}, {1: 20, 64: 5, 1024: 3}  # SASRec's b=1024 step alone takes seconds
 N_ITEMS, N_ATTRS, MAX_ATTRS = 3706, 18, 3  # MovieLens-1M: 3706 rated movies, 18 genres, <= 3 kept per movie here
