@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {"machine": f"{os.cpu_count()} cores", "command": "holorec bench faults" + (" --quick" if quick else "")}
     with tempfile.TemporaryDirectory(prefix="holorec-faults-") as tmp:
         work = Path(tmp)
-        ckpt = make_checkpoint(work / "ckpt", max_len=512)
+        ckpt = make_checkpoint(work / "ckpt")
         steady = 1.5 if quick else 4.0
         print("outage: SIGKILL + AOF restart, then SIGSTOP ...", flush=True)
         results["outage"] = outage(work / "outage", ckpt, steady_s=steady, down_s=steady, freeze_s=steady / 2 + 1)

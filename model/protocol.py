@@ -38,7 +38,7 @@ class ModelConfig:
     d_model: int = 64
     n_layers: int = 2
     dropout: float = 0.2
-    max_len: int = 50  # training window; also SASRec's replay window and the service's ring buffer
+    max_len: int = 50  # training window; also SASRec's replay window
     # selective SSM (holomamba)
     d_state: int = 4  # per channel: what the served state, and so Redis memory, scales with (bench/results/memory.md)
     expand: int = 2

@@ -21,8 +21,8 @@ TIMEOUT_S = 0.5  # HOLOREC_STORE_TIMEOUT_S for these services
 
 @pytest.fixture(scope="module")
 def bench_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Untrained, with a ring buffer (512) longer than any user's history here, so it can be checked whole."""
-    return make_checkpoint(tmp_path_factory.mktemp("faults") / "ckpt", max_len=512)
+    """Untrained; the ring buffer is the services' history_slots, which concurrency() sets to hold every event."""
+    return make_checkpoint(tmp_path_factory.mktemp("faults") / "ckpt")
 
 
 @pytest.fixture
