@@ -25,7 +25,6 @@ Figures are medians over repeats where repeated; the host and its load average a
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -42,15 +41,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench import harness
 from bench.harness import ROOT, Service
-from bench.loadgen import finish as finish_load
+from bench.loadgen import finish as finish_load, loadgen, start as start_load
 from bench.serve_report import markdown
-from bench.loadgen import loadgen
-from bench.loadgen import start as start_load
 
 N_ITEMS, N_GENRES, MAX_GENRES = 3706, 18, 3  # MovieLens-1M's catalogue; genres per item drawn at random
 D_MODEL, N_LAYERS, MAX_LEN = 64, 2, 200
