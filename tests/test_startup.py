@@ -5,12 +5,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from bench.harness import ROOT, free_port
+from bench.harness import ROOT, free_port, wait_for
 
 HOLOREC = str(Path(sys.executable).parent / "holorec")
 
@@ -42,13 +41,8 @@ def test_an_unreachable_redis_is_warned_about_at_start(ckpt_dir: Path, tmp_path:
         proc = subprocess.Popen([HOLOREC, "serve", "--checkpoint", str(ckpt_dir), "--port", str(port)], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/livez", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_for("/livez answering (or the server gone)",  # /readyz, below, is what the test checks
+                 lambda: proc.poll() is not None or httpx.get(f"http://127.0.0.1:{port}/livez", timeout=1).status_code == 200, 60, 0.1)
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 503
         text = log.read_text()
         assert "127.0.0.1:1/0 is not answering (HOLOREC_REDIS_URL)" in text
