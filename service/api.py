@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import hmac
+import json
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, TypeAdapter, ValidationError
+from pydantic.json_schema import models_json_schema
 
 from service.engine import Engine, Event, RecQuery
 from service.metrics import render
@@ -24,6 +27,10 @@ async def get_settings(request: Request) -> Settings:
 
 
 async def get_engine(request: Request) -> Engine:
+    return engine_of(request)
+
+
+def engine_of(request: Request) -> Engine:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         raise HTTPException(503, "model not loaded", headers={"Retry-After": "1"})
@@ -31,6 +38,10 @@ async def get_engine(request: Request) -> Engine:
 
 
 async def require_api_key(settings: Annotated[Settings, Depends(get_settings)], x_api_key: Annotated[str | None, Header()] = None) -> None:
+    check_api_key(x_api_key, settings)
+
+
+def check_api_key(x_api_key: str | None, settings: Settings) -> None:
     if settings.api_key is None:
         return
     expected = settings.api_key.get_secret_value().encode()
@@ -38,7 +49,7 @@ async def require_api_key(settings: Annotated[Settings, Depends(get_settings)], 
         raise HTTPException(401, "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "X-API-Key"})
 
 
-async def json_body(content_type: Annotated[str | None, Header()] = None) -> None:
+def check_json_body(content_type: str | None) -> None:
     """415 with a plain reason for a body that is not declared JSON (FastAPI would say 'not a valid dictionary')."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
@@ -91,6 +102,15 @@ class ScoredItem(BaseModel):
     score: float
 
 
+class RecommendQuery(BaseModel):
+    """GET /recommend's query string."""
+    model_config = ConfigDict(extra="ignore")
+    k: int = Field(10, ge=1, le=1000, description="how many items")
+    exclude_seen: bool = Field(True, description="leave out items the user has interacted with")
+    exclude: str | None = Field(None, max_length=100_000, description="comma-separated item ids to leave out")
+    attribute: str | None = Field(None, min_length=1, description="keep only items with this attribute (genre, category, brand)")
+
+
 class RecommendOut(BaseModel):
     user_id: str
     items: list[ScoredItem]
@@ -98,37 +118,99 @@ class RecommendOut(BaseModel):
     source: str = Field(description="state: from the user's stored state; popular: fallback for users without state")
 
 
+# --- the hot routes ----------------------------------------------------------------------
+# POST /events and GET /recommend take the raw request: one compiled validator each, the checks inline and
+# JSON encoded once. FastAPI's per-request dependency solving and response-model re-validation cost more
+# than Redis and the model step together (bench/results/serve.md). The pydantic models above still
+# describe both routes in the OpenAPI schema (`openapi_extra`, `response_model`, `schemas()`).
+EVENTS_IN = TypeAdapter(EventsIn)
+RECOMMEND_QUERY = TypeAdapter(RecommendQuery)
+REF = "#/components/schemas/{model}"
+API_KEY_PARAM = {"name": "x-api-key", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "required when HOLOREC_API_KEY is set"}
+USER_PARAM = {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+REFUSALS = {401: {"description": "missing or wrong X-API-Key"},
+            422: {"description": "invalid request: detail says which field and why",
+                  "content": {"application/json": {"schema": {"$ref": REF.format(model="HTTPValidationError")}}}},
+            503: {"description": "model not loaded or state store unavailable; retry after Retry-After seconds"}}
+
+
+def schemas() -> dict[str, Any]:
+    """The body models' JSON schemas for the OpenAPI components (no route declares them as parameters)."""
+    return models_json_schema([(EventsIn, "validation")], ref_template=REF)[1]["$defs"]
+
+
+def query_params() -> list[dict[str, Any]]:
+    props = RecommendQuery.model_json_schema(ref_template=REF)["properties"]
+    return [{"name": n, "in": "query", "required": False, "schema": p, "description": p.get("description", "")} for n, p in props.items()]
+
+
+def _invalid(e: ValidationError, where: str) -> RequestValidationError:
+    return RequestValidationError([{**err, "loc": (where, *err["loc"])} for err in e.errors(include_url=False, include_input=False)])
+
+
+def _json(content: dict[str, Any]) -> Response:
+    """What FastAPI's JSONResponse writes, without validating the content against the response model again."""
+    return Response(json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(), media_type="application/json")
+
+
+async def _body(request: Request) -> Any:
+    """The request body parsed as FastAPI parses a JSON body, with its errors (422 json_invalid, 400 otherwise)."""
+    raw = await request.body()
+    if not raw:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error"}]) from e
+    except Exception as e:  # invalid UTF-8, nesting too deep, a number too long: app.py's 400 handler says which
+        raise HTTPException(400, "There was an error parsing the body") from e
+
+
 router = APIRouter()
 secured = [Depends(require_api_key)]
 
 
-@router.post("/events", response_model=EventsOut, dependencies=[*secured, Depends(json_body)])
-async def post_events(body: EventsIn, engine: Annotated[Engine, Depends(get_engine)], settings: Annotated[Settings, Depends(get_settings)], request: Request) -> EventsOut:
+@router.post("/events", response_model=EventsOut, responses={**REFUSALS, 415: {"description": "the body is not declared JSON"}},
+             openapi_extra={"parameters": [API_KEY_PARAM], "requestBody": {
+                 "required": True, "content": {"application/json": {"schema": {"$ref": REF.format(model="EventsIn")}}}}})
+async def post_events(request: Request) -> Response:
     """Apply events in the order given per user; the write is done before this answers."""
+    settings: Settings = request.app.state.settings
+    check_api_key(request.headers.get("x-api-key"), settings)
+    check_json_body(request.headers.get("content-type"))
+    data = await _body(request)
+    engine = engine_of(request)
+    try:
+        body = EVENTS_IN.validate_python(data)
+    except ValidationError as e:
+        raise _invalid(e, "body") from None
     if len(body.events) > settings.max_events:
         raise HTTPException(422, [{"loc": ["body", "events"], "msg": f"at most {settings.max_events} events per request", "type": "too_long"}])
     for i, e in enumerate(body.events):
         check_user_id(e.user_id, settings, ("body", "events", i, "user_id"))
     events = [Event(e.user_id, e.item_id, e.event_id, e.timestamp) for e in body.events]
     res = await request.app.state.event_batcher.submit(events)
-    return EventsOut(applied=res.applied, duplicate=res.duplicate, unknown=len(res.unknown_items), unknown_items=res.unknown_items)
+    return _json({"applied": res.applied, "duplicate": res.duplicate, "unknown": len(res.unknown_items), "unknown_items": res.unknown_items})
 
 
-@router.get("/recommend/{user_id}", response_model=RecommendOut, dependencies=secured)
-async def recommend(
-    user_id: Annotated[str, Depends(user_id_param)],
-    engine: Annotated[Engine, Depends(get_engine)],
-    request: Request,
-    k: Annotated[int, Query(ge=1, le=1000)] = 10,
-    exclude_seen: bool = True,
-    exclude: Annotated[str | None, Query(max_length=100_000, description="comma-separated item ids to leave out")] = None,
-    attribute: Annotated[str | None, Query(min_length=1, description="keep only items with this attribute (genre, category, brand)")] = None,
-) -> RecommendOut:
-    if attribute is not None and engine.attribute_mask(attribute) is None:
-        raise HTTPException(422, [{"loc": ["query", "attribute"], "msg": f"unknown attribute {attribute!r}", "type": "value_error"}])
-    ids = [x for x in (exclude or "").split(",") if x]
-    res = await request.app.state.rec_batcher.submit(RecQuery(user_id, k, exclude_seen, ids, attribute))
-    return RecommendOut(user_id=user_id, items=[ScoredItem(item_id=i, score=s) for i, s in res.items], model_version=engine.version, source=res.source)
+@router.get("/recommend/{user_id}", response_model=RecommendOut, responses=REFUSALS,
+            openapi_extra={"parameters": [USER_PARAM, *query_params(), API_KEY_PARAM]})
+async def recommend(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    check_api_key(request.headers.get("x-api-key"), settings)
+    user_id = check_user_id(request.path_params["user_id"], settings)
+    engine = engine_of(request)
+    try:
+        q = RECOMMEND_QUERY.validate_python(request.query_params)
+    except ValidationError as e:
+        raise _invalid(e, "query") from None
+    if q.attribute is not None and engine.attribute_mask(q.attribute) is None:
+        raise HTTPException(422, [{"loc": ["query", "attribute"], "msg": f"unknown attribute {q.attribute!r}", "type": "value_error"}])
+    ids = [x for x in (q.exclude or "").split(",") if x]
+    res = await request.app.state.rec_batcher.submit(RecQuery(user_id, q.k, q.exclude_seen, ids, q.attribute))
+    return _json({"user_id": user_id, "items": [{"item_id": i, "score": s} for i, s in res.items],
+                  "model_version": engine.version, "source": res.source})
 
 
 @router.get("/users/{user_id}", dependencies=secured)

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.checkpoint import Checkpoint, CheckpointError, load
-from service.api import router
+from service.api import router, schemas
 from service.batcher import Batcher
 from service.engine import Conflict, Engine
 from service.metrics import ERRORS, MODEL_INFO
@@ -79,6 +79,15 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
                   description="Sequential recommendations from a constant-size per-user state, advanced in O(1) per event.")
     app.state.settings = s
     app.include_router(router)
+
+    def openapi() -> dict:
+        """FastAPI's schema plus the body models of the routes that validate their own bodies."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(schemas())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

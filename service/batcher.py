@@ -1,12 +1,13 @@
 """Micro-batching: gather concurrent requests for a short window, run them as one batch.
 
-Requests `await submit(x)`; a background task takes what is waiting and, if that is more than one
-request (there is concurrency), keeps gathering until `window_s` has passed or `max_size` are
-waiting. A lone request on an idle service goes at once: batching costs latency only under load,
-where requests arriving while a batch runs form the next one. Batches run `fn(batch)` on this
-batcher's own thread
-(so the event loop never blocks on the model or Redis) and hands each caller its own result or
-exception. `max_size=1` turns batching off: every request runs alone, in arrival order.
+Requests `await submit(x)`; a background task takes what is waiting. A lone request (nothing came
+with it) runs at once, on the event loop: handing it to a thread and back costs more than its work on
+a busy machine, where the thread waits for a CPU. More than one request (there is concurrency): it
+keeps gathering until `window_s` has passed or `max_size` are waiting, then runs `fn(batch)` on this
+batcher's own thread, so the loop keeps taking requests meanwhile, and hands each caller its own
+result or exception. Batching costs latency only under load, where requests arriving while a batch
+runs form the next one. `max_size=1` turns batching off: every request runs alone, in arrival order
+(on the thread while others wait).
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ class Batcher(Generic[T, R]):
                     break
             BATCH_SIZE.labels(self.name).observe(len(batch))
             items = [x for x, _ in batch]
+            alone = len(items) == 1 and self.queue.empty()  # requests that came with it would be in the batch or queued
             try:
-                results = await loop.run_in_executor(self.pool, self.fn, items)
+                results = self.fn(items) if alone else await loop.run_in_executor(self.pool, self.fn, items)
                 for (_, fut), res in zip(batch, results):
                     if not fut.done():
                         fut.set_result(res)
