@@ -12,6 +12,9 @@ Sections (each a key of the result JSON, a table in OUT/serve.md):
                stepping ML-100K test users with a pack/unpack round trip after every step
     profile    where the time goes: py-spy samples of the service under GET /recommend and 1-event
                POST /events at concurrency 32, by part (HTTP stack, Redis client, model, ...) and function
+    floor      what the service adds to the floor: one event and one recommendation at concurrency 1,
+               interleaved on one keep-alive connection with GET /livez and a bare Redis GET and SET of a
+               record-sized value; event - livez - (GET + SET), recommend - livez - GET
 
 The service runs as uvicorn subprocesses (service.app:app_from_env) on 127.0.0.1; the load
 generator is another process (bench/loadgen.py, which imports no torch). Checkpoints are random-weight HoloMambaRec models built
@@ -413,6 +416,44 @@ def _profile_shares(raw: str) -> dict[str, Any]:
             "top_functions": [{"function": f, "share": v / total} for f, v in top] if total else []}
 
 
+def section_floor(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str, Any]:
+    """One event and one recommendation against the floor, interleaved request by request so drift hits all alike:
+    GET /livez (the HTTP floor) and a bare GET and SET of a value the size of the user's stored record (the Redis floor)."""
+    import httpx
+    import redis
+
+    from service.store import user_key
+
+    n, users = (50, 10) if quick else (3000, 500)
+    rng = random.Random(0)
+    r = redis.Redis.from_url(redis_url)
+    times: dict[str, list[float]] = {k: [] for k in ("livez", "event", "recommend", "redis_get", "redis_set")}
+    with Service(ckpt_dir, redis_url, ns, access_log=False) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        for u in range(users):  # every user has a history, so a recommendation is scored from state
+            assert c.post("/events", json={"events": [{"user_id": f"f{u}", "item_id": f"item-{1 + j}"} for j in range(20)]}).status_code == 200
+        record = r.get(user_key(ns, "f0"))
+        assert record is not None, "no record written"
+        probe = f"holorec:{ns}:floor-probe"
+        r.set(probe, record)
+
+        def timed(name: str, fn: Any) -> None:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1000)
+
+        for i in range(n):
+            user, item = f"f{rng.randrange(users)}", f"item-{rng.randrange(1, N_ITEMS + 1)}"
+            timed("livez", lambda: c.get("/livez").raise_for_status())
+            timed("event", lambda: c.post("/events", json={"events": [{"user_id": user, "item_id": item}]}).raise_for_status())
+            timed("recommend", lambda: c.get(f"/recommend/{user}").raise_for_status())
+            timed("redis_get", lambda: r.get(probe))
+            timed("redis_set", lambda: r.set(probe, record))
+    p50 = {k: statistics.median(v) for k, v in times.items()}
+    return {"requests_each": n, "record_bytes": len(record), "p50_ms": p50,
+            "event_adds_ms": p50["event"] - p50["livez"] - p50["redis_get"] - p50["redis_set"],
+            "recommend_adds_ms": p50["recommend"] - p50["livez"] - p50["redis_get"]}
+
+
 # --- driver -----------------------------------------------------------------------------------------
 def _load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
@@ -441,7 +482,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = bool(getattr(args, "quick", False))
     redis_url = getattr(args, "redis_url", None) or "redis://127.0.0.1:6379/0"
     out_dir = Path(getattr(args, "out", "bench/results"))
-    only = os.environ.get("HOLOREC_BENCH_SECTIONS", "o1,replay,load,catalogue,codec,profile").split(",")
+    only = os.environ.get("HOLOREC_BENCH_SECTIONS", "floor,o1,replay,load,catalogue,codec,profile").split(",")
     ns = f"bench-serve-{uuid.uuid4().hex[:10]}"
     tmp = Path(tempfile.mkdtemp(prefix="holorec-bench-serve-"))
     result: dict[str, Any] = {"quick": quick, "namespace": ns, "hardware": harness.hardware(), "load_avg": {"start": _load_avg()}, "cpu": {},
@@ -451,7 +492,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ckpt_dir = tmp / "ml1m-size"
         make_checkpoint(ckpt_dir, N_ITEMS)
         # a namespace per section: a user written under another checkpoint would be re-warmed (replayed) when read
-        sections = {"o1": lambda: section_o1(ckpt_dir, redis_url, f"{ns}-o1", quick),
+        sections = {"floor": lambda: section_floor(ckpt_dir, redis_url, f"{ns}-floor", quick),
+                    "o1": lambda: section_o1(ckpt_dir, redis_url, f"{ns}-o1", quick),
                     "replay": lambda: section_replay(tmp, redis_url, f"{ns}-replay", quick),
                     "load": lambda: section_load(ckpt_dir, redis_url, f"{ns}-load", quick),
                     "catalogue": lambda: section_catalogue(tmp, redis_url, f"{ns}-catalogue", quick),

@@ -42,7 +42,10 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
         bd = run_["event_c1"]["breakdown"]  # from the service's own histograms: one GET, one CAS, one step per event
         assert bd["server_count"] == bd["redis_cas_count"] == bd["model_step_count"] == run_["event_c1"]["requests"]
         assert 0 < bd["model_step_ms"] < bd["server_ms"] < bd["client_mean_ms"] and bd["redis_get_ms"] > 0
-    assert set(res["cpu"]) == {"o1", "replay", "load", "catalogue", "codec", "profile"} and "steal_pct" in res["cpu"]["load"]
+    assert set(res["cpu"]) == {"floor", "o1", "replay", "load", "catalogue", "codec", "profile"} and "steal_pct" in res["cpu"]["load"]
+    fl = res["floor"]  # the black-box check: every request answered, the floor and the service side by side
+    assert fl["record_bytes"] > 0 and set(fl["p50_ms"]) == {"livez", "event", "recommend", "redis_get", "redis_set"}
+    assert fl["p50_ms"]["event"] > fl["p50_ms"]["livez"] and "## 0. What the service adds" in md
     for case in ("recommend", "event"):  # the section ran; a sampler on a shared machine may catch nothing, and then says why
         prof = res["profile"]["cases"][case]
         if prof.get("absent"):
