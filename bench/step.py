@@ -3,7 +3,7 @@
 For each model at a MovieLens-1M-sized config (3706 items, 18 genres, d_model 64, 2 layers,
 max_len 200; HoloMambaRec also with temporal bundling of 4): the parameter count, the packed
 per-user state in bytes for each codec of model/state.py, and the wall time of one batched
-`step` on CPU at batch sizes 1, 64 and 1024: median over rounds after warm-up, one step per
+`step` on CPU at batch sizes 1, 64 and 1024 (and of the traced step the service runs, model/fast_step.py): median over rounds after warm-up, one step per
 model per round, models interleaved so that load from other processes hits every model alike;
 under torch.inference_mode(), a fixed thread count (HOLOREC_THREADS or 1). Writes OUT/step.md and
 OUT/step.json, with the 1-minute load average: on a shared machine timings are only as quiet as it is.
@@ -25,6 +25,7 @@ import torch
 
 from bench.harness import command, hardware
 from model import MODELS as MODEL_NAMES, ModelConfig, SeqRecModel, build_model
+from model.fast_step import StepFn, serving_step
 from model.state import CODECS, packed_size
 
 MODELS = (*((name, {}) for name in MODEL_NAMES), ("holomamba", {"bundle": 4}))  # every model, and HoloMambaRec bundling 4
@@ -50,24 +51,24 @@ def build(name: str, **kw: Any) -> tuple[str, SeqRecModel]:
     return name + "".join(f" ({k} {v})" for k, v in kw.items()), model
 
 
-def time_steps(models: dict[str, SeqRecModel], batch: int, rounds: int) -> dict[str, dict[str, float]]:
-    """One `step` per model per round, models interleaved so load spikes from other processes hit all alike.
+def time_steps(models: dict[str, tuple[SeqRecModel, StepFn]], batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """One step per (model, step function) per round, interleaved so load spikes from other processes hit all alike.
 
-    Returns per model the median, p10 and p90 in milliseconds over the rounds.
+    Returns per row the median, p10 and p90 in milliseconds over the rounds.
     """
     g = torch.Generator().manual_seed(batch)
     times: dict[str, list[float]] = {label: [] for label in models}
     with torch.inference_mode():
         states, items = {}, torch.randint(1, N_ITEMS + 1, (batch,), generator=g)
-        for label, model in models.items():
+        for label, (model, step) in models.items():
             state = model.init_state(batch)
             for _ in range(3):  # warm-up, and a non-empty state
-                _, state = model.step(torch.randint(1, N_ITEMS + 1, (batch,), generator=g), state)
+                _, state = step(torch.randint(1, N_ITEMS + 1, (batch,), generator=g), state)
             states[label] = state
         for _ in range(rounds):
-            for label, model in models.items():
+            for label, (_, step) in models.items():
                 t0 = time.perf_counter()
-                model.step(items, states[label])
+                step(items, states[label])
                 times[label].append(time.perf_counter() - t0)
     out = {}
     for label, ts in times.items():
@@ -91,7 +92,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         cell = {b: f"{st[b]['median_ms']:.3f} [{st[b]['p10_ms']:.3f}-{st[b]['p90_ms']:.3f}]" for b in st}
         lines.append(f"| {r['model']} | {r['params']:,} | {s['float32']:,} | {s['float16']:,} | {s['int8']:,} | "
                      f"{cell['1']} | {cell['64']} | {cell['1024']} | {1e3 * st['1024']['median_ms'] / 1024:.1f} |")
-    lines += ["", "HoloMambaRec indexes its HRR item table, encoded once per weight update (SeqRecModel.table), not per event.",
+    lines += ["", "Rows named `served` time the step the service runs for that model (model/fast_step.py): a frozen TorchScript "
+              "trace of `step`, used where the model's step has no branch on the data and the trace reproduces it; other "
+              "models serve their eager `step`.",
+              "", "HoloMambaRec indexes its HRR item table, encoded once per weight update (SeqRecModel.table), not per event.",
               "", "Every model's state is the same size after 1 event or 100,000 (SASRec's is its window of max_len item ids). "
               "A bundled HoloMambaRec still runs one SSM step per event (a peek, or the commit of a full group); "
               "bundling shortens the recurrence in training, not the per-event cost.",
@@ -107,9 +111,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]  # other processes on the machine: timings are only as quiet as it is
     quick = getattr(args, "quick", False)
-    models = dict(build(n, **k) for n, k in MODELS)
+    models: dict[str, tuple[SeqRecModel, StepFn]] = {}
+    for label, m in (build(n, **k) for n, k in MODELS):
+        models[label] = (m, m.step)  # eager
+        served = serving_step(m)
+        if served != m.step:  # what the service runs instead, where the trace is exact
+            models[label + ", served: frozen TorchScript trace"] = (m, served)
     rows = [{"model": label, "params": sum(p.numel() for p in m.parameters()),
-             "state_bytes": {c: packed_size(m.init_state(1), c) for c in CODECS}, "step": {}} for label, m in models.items()]
+             "state_bytes": {c: packed_size(m.init_state(1), c) for c in CODECS}, "step": {}} for label, (m, _) in models.items()]
     for b in BATCHES:
         rounds = QUICK_ROUNDS[b] if quick else ROUNDS[b]
         timed = time_steps(models, b, rounds)

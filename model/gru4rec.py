@@ -19,6 +19,7 @@ from model.protocol import ModelConfig, SeqRecModel, State, item_embedding
 
 
 class GRU4Rec(SeqRecModel):
+    traceable_step = True
     def __init__(self, config: ModelConfig, item_attrs: Tensor | None = None) -> None:
         super().__init__(config, item_attrs)
         c = config

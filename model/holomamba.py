@@ -60,6 +60,7 @@ class HoloMambaRec(SeqRecModel):
         if c.bundle < 1:
             raise ValueError(f"bundle must be >= 1, got {c.bundle}")
         self.g = c.bundle
+        self.traceable_step = self.g == 1  # bundling's step branches on how full the pending group is
         if self.g > 1:  # slot roles, random HRR vectors N(0, 1/d) to start, learned jointly
             self.roles = nn.Parameter(torch.randn(self.g, c.d_model) * c.d_model**-0.5)  # (g, d)
 

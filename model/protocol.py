@@ -81,6 +81,7 @@ class SeqRecModel(nn.Module):
     """Base class: tied item scoring and the loss; subclasses supply the encoder."""
 
     config: ModelConfig
+    traceable_step = False  # `step` has no branch on the data, so a trace of it is the same function (model/fast_step.py)
 
     def __init__(self, config: ModelConfig, item_attrs: Tensor | None = None) -> None:
         super().__init__()

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from model.checkpoint import Checkpoint
+from model.fast_step import serving_step
 from model.split import left_pad
 from model.seen import SeenFilter
 from model.state import pack, unpack
@@ -81,6 +82,7 @@ class Engine:
     def __init__(self, ckpt: Checkpoint, store: StateStore, settings: Settings) -> None:
         self.ckpt, self.store, self.s = ckpt, store, settings
         self.model = ckpt.model.eval()
+        self.step = serving_step(self.model)  # a frozen trace where it is exact (model/fast_step.py), else model.step
         self.version = ckpt.version
         self.d = self.model.config.d_model
         self.slots = settings.history_slots  # the record's window of recent item indices
@@ -206,10 +208,10 @@ class Engine:
             items = torch.tensor([seqs[u][t] for u in rows])
             t0 = time.perf_counter()
             if len(rows) == n:  # everyone steps (one event per user, or equal counts): no gather/scatter
-                vec, state = self.model.step(items, state)
+                vec, state = self.step(items, state)
             else:
                 idx = torch.tensor(rows)
-                h, new = self.model.step(items, {k: v[idx] for k, v in state.items()})
+                h, new = self.step(items, {k: v[idx] for k, v in state.items()})
                 for k in state:
                     state[k][idx] = new[k]
                 vec[idx] = h

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model import MODELS, ModelConfig, build_model
+from model.fast_step import serving_step
 from model.state import pack, packed_size
 
 BASELINES = tuple(m for m in MODELS if m != "holomamba")
@@ -26,13 +27,13 @@ def left_padded(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return items
 
 
-def worst_step_gap(m, items: torch.Tensor) -> float:
+def worst_step_gap(m, items: torch.Tensor, step=None) -> float:
     """Largest |step - forward| over the real positions, stepping all rows from init_state; padding rows keep their state."""
     with torch.no_grad():
         full = m(items)  # (b, l, d)
         state, worst = m.init_state(items.shape[0]), 0.0
         for t in range(items.shape[1]):
-            h, new = m.step(items[:, t], state)
+            h, new = (step or m.step)(items[:, t], state)
             real = items[:, t] > 0
             state = {k: torch.where(real.view(-1, *[1] * (v.dim() - 1)), new[k], v) for k, v in state.items()}
             if real.any():
@@ -44,6 +45,16 @@ def worst_step_gap(m, items: torch.Tensor) -> float:
 @pytest.mark.parametrize("batch,length", [(1, 1), (3, 9), (5, 40), (2, 64)])
 def test_step_reproduces_forward(name: str, batch: int, length: int) -> None:
     assert worst_step_gap(make(name), left_padded(batch, length)) < 1e-4
+
+
+@pytest.mark.parametrize("name,kw,traced", [("holomamba", {}, True), ("gru4rec", {}, True), ("holomamba", {"bundle": 3}, False),
+                                            ("sasrec", {}, False), ("elastic", {}, False)])
+def test_serving_step_is_a_trace_where_exact_and_reproduces_forward(name: str, kw: dict, traced: bool) -> None:
+    m = make(name, **kw)
+    step = serving_step(m)
+    assert (step != m.step) == traced  # a model whose step branches on the data keeps its eager step
+    for batch, length in [(1, 30), (4, 64)] if traced else []:  # the eager steps' own tests are above and below
+        assert worst_step_gap(m, left_padded(batch, length), step) < 1e-4
 
 
 @pytest.mark.parametrize("length", [1, 9, 64])
