@@ -41,12 +41,14 @@ def markdown(res: dict[str, Any]) -> str:
                   f"requests over HTTP in {o['prefill_s']:.0f} s.", ""]
     if "replay" in res:
         rp = res["replay"]
-        lines += ["## 2. Stored state vs replaying history per request (in-process, no HTTP; both include the Redis round trip)", "",
+        lines += ["## 2. Stored state vs replaying history per request (in-process, no HTTP)", "",
                   "Naive: the history in a Redis list; per GET, LRANGE the last max_len items, run the model's forward over them, "
-                  "score, top-10. holorec: per GET, GET the record, decode, score its stored user vector, top-10 (Engine.recommend). "
+                  "score, top-10. holorec: per GET, the record through the serving app's client-side cache (a repeat read of an "
+                  "unchanged user makes no round trip; a write by any replica invalidates it), decode, score its stored user vector, "
+                  "top-10 (Engine.recommend). The Redis GET column is one uncached GET of the record: the round trip the cache saves. "
                   f"Median of {rp['requests']} requests each (1000-long windows: a quarter as many); torch threads: "
                   f"{rp['torch_threads']} for both, as a service worker runs (HOLOREC_THREADS).", "",
-                  "| max_len | holorec stored state ms | of which the Redis GET | " + " | ".join(f"naive {m} ms | {m} / stored" for m in rp["models"]) + " |",
+                  "| max_len | holorec stored state ms | a Redis GET of the record | " + " | ".join(f"naive {m} ms | {m} / stored" for m in rp["models"]) + " |",
                   "|---:|---:|---:|" + "---:|---:|" * len(rp["models"])]
         for L, v in rp["max_len"].items():
             cells = " | ".join(f"{_f(v[f'naive_{m}_ms'])} | **{_f(v[f'ratio_{m}'], 1)}x**" for m in rp["models"])
