@@ -5,8 +5,10 @@ expected one (0 = no record), atomically per key, so concurrent updates of one u
 number of workers or replicas are never lost: the loser re-reads and retries.
 
 Keys: `holorec:{ns}:{u:<user id>}`. The braces are a Redis Cluster hash tag, so every key of one
-user maps to one slot. TTL policy is explicit on every write: with a TTL each write sets a fresh
-EX (idle users expire), without one a plain SET (records never expire).
+user maps to one slot. Beside the records: `holorec:{ns}:vocab:{model version}` (a model's item ids)
+and `holorec:{ns}:users` (the user counter). The functions below build every key the service uses;
+no other module spells one. TTL policy is explicit on every write: with a TTL each write sets a
+fresh EX (idle users expire), without one a plain SET (records never expire).
 
 Failure policy (RedisStore): every round trip is bounded by `timeout_s`; a refused connection, a
 timeout, a Redis that is loading its AOF, out of memory (noeviction), read-only or busy raises
@@ -96,6 +98,16 @@ def user_keys(namespace: str) -> str:
 
 def user_of_key(namespace: str, key: str) -> str:
     return key[len(user_key(namespace, "")) - 1 : -1]
+
+
+def vocab_key(namespace: str, version: str) -> str:
+    """The item id list (JSON) of model `version`: a later model re-warms that model's records through it."""
+    return f"holorec:{namespace}:vocab:{version}"
+
+
+def user_count_key(namespace: str) -> str:
+    """The counter of users with a record in a namespace (the users_seen gauge)."""
+    return f"holorec:{namespace}:users"
 
 
 class RedisStore:
