@@ -71,22 +71,54 @@ def _data(a: argparse.Namespace) -> None:
         sys.exit(f"holorec data: {e}")
 
 
+def _settings_or_exit(command: str):  # -> service.settings.Settings (imported lazily)
+    """Settings from the environment, or one line per bad HOLOREC_* variable and exit 2 (no traceback)."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings, setting_problems
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        for problem in setting_problems(e):
+            print(f"holorec {command}: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _serve(a: argparse.Namespace) -> None:
-    """Bad settings and a taken port fail here, in one line, before torch and the model load."""
+    """Bad settings and a taken port fail here, in one line, before torch and the model load; then the
+    checkpoint (its own error, before any worker starts), the lines to try, and uvicorn."""
     import os
+    import shlex
     import socket
+    import tempfile
 
-    from service.settings import settings_or_exit
-
-    s = settings_or_exit("serve")
+    s = _settings_or_exit("serve")
     try:
         with socket.create_server((a.host, a.port)):
             pass
     except OSError as e:
         sys.exit(f"holorec serve: cannot listen on {a.host}:{a.port}: {os.strerror(e.errno) if e.errno else e} (choose another with --port)")
-    from service.app import serve
+    import uvicorn
 
-    serve(a.checkpoint, host=a.host, port=a.port, workers=a.workers or s.workers)
+    from model.checkpoint import CheckpointError, load
+
+    workers = a.workers or s.workers
+    os.environ["HOLOREC_CHECKPOINT"] = a.checkpoint
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="holorec-metrics-")
+    try:
+        ckpt = load(a.checkpoint)
+    except CheckpointError as e:
+        print(f"holorec serve: checkpoint refused: {e}", file=sys.stderr)
+        sys.exit(2)
+    base = f"http://{a.host}:{a.port}"
+    ids = [ckpt.items[i - 1] for i in (ckpt.popular or range(1, len(ckpt.items) + 1))[:2]]  # two popular items: works as printed
+    events = json.dumps({"events": [{"user_id": "alice", "item_id": i} for i in ids]})
+    print(f"holorec serving {a.checkpoint} on {base}  (API docs: {base}/docs)")
+    print(f"  try: curl -s -X POST {base}/events -H 'Content-Type: application/json' -d {shlex.quote(events)}")
+    print(f"       curl -s '{base}/recommend/alice?k=5'")
+    uvicorn.run("service.app:app_from_env", factory=True, host=a.host, port=a.port, workers=workers, log_level="info")
 
 
 def _warm(a: argparse.Namespace) -> None:
@@ -97,10 +129,9 @@ def _warm(a: argparse.Namespace) -> None:
     from model.data import DataError, load as load_data
     from service.app import make_store
     from service.engine import Engine
-    from service.settings import settings_or_exit
     from service.warm import rewarm, warm
 
-    s = settings_or_exit("warm")
+    s = _settings_or_exit("warm")
     if not s.redis_url:
         sys.exit("holorec warm: HOLOREC_REDIS_URL is not set; warm writes the states `holorec serve` reads from Redis")
     if not a.rewarm and not a.data:
@@ -136,10 +167,9 @@ def _consume(a: argparse.Namespace) -> None:
     from service.consume import Consumer, stream_client
     from service.engine import Engine
     from service.metrics import registry
-    from service.settings import settings_or_exit
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    s = settings_or_exit("consume")
+    s = _settings_or_exit("consume")
     if not s.redis_url:
         sys.exit("holorec consume: HOLOREC_REDIS_URL is not set; the stream and the states live in Redis")
     torch.set_num_threads(s.threads)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import statistics
 import time
 from pathlib import Path

@@ -28,7 +28,7 @@ from bench.accuracy import row_overrides
 from bench.harness import RedisServer, Service, make_checkpoint
 from model import ModelConfig
 from model.checkpoint import Checkpoint, load
-from model.state import CODECS, pack, packed_size
+from model.state import CODECS, packed_size
 from service import record as rec
 from service.engine import Engine, Event
 from service.settings import Settings

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from model import build_model
 from model.checkpoint import Checkpoint, save
-from model.data import Dataset, load
+from model.data import Dataset
 from model.split import split
 from model.evaluate import evaluate, evaluate_popularity, format_metrics
 from model.protocol import ModelConfig

@@ -2,13 +2,8 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import os
-import shlex
 import sys
-import tempfile
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -146,29 +141,3 @@ def app_from_env() -> FastAPI:
         log.critical("holorec cannot start: bad settings: %s", "; ".join(setting_problems(e)))
         sys.exit(3)
     return create_app(settings, ckpt)
-
-
-def curl_example(ckpt: Checkpoint, base: str) -> str:
-    """A POST /events line that works as printed: two of this checkpoint's most popular item ids."""
-    ids = [ckpt.items[i - 1] for i in (ckpt.popular or range(1, len(ckpt.items) + 1))[:2]]
-    events = json.dumps({"events": [{"user_id": "alice", "item_id": i} for i in ids]})
-    return f"curl -s -X POST {base}/events -H 'Content-Type: application/json' -d {shlex.quote(events)}"
-
-
-def serve(checkpoint: str, host: str, port: int, workers: int) -> None:
-    """`holorec serve` after cli.py's checks of the settings and the port: load the checkpoint, print, run uvicorn."""
-    import uvicorn
-
-    os.environ["HOLOREC_CHECKPOINT"] = checkpoint
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="holorec-metrics-")
-    try:
-        ckpt = load(checkpoint)  # fail fast, with the checkpoint's own error, before starting workers
-    except CheckpointError as e:
-        print(f"holorec serve: checkpoint refused: {e}", file=sys.stderr)
-        sys.exit(2)
-    base = f"http://{host}:{port}"
-    print(f"holorec serving {checkpoint} on {base}  (API docs: {base}/docs)")
-    print(f"  try: {curl_example(ckpt, base)}")
-    print(f"       curl -s '{base}/recommend/alice?k=5'")
-    uvicorn.run("service.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level="info")

@@ -19,8 +19,6 @@ reason and acknowledged: it never blocks the group.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 

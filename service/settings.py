@@ -1,7 +1,6 @@
 """Service configuration: every field is an environment variable HOLOREC_<NAME> (case-insensitive)."""
 from __future__ import annotations
 
-import sys
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -54,13 +53,3 @@ class Settings(BaseSettings):
 def setting_problems(e: ValidationError) -> list[str]:
     """One "HOLOREC_NAME: what is wrong" per bad setting."""
     return [f"HOLOREC_{'_'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors()]
-
-
-def settings_or_exit(command: str) -> Settings:
-    """Settings from the environment, or one line per bad HOLOREC_* variable and exit 2 (no traceback)."""
-    try:
-        return Settings()
-    except ValidationError as e:
-        for problem in setting_problems(e):
-            print(f"holorec {command}: {problem}", file=sys.stderr)
-        sys.exit(2)

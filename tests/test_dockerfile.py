@@ -2,7 +2,6 @@
 heredoc in the Dockerfile) run for real with a stand-in `holorec` command."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
