@@ -170,7 +170,7 @@ def section_replay(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[str,
 
             got = naive()
             if name == "holomamba":
-                row["holomamba_same_top10"] = [f"item-{j}" for j in got] == state_items
+                row["holomamba_top10_overlap"] = len({f"item-{j}" for j in got} & set(state_items)) / 10  # the state is stored int8
             naive()
             row[f"naive_{name}_ms"] = _median_ms(naive, max(n_req // (4 if L >= 1000 else 1), 10))
             row[f"ratio_{name}"] = row[f"naive_{name}_ms"] / row["stored_state_ms"]

@@ -31,7 +31,7 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
         assert v["events_applied"] >= int(lvl)
 
     for v in res["replay"]["max_len"].values():
-        assert v["stored_state_ms"] > 0 and v["holomamba_same_top10"] and v["redis_get_ms"] > 0
+        assert v["stored_state_ms"] > 0 and v["holomamba_top10_overlap"] >= 0.8 and v["redis_get_ms"] > 0  # what replay would serve
         for m in res["replay"]["models"]:
             assert v[f"naive_{m}_ms"] > 0
 
@@ -41,7 +41,7 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
             assert 0 < run_[case]["p50_ms"] <= run_[case]["p95_ms"] <= run_[case]["p99_ms"]
         bd = run_["event_c1"]["breakdown"]  # from the service's own histograms: one GET, one CAS, one step per event
         assert bd["server_count"] == bd["redis_cas_count"] == bd["model_step_count"] == run_["event_c1"]["requests"]
-        assert 0 < bd["model_step_ms"] < bd["server_ms"] < bd["client_mean_ms"] and bd["redis_get_ms"] > 0
+        assert 0 < bd["model_step_ms"] < bd["server_ms"] and bd["redis_get_ms"] > 0  # (client vs server: two clocks' means, not compared)
     assert set(res["cpu"]) == {"floor", "o1", "replay", "load", "catalogue", "codec", "profile"} and "steal_pct" in res["cpu"]["load"]
     fl = res["floor"]  # the black-box check: every request answered, the floor and the service side by side
     assert fl["record_bytes"] > 0 and set(fl["p50_ms"]) == {"livez", "event", "recommend", "redis_get", "redis_set"}
