@@ -19,7 +19,8 @@ from model.protocol import ModelConfig, SeqRecModel, State, item_embedding
 
 
 class GRU4Rec(SeqRecModel):
-    traceable_step = True
+    # its step traces exactly, but the frozen trace measured 4x slower than eager at batch 64 (bench/results/step.md,
+    # 2026-12-01): serving keeps the eager step
     def __init__(self, config: ModelConfig, item_attrs: Tensor | None = None) -> None:
         super().__init__(config, item_attrs)
         c = config
