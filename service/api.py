@@ -120,8 +120,8 @@ class RecommendOut(BaseModel):
 
 # --- the hot routes ----------------------------------------------------------------------
 # POST /events and GET /recommend take the raw request: one compiled validator each, the checks inline and
-# JSON encoded once. FastAPI's per-request dependency solving and response-model re-validation cost more
-# than Redis and the model step together (bench/results/serve.md). The pydantic models above still
+# JSON encoded once, so they skip FastAPI's per-request dependency solving and response-model re-validation,
+# which they had paid for on every event (README: Serving over HTTP). The pydantic models above still
 # describe both routes in the OpenAPI schema (`openapi_extra`, `response_model`, `schemas()`).
 EVENTS_IN = TypeAdapter(EventsIn)
 RECOMMEND_QUERY = TypeAdapter(RecommendQuery)
