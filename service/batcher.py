@@ -2,9 +2,7 @@
 
 Requests `await submit(x)`; a background task takes what is waiting. A lone request (nothing came
 with it) runs at once, on the event loop: handing it to a thread and back costs more than its work on
-a busy machine, where the thread waits for a CPU. A lone request that was slow (a frozen Redis: up to
-the store timeout) sends the next ones to the thread for BACKOFF_S, so the loop, and /livez, stay
-responsive while the store is in trouble. More than one request (there is concurrency): it
+a busy machine, where the thread waits for a CPU. More than one request (there is concurrency): it
 keeps gathering until `window_s` has passed or `max_size` are waiting, then runs `fn(batch)` on this
 batcher's own thread, so the loop keeps taking requests meanwhile, and hands each caller its own
 result or exception. Batching costs latency only under load, where requests arriving while a batch
@@ -20,9 +18,6 @@ from typing import Generic, TypeVar
 
 from service.metrics import BATCH_SIZE
 
-SLOW_S = 0.05  # a lone request on the loop slower than this ...
-BACKOFF_S = 5.0  # ... sends lone requests to the thread for this long
-
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -33,7 +28,6 @@ class Batcher(Generic[T, R]):
         self.queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self.task: asyncio.Task[None] | None = None
-        self.thread_until = 0.0  # loop time before which lone requests go to the thread too
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -68,9 +62,9 @@ class Batcher(Generic[T, R]):
                     break
             BATCH_SIZE.labels(self.name).observe(len(batch))
             items = [x for x, _ in batch]
-            alone = len(items) == 1 and self.queue.empty() and loop.time() >= self.thread_until  # nothing came with it
+            alone = len(items) == 1 and self.queue.empty()  # requests that came with it would be in the batch or queued
             try:
-                results = self._on_loop(items) if alone else await loop.run_in_executor(self.pool, self.fn, items)
+                results = self.fn(items) if alone else await loop.run_in_executor(self.pool, self.fn, items)
                 for (_, fut), res in zip(batch, results):
                     if not fut.done():
                         fut.set_result(res)
@@ -78,12 +72,3 @@ class Batcher(Generic[T, R]):
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
-
-    def _on_loop(self, items: list[T]) -> list[R]:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        try:
-            return self.fn(items)
-        finally:
-            if loop.time() - t0 > SLOW_S:
-                self.thread_until = loop.time() + BACKOFF_S
