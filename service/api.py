@@ -4,12 +4,14 @@ from __future__ import annotations
 import hmac
 import json
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, TypeAdapter, ValidationError
 from pydantic.json_schema import models_json_schema
+from starlette.datastructures import State
 
 from service.engine import Engine, Event, RecQuery
 from service.metrics import render
@@ -27,14 +29,7 @@ async def get_settings(request: Request) -> Settings:
 
 
 async def get_engine(request: Request) -> Engine:
-    return engine_of(request)
-
-
-def engine_of(request: Request) -> Engine:
-    engine = getattr(request.app.state, "engine", None)
-    if engine is None:
-        raise HTTPException(503, "model not loaded", headers={"Retry-After": "1"})
-    return engine
+    return loaded_engine(request.app.state)
 
 
 async def require_api_key(settings: Annotated[Settings, Depends(get_settings)], x_api_key: Annotated[str | None, Header()] = None) -> None:
@@ -149,14 +144,13 @@ def _invalid(e: ValidationError, where: str) -> RequestValidationError:
     return RequestValidationError([{**err, "loc": (where, *err["loc"])} for err in e.errors(include_url=False, include_input=False)])
 
 
-def _json(content: dict[str, Any]) -> Response:
+def json_bytes(content: dict[str, Any]) -> bytes:
     """What FastAPI's JSONResponse writes, without validating the content against the response model again."""
-    return Response(json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(), media_type="application/json")
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
-async def _body(request: Request) -> Any:
+def parse_body(raw: bytes) -> Any:
     """The request body parsed as FastAPI parses a JSON body, with its errors (422 json_invalid, 400 otherwise)."""
-    raw = await request.body()
     if not raw:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
     try:
@@ -167,20 +161,21 @@ async def _body(request: Request) -> Any:
         raise HTTPException(400, "There was an error parsing the body") from e
 
 
-router = APIRouter()
-secured = [Depends(require_api_key)]
+def loaded_engine(state: State) -> Engine:
+    engine = getattr(state, "engine", None)
+    if engine is None:
+        raise HTTPException(503, "model not loaded", headers={"Retry-After": "1"})
+    return engine
 
 
-@router.post("/events", response_model=EventsOut, responses={**REFUSALS, 415: {"description": "the body is not declared JSON"}},
-             openapi_extra={"parameters": [API_KEY_PARAM], "requestBody": {
-                 "required": True, "content": {"application/json": {"schema": {"$ref": REF.format(model="EventsIn")}}}}})
-async def post_events(request: Request) -> Response:
-    """Apply events in the order given per user; the write is done before this answers."""
-    settings: Settings = request.app.state.settings
-    check_api_key(request.headers.get("x-api-key"), settings)
-    check_json_body(request.headers.get("content-type"))
-    data = await _body(request)
-    engine = engine_of(request)
+async def apply_events(state: State, api_key: str | None, content_type: str | None, raw: bytes) -> bytes:
+    """POST /events from its headers and body to the JSON answer; refusals raise, for the app's error handlers.
+    The FastAPI route and service/hot.py's ASGI route both call this: one implementation of the route."""
+    settings: Settings = state.settings
+    check_api_key(api_key, settings)
+    check_json_body(content_type)
+    data = parse_body(raw)
+    loaded_engine(state)
     try:
         body = EVENTS_IN.validate_python(data)
     except ValidationError as e:
@@ -190,27 +185,49 @@ async def post_events(request: Request) -> Response:
     for i, e in enumerate(body.events):
         check_user_id(e.user_id, settings, ("body", "events", i, "user_id"))
     events = [Event(e.user_id, e.item_id, e.event_id, e.timestamp) for e in body.events]
-    res = await request.app.state.event_batcher.submit(events)
-    return _json({"applied": res.applied, "duplicate": res.duplicate, "unknown": len(res.unknown_items), "unknown_items": res.unknown_items})
+    res = await state.event_batcher.submit(events)
+    return json_bytes({"applied": res.applied, "duplicate": res.duplicate, "unknown": len(res.unknown_items), "unknown_items": res.unknown_items})
 
 
-@router.get("/recommend/{user_id}", response_model=RecommendOut, responses=REFUSALS,
-            openapi_extra={"parameters": [USER_PARAM, *query_params(), API_KEY_PARAM]})
-async def recommend(request: Request) -> Response:
-    settings: Settings = request.app.state.settings
-    check_api_key(request.headers.get("x-api-key"), settings)
-    user_id = check_user_id(request.path_params["user_id"], settings)
-    engine = engine_of(request)
+async def recommendations(state: State, api_key: str | None, user_id: str, query: Mapping[str, str]) -> bytes:
+    """GET /recommend/{user_id} from its headers, path parameter and query to the JSON answer (as apply_events)."""
+    settings: Settings = state.settings
+    check_api_key(api_key, settings)
+    check_user_id(user_id, settings)
+    engine = loaded_engine(state)
     try:
-        q = RECOMMEND_QUERY.validate_python(request.query_params)
+        q = RECOMMEND_QUERY.validate_python(query)
     except ValidationError as e:
         raise _invalid(e, "query") from None
     if q.attribute is not None and engine.attribute_mask(q.attribute) is None:
         raise HTTPException(422, [{"loc": ["query", "attribute"], "msg": f"unknown attribute {q.attribute!r}", "type": "value_error"}])
     ids = [x for x in (q.exclude or "").split(",") if x]
-    res = await request.app.state.rec_batcher.submit(RecQuery(user_id, q.k, q.exclude_seen, ids, q.attribute))
-    return _json({"user_id": user_id, "items": [{"item_id": i, "score": s} for i, s in res.items],
-                  "model_version": engine.version, "source": res.source})
+    res = await state.rec_batcher.submit(RecQuery(user_id, q.k, q.exclude_seen, ids, q.attribute))
+    return json_bytes({"user_id": user_id, "items": [{"item_id": i, "score": s} for i, s in res.items],
+                       "model_version": engine.version, "source": res.source})
+
+
+router = APIRouter()
+secured = [Depends(require_api_key)]
+
+
+# The two routes below are served by service/hot.py before FastAPI sees the request (a streamed body excepted);
+# declared here for the OpenAPI schema and as that fallback.
+@router.post("/events", response_model=EventsOut, responses={**REFUSALS, 415: {"description": "the body is not declared JSON"}},
+             openapi_extra={"parameters": [API_KEY_PARAM], "requestBody": {
+                 "required": True, "content": {"application/json": {"schema": {"$ref": REF.format(model="EventsIn")}}}}})
+async def post_events(request: Request) -> Response:
+    """Apply events in the order given per user; the write is done before this answers."""
+    h = request.headers
+    raw = await request.body()
+    return Response(await apply_events(request.app.state, h.get("x-api-key"), h.get("content-type"), raw), media_type="application/json")
+
+
+@router.get("/recommend/{user_id}", response_model=RecommendOut, responses=REFUSALS,
+            openapi_extra={"parameters": [USER_PARAM, *query_params(), API_KEY_PARAM]})
+async def recommend(request: Request) -> Response:
+    body = await recommendations(request.app.state, request.headers.get("x-api-key"), request.path_params["user_id"], request.query_params)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/users/{user_id}", dependencies=secured)

@@ -20,6 +20,7 @@ from service.api import router, schemas
 from service.batcher import Batcher
 from service.engine import Conflict, Engine
 from service.metrics import ERRORS, MODEL_INFO
+from service.hot import HotRoutes
 from service.middleware import BodyLimit, Timing
 from service.settings import Settings, setting_problems
 from service.cache import RecordCache
@@ -116,7 +117,8 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
         return JSONResponse({"detail": "internal error", "error": "internal"}, 500)
 
     app.add_middleware(Timing, own_pages=frozenset(p for p in (app.docs_url, app.openapi_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p))
-    app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # outermost: refuse before anything reads
+    app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # refuse before anything reads
+    app.add_middleware(HotRoutes, api=app, body_limit=s.max_body_bytes)  # outermost: the hot routes skip the stack
     return app
 
 

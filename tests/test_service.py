@@ -196,7 +196,8 @@ def test_api_key_and_metrics(ckpt_dir: Path, server_factory) -> None:
     latency = "holorec_http_request_duration_seconds"
     first_bucket = (("le", "5e-05"), ("method", "POST"), ("route", "/events"), ("status", "200"))  # buckets start at 50 us
     assert (latency + "_bucket", first_bucket) in metrics(srv.url)
-    for route, status in (("/docs", "200"), ("/openapi.json", "200"), ("unmatched", "404")):
+    for route, status in (("/docs", "200"), ("/openapi.json", "200"), ("unmatched", "404"), ("/recommend/{user_id}", "401"),
+                          ("/recommend/{user_id}", "200"), ("/livez", "200")):  # the hot routes (service/hot.py) too
         assert srv.metric(latency + "_count", route=route, status=status) >= 1, route
     for name, labels in (("holorec_model_step_duration_seconds_count", {}), ("holorec_redis_duration_seconds_count", {}),
                          ("holorec_batch_size_count", {}), ("holorec_events_total", {"outcome": "applied"}),
