@@ -13,6 +13,7 @@ and one with 100,000 take the same bytes.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,8 +39,19 @@ def _tensor_bytes(t: Tensor, codec: str) -> int:
 
 def packed_size(template: State, codec: str = "float32") -> int:
     """Bytes per user for states shaped like `template` (batch size 1 or more)."""
+    return sum(_layout(template, codec))
+
+
+def _layout(template: State, codec: str) -> tuple[int, ...]:
+    """Bytes per user of each of the template's tensors, in sorted-name order (worked out once per shape and codec:
+    unpack runs on every served event)."""
     _check(codec)
-    return sum(_tensor_bytes(template[k], codec) for k in sorted(template))
+    return _layout_of(tuple((k, tuple(template[k].shape[1:]), template[k].dtype) for k in sorted(template)), codec)
+
+
+@functools.lru_cache(maxsize=32)
+def _layout_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: str) -> tuple[int, ...]:
+    return tuple(_tensor_bytes(torch.empty(1, *shape, dtype=dtype), codec) for _, shape, dtype in spec)
 
 
 def pack(state: State, codec: str = "float32") -> list[bytes]:
@@ -71,15 +83,15 @@ def pack(state: State, codec: str = "float32") -> list[bytes]:
 
 def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> State:
     """b blobs -> (b, ...) tensors shaped like `template`'s rows. Raises ValueError on a wrong size."""
-    _check(codec)
-    size = packed_size(template, codec)
+    layout = _layout(template, codec)
+    size = sum(layout)
     for i, blob in enumerate(blobs):
         if len(blob) != size:
             raise ValueError(f"state blob {i} has {len(blob)} bytes, expected {size} for codec {codec}")
     raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), size)  # (b, bytes)
     out: State = {}
     off = 0
-    for k in sorted(template):
+    for k, nbytes in zip(sorted(template), layout):
         t = template[k]
         shape, n = (len(blobs), *t.shape[1:]), t[0].numel()
         if not t.dtype.is_floating_point:
@@ -96,9 +108,9 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
             out[k] = torch.from_numpy(q * scale[..., None]).reshape(shape)
         else:
             dt = "<f4" if codec == "float32" else "<f2"
-            arr = raw[:, off : off + _tensor_bytes(t, codec)].copy().view(dt).astype(np.float32)
+            arr = raw[:, off : off + nbytes].copy().view(dt).astype(np.float32)
             out[k] = torch.from_numpy(arr).reshape(shape)
-        off += _tensor_bytes(t, codec)
+        off += nbytes
     return out
 
 

@@ -117,8 +117,7 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
         return JSONResponse({"detail": "internal error", "error": "internal"}, 500)
 
     app.add_middleware(Timing, own_pages=frozenset(p for p in (app.docs_url, app.openapi_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p))
-    app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # refuse before anything reads
-    app.add_middleware(HotRoutes, api=app, body_limit=s.max_body_bytes)  # outermost: the hot routes skip the stack
+    app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # outermost: refuse before anything reads
     return app
 
 
@@ -129,9 +128,10 @@ def _plain(error: dict) -> str:
     return error.get("msg", "")
 
 
-def app_from_env() -> FastAPI:
-    """uvicorn factory: settings from HOLOREC_* environment variables. A bad setting or checkpoint (missing,
-    tampered, corrupt) ends the process with one clear line and exit status 3, never a traceback."""
+def app_from_env() -> HotRoutes:
+    """uvicorn factory: the app behind its hot routes (service/hot.py), settings from HOLOREC_* environment variables.
+    A bad setting or checkpoint (missing, tampered, corrupt) ends the process with one clear line and exit status 3,
+    never a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings()
@@ -142,4 +142,4 @@ def app_from_env() -> FastAPI:
     except ValidationError as e:
         log.critical("holorec cannot start: bad settings: %s", "; ".join(setting_problems(e)))
         sys.exit(3)
-    return create_app(settings, ckpt)
+    return HotRoutes(create_app(settings, ckpt))

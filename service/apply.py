@@ -71,7 +71,8 @@ class Applier:
             if not pending:                  # and every round some writer of each contended user wins, so it ends
                 break
             pending = self._apply_once(pending, by_user, results)
-            CAS_CONFLICTS.inc(len(pending))
+            if pending:  # a metric update is a locked write to a shared file with several workers: none for nothing
+                CAS_CONFLICTS.inc(len(pending))
         if pending:
             raise Conflict(f"{len(pending)} users still conflicting after {self.s.cas_retries} attempts")
         return results
@@ -123,8 +124,9 @@ class Applier:
                 else:
                     results[req].duplicate += 1
                     n_duplicate += 1
-        EVENTS.labels("applied").inc(n_applied)
-        EVENTS.labels("duplicate").inc(n_duplicate)
+        for outcome, n in (("applied", n_applied), ("duplicate", n_duplicate)):
+            if n:
+                EVENTS.labels(outcome).inc(n)
         self.records.count_users(created)
         return failed
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from fastapi import FastAPI, Request
 from starlette.datastructures import QueryParams
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from service.api import apply_events, recommendations
 from service.metrics import HTTP_LATENCY
@@ -33,8 +33,10 @@ def header(scope: Scope, name: bytes) -> str | None:
 
 
 class HotRoutes:
-    def __init__(self, app: ASGIApp, api: FastAPI, body_limit: int) -> None:
-        self.app, self.api, self.body_limit = app, api, body_limit
+    """Wraps the app itself (app_from_env serves HotRoutes(app)), outside even FastAPI's own middleware."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app, self.api, self.body_limit = app, app, app.state.settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("root_path"):
