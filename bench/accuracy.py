@@ -27,10 +27,10 @@ from model.train import hyper, set_threads, train
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
 
-def row_overrides(name: str) -> dict[str, int]:
-    """The integer config fields a table row name sets, each after a colon: `holomamba:ffn_mult=0:d_state=8`
-    (colons, not commas: --models is a comma-separated list of such names)."""
-    return {k: int(v) for k, v in (f.split("=") for f in name.split(":")[1:] if f)}
+def row_overrides(name: str) -> dict[str, int | float]:
+    """The config fields a table row name sets, each after a colon: `holomamba:ffn_mult=0:cl_weight=0.1`
+    (colons, not commas: --models is a comma-separated list of such names); a value with a point is a float."""
+    return {k: float(v) if "." in v else int(v) for k, v in (f.split("=") for f in name.split(":")[1:] if f)}
 
 
 def model_config(name: str, **kw: Any) -> ModelConfig:

@@ -51,6 +51,8 @@ class ModelConfig:
     n_experts: int = 8  # interest experts (dispatcher slots)
     n_memory: int = 1024  # interest memory bank size
     top_k_memory: int = 8  # memory entries retrieved per expert
+    # training (every model)
+    cl_weight: float = 0.0  # weight of a contrastive term between two dropout views of each user vector (SeqRecModel.loss); 0 = off
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,12 +132,23 @@ class SeqRecModel(nn.Module):
         return self.forward(items)[:, -1]
 
     def loss(self, items: Tensor, targets: Tensor) -> Tensor:
-        """Full-softmax cross-entropy over all items at every non-padding position."""
+        """Full-softmax cross-entropy over all items at every non-padding position.
+
+        With config.cl_weight > 0 (training only), plus that weight times a contrastive term (InfoNCE, dot product,
+        temperature 1), as DuoRec's model-level augmentation (Qiu et al., WSDM 2022): the same rows run through
+        the encoder a second time with other dropout masks, and each user's last-position vector must pick out
+        its own second view among the batch's. A regulariser for sparse logs; serving is unchanged."""
         h = self.forward(items)  # (b, l, d)
         mask = targets > 0  # (b, l)
         logits = h[mask] @ self.item_table().T  # (n, v)
         logits[:, 0] = float("-inf")  # never predict padding
-        return F.cross_entropy(logits, targets[mask])
+        loss = F.cross_entropy(logits, targets[mask])
+        if self.training and self.config.cl_weight > 0:
+            u, v = h[:, -1], self.forward(items)[:, -1]  # (b, d) each: the last position is every row's latest item
+            sim = u @ v.T  # (b, b)
+            labels = torch.arange(len(u), device=u.device)
+            loss = loss + self.config.cl_weight * (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
+        return loss
 
     def forward_state(self, items: Tensor) -> tuple[Tensor, State]:  # (b, l) left-padded -> (b, d), state
         """The user vector and state `step` reaches from `init_state` over each row's items (warming users from a

@@ -72,6 +72,23 @@ def test_shapes_and_tied_scores() -> None:
     assert torch.isfinite(loss)
 
 
+def test_contrastive_term_adds_to_the_training_loss_only() -> None:
+    """cl_weight > 0: in training, the cross-entropy plus the weighted two-view term; in eval mode the plain
+    cross-entropy, so evaluation and serving never see it."""
+    items, targets = left_padded(6, 10, 40), torch.randint(1, 41, (6, 10), generator=torch.Generator().manual_seed(2))
+    plain, cl = make_model(dropout=0.3), make_model(dropout=0.3, cl_weight=0.5)  # same seed: same weights
+    with torch.no_grad():
+        assert torch.equal(plain.loss(items, targets), cl.loss(items, targets))
+    plain.train(), cl.train()
+    torch.manual_seed(3)
+    ce = plain.loss(items, targets)
+    torch.manual_seed(3)  # the same dropout masks for the first view
+    both = cl.loss(items, targets)
+    assert both.item() > ce.item() + 0.1  # InfoNCE over 6 rows is ~log 6 at the start
+    both.backward()
+    assert all(p.grad is not None for p in cl.layers.parameters() if p.requires_grad)
+
+
 def test_hrr_unbind_recovers_and_degrades_with_bundling() -> None:
     torch.manual_seed(0)
     d, trials = 64, 200

@@ -166,6 +166,10 @@ def test_bench_helpers() -> None:
 
     row = one("holomamba", 8, 32, 1, "cpu", 16)
     assert row["batch"] == 4 and row["positions_per_step"] == 32
+    from bench.accuracy import model_config
+
+    cfg = model_config("holomamba:cl_weight=0.1:d_state=8", d_model=16)
+    assert (cfg.cl_weight, cfg.d_state, cfg.d_model) == (0.1, 8, 16) and isinstance(cfg.d_state, int)
 
 
 def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
