@@ -1,8 +1,15 @@
-import glob, re, statistics as st
-rows = {}
-for f in sorted(glob.glob("*.log")):
-    ds, model, seed = re.match(r"(.+?)_(.+)_seed(\d)\.log", f).groups()
-    text = open(f).read()
+"""One line per (dataset, model) from a folder of `bench accuracy` logs named <dataset>_<model>_seed<N>.log (as
+bench/accuracy_all.sh writes them): test NDCG@10 over the finished seeds, and the best validation NDCG@10 of runs cut
+off before they finished. `python3 bench/summarise_logs.py bench/results/gpu-2026-12-01`."""
+import re
+import statistics as st
+import sys
+from pathlib import Path
+
+rows: dict = {}
+for f in sorted(Path(sys.argv[1] if len(sys.argv) > 1 else ".").glob("*.log")):
+    ds, model, seed = re.match(r"(.+?)_(.+)_seed(\d)\.log", f.name).groups()
+    text = f.read_text()
     m = re.search(r"test NDCG@10 ([\d.]+) HR@10 ([\d.]+) \(valid ([\d.]+); best epoch (\d+)/(\d+), (\d+) s\)", text)
     vals = [float(v) for v in re.findall(r"^epoch \d+:.* NDCG@10=([\d.]+)", text, re.M)]
     rows.setdefault((ds, model), []).append((int(seed), m.groups() if m else None, vals))
