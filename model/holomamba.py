@@ -75,13 +75,17 @@ class HoloMambaRec(SeqRecModel):
             return super().embed(items)
         return self.encoder.encode(self.encoder.item(items), self.item_attrs[items])
 
-    def forward(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
+    def forward(self, items: Tensor, state: State | None = None) -> Tensor:  # (b, l) -> (b, l, d)
+        """`state`: the state after the items before these (forward_state), carried in as a constant; rows with a
+        non-zero state must have no left padding (burn-in training gives those rows full windows)."""
         if self.g > 1:
+            if state is not None:
+                raise ValueError("a carried state is not supported with temporal bundling")
             return self._forward_bundled(items)
         mask = items > 0  # (b, l)
         x = self.drop(self.embed(items))  # (b, l, d)
-        for layer, ffn in zip(self.layers, self.ffns):
-            x = ffn(layer(x, mask))  # (b, l, d)
+        for i, (layer, ffn) in enumerate(zip(self.layers, self.ffns)):
+            x = ffn(layer(x, mask, None if state is None else (state[f"conv{i}"], state[f"ssm{i}"])))  # (b, l, d)
         return self.norm(x)
 
     def init_state(self, batch_size: int) -> State:

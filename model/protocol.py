@@ -53,6 +53,7 @@ class ModelConfig:
     top_k_memory: int = 8  # memory entries retrieved per expert
     # training (every model)
     cl_weight: float = 0.0  # weight of a contrastive term between two dropout views of each user vector (SeqRecModel.loss); 0 = off
+    burn_in: int = 0  # holomamba: train each window from the state after up to this many earlier items (model/train.py); 0 = off
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,20 +132,22 @@ class SeqRecModel(nn.Module):
     def user_vector(self, items: Tensor) -> Tensor:  # (b, l) left-padded -> (b, d)
         return self.forward(items)[:, -1]
 
-    def loss(self, items: Tensor, targets: Tensor) -> Tensor:
+    def loss(self, items: Tensor, targets: Tensor, state: State | None = None) -> Tensor:
         """Full-softmax cross-entropy over all items at every non-padding position.
 
         With config.cl_weight > 0 (training only), plus that weight times a contrastive term (InfoNCE, dot product,
         temperature 1), as DuoRec's model-level augmentation (Qiu et al., WSDM 2022): the same rows run through
         the encoder a second time with other dropout masks, and each user's last-position vector must pick out
-        its own second view among the batch's. A regulariser for sparse logs; serving is unchanged."""
-        h = self.forward(items)  # (b, l, d)
+        its own second view among the batch's. A regulariser for sparse logs; serving is unchanged.
+        `state`: carried in from the items before these (burn-in training, recurrent models only)."""
+        run = (lambda: self.forward(items)) if state is None else (lambda: self.forward(items, state))  # type: ignore[call-arg]
+        h = run()  # (b, l, d)
         mask = targets > 0  # (b, l)
         logits = h[mask] @ self.item_table().T  # (n, v)
         logits[:, 0] = float("-inf")  # never predict padding
         loss = F.cross_entropy(logits, targets[mask])
         if self.training and self.config.cl_weight > 0:
-            u, v = h[:, -1], self.forward(items)[:, -1]  # (b, d) each: the last position is every row's latest item
+            u, v = h[:, -1], run()[:, -1]  # (b, d) each: the last position is every row's latest item
             sim = u @ v.T  # (b, b)
             labels = torch.arange(len(u), device=u.device)
             loss = loss + self.config.cl_weight * (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2

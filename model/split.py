@@ -18,13 +18,14 @@ class Split:
     Training rows: each user's training sequence s (all but the last two items) gives one row,
     inputs s[:-1] and targets s[1:], cut to the most recent max_len and left-padded with 0: one
     row covers every training position inside the window (SASRec's protocol; older positions of
-    users with more than max_len + 1 training items are not trained on).
+    users with more than max_len + 1 training items are not trained on; `prefixes` holds them, for burn-in).
     Evaluation: full histories (models see the last max_len items; exclude_seen uses them all).
     """
 
     max_len: int
     inputs: Tensor  # (u_train, l) left-padded
     targets: Tensor  # (u_train, l) left-padded, inputs shifted by one
+    prefixes: list[list[int]]  # per training row, the inputs before its window (empty for most users)
     valid_histories: list[list[int]]  # s[:-2]
     valid_targets: list[int]  # s[-2]
     test_histories: list[list[int]]  # s[:-1] (includes the validation item)
@@ -61,4 +62,5 @@ def split(ds: Dataset, max_len: int) -> Split:
             vt.append(seq[-2])
             th.append(seq[:-1])
             tt.append(seq[-1])
-    return Split(max_len, left_pad(rows_in, max_len), left_pad(rows_out, max_len), vh, vt, th, tt)
+    prefixes = [r[:-max_len] for r in rows_in]
+    return Split(max_len, left_pad(rows_in, max_len), left_pad(rows_out, max_len), prefixes, vh, vt, th, tt)

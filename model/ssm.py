@@ -123,16 +123,20 @@ class _SelectiveScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None) -> Tensor:  # type: ignore[override]
         l = dt.shape[1]
         dtc, xc, Bc, Cc = _chunk(dt), _chunk(dt * u), _chunk(B), _chunk(C)  # (b, c, T, e) and (b, c, T, n)
-        h_in = _chunk_inputs(dtc, xc, Bc, A)  # (b, c, e, n): true state entering each chunk
+        h_in = _chunk_inputs(dtc, xc, Bc, A)  # (b, c, e, n): true state entering each chunk, from zero
+        if h0 is not None:  # a carried state (constant: no gradient) decays into every chunk's entering state
+            decay = torch.exp(dtc.sum(2)[..., None] * A)  # (b, c, e, n)
+            h_in = h_in + torch.cat([torch.ones_like(decay[:, :1]), decay[:, :-1]], 1).cumprod(1) * h0[:, None]
         _, y = _within_chunks(dtc, xc, Bc, A, h_in, Cc)  # (b, c, T, e)
         ctx.save_for_backward(dt, u, A, B, C, h_in)
         return _unchunk(y, l)
 
     @staticmethod
-    def backward(ctx, gy: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx, gy: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, None]:  # type: ignore[override]
+        """Given the true states (h_in includes a carried h0), the recurrence's gradients are the same formulas."""
         dt, u, A, B, C, h_in = ctx.saved_tensors
         l = dt.shape[1]
         dtc, uc, Bc, Cc, gyc = _chunk(dt), _chunk(u), _chunk(B), _chunk(C), _chunk(gy)
@@ -166,7 +170,7 @@ class _SelectiveScan(torch.autograd.Function):
             gh = a[t] * gh
         g_dt = g_dt + g_x * uc
         g_u = g_x * dtc
-        return _unchunk(g_dt, l), _unchunk(g_u, l), gA, _unchunk(g_B, l), _unchunk(g_C, l)
+        return _unchunk(g_dt, l), _unchunk(g_u, l), gA, _unchunk(g_B, l), _unchunk(g_C, l), None
 
 
 def _chunk(x: Tensor) -> Tensor:  # (b, l, f) -> (b, c, T, f), zeros in front up to a multiple of T
@@ -203,9 +207,10 @@ def _chunk_inputs(dtc: Tensor, xc: Tensor, Bc: Tensor, A: Tensor) -> Tensor:  # 
     return torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)
 
 
-def selective_scan(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """(b, l, e) step sizes, (b, l, e) inputs, (e, n), (b, l, n), (b, l, n) -> y (b, l, e) without the D skip."""
-    return _SelectiveScan.apply(dt, u, A, B, C)
+def selective_scan(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None = None) -> Tensor:
+    """(b, l, e) step sizes, (b, l, e) inputs, (e, n), (b, l, n), (b, l, n) -> y (b, l, e) without the D skip;
+    h0 (b, e, n): the state before the first position (zero when None), treated as a constant."""
+    return _SelectiveScan.apply(dt, u, A, B, C, None if h0 is None else h0.detach())
 
 
 def selective_scan_state(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
@@ -241,20 +246,25 @@ class SelectiveSSM(nn.Module):
         dt, B, C = self.x_proj(u).split([self.r, self.n, self.n], dim=-1)
         return F.softplus(self.dt_proj(dt)), B, C
 
-    def _inputs(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(b, l, d), (b, l) -> the conv's padded input (b, e, k-1+l), u, z, dt (b, l, e), B, C (b, l, n)."""
+    def _inputs(self, x: Tensor, mask: Tensor, conv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(b, l, d), (b, l), the conv state before the first position (b, e, k-1) or None for zeros ->
+        the conv's padded input (b, e, k-1+l), u, z, dt (b, l, e), B, C (b, l, n)."""
         l = x.shape[1]
         u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # (b, l, e) each
         u = u * mask[..., None]  # padding feeds zeros to the conv window, as init_state does
-        padded = F.pad(u.transpose(1, 2), (self.k - 1, 0))  # (b, e, k-1+l)
+        before = conv.detach() if conv is not None else u.new_zeros(u.shape[0], self.e, self.k - 1)
+        padded = torch.cat([before, u.transpose(1, 2)], dim=-1)  # (b, e, k-1+l)
         u = F.silu(self.conv(padded)[..., :l].transpose(1, 2))  # (b, l, e)
         dt, B, C = self._select(u)  # (b, l, e), (b, l, n), (b, l, n)
         dt = dt * mask[..., None]  # dt = 0 on padding: exp(0) = 1 and no input, state stays 0
         return padded, u, z, dt, B, C
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # (b, l, d), (b, l) bool -> (b, l, d)
-        _, u, z, dt, B, C = self._inputs(x, mask)
-        y = selective_scan(dt, u, -torch.exp(self.A_log), B, C) + self.D * u  # (b, l, e)
+    def forward(self, x: Tensor, mask: Tensor, state: tuple[Tensor, Tensor] | None = None) -> Tensor:  # (b, l, d), (b, l) bool -> (b, l, d)
+        """`state`: (conv, h) as `step` holds them, carried in from earlier positions (a constant, as truncated
+        backpropagation through time treats it); left padding must not follow a non-zero state."""
+        conv, h0 = state if state is not None else (None, None)
+        _, u, z, dt, B, C = self._inputs(x, mask, conv)
+        y = selective_scan(dt, u, -torch.exp(self.A_log), B, C, h0) + self.D * u  # (b, l, e)
         return x + self.drop(self.out_proj(y * F.silu(z)))  # (b, l, d)
 
     def forward_state(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -34,9 +34,9 @@ from tqdm import tqdm
 from model import build_model
 from model.checkpoint import Checkpoint, save
 from model.data import Dataset
-from model.split import split
+from model.split import left_pad, split
 from model.evaluate import evaluate, evaluate_popularity, format_metrics
-from model.protocol import ModelConfig
+from model.protocol import ModelConfig, State
 
 # Dropout by dataset kind: dense MovieLens-like logs (and synthetic) 0.2; sparse ones, where a
 # user has a handful of items (Amazon Beauty in S3-Rec format, and generic tables, which are most
@@ -95,6 +95,8 @@ def train(
     shuffle = torch.Generator().manual_seed(seed)
     sp = split(ds, config.max_len)
     config = replace(config, n_items=ds.n_items, n_attrs=ds.n_attrs, max_attrs=ds.max_attrs)
+    if config.burn_in and (config.model != "holomamba" or config.bundle > 1):
+        raise ValueError("burn_in needs a carried state: HoloMambaRec without bundling")
     model = build_model(config, ds.item_attr_tensor()).to(device)
     opt = optimizer(model, lr)
     valid_h, valid_t = sp.eval_set("valid")
@@ -120,7 +122,7 @@ def train(
         for s, rows in enumerate(bar):
             width = int(lengths[rows].max())  # left padding beyond the longest row changes no output: cut it
             x, y = sp.inputs[rows, -width:].to(device), sp.targets[rows, -width:].to(device)  # (b, width) each
-            loss = model.loss(x, y)
+            loss = model.loss(x, y, burn_in(model, sp.prefixes, rows, config.burn_in, device))
             if not torch.isfinite(loss):  # diverged: keep the best weights so far and say so
                 stopped = f"non-finite loss ({loss.item()}) at epoch {epoch}, step {s + 1}"
                 break
@@ -175,6 +177,22 @@ def train(
     if out is not None:
         save(ckpt, out)
     return ckpt, report
+
+
+def burn_in(model: torch.nn.Module, prefixes: list[list[int]], rows: Tensor, limit: int, device: str) -> State | None:
+    """The state each row's window starts from: after its last `limit` earlier items, in eval mode and without
+    gradients, as serving would hold it. Serving folds a whole history into the state while a window alone trains
+    only from the empty state, and beyond the window the two drift apart (bench/results/cpu-2026-12-01); this trains
+    the model on the states it is served from. None when off or when no row of the batch has earlier items."""
+    pre = [prefixes[r][-limit:] for r in rows.tolist()] if limit else []
+    width = max(map(len, pre), default=0)
+    if width == 0:
+        return None
+    model.eval()
+    with torch.no_grad():
+        _, state = model.forward_state(left_pad(pre, width).to(device))
+    model.train()
+    return state
 
 
 def length_buckets(lengths: Tensor, batch_size: int, g: torch.Generator, pool: int = 50) -> list[Tensor]:

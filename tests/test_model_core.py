@@ -187,3 +187,27 @@ def test_selective_scan_values_and_gradients_match_the_loop(length: int) -> None
     (y_slow * gy).sum().backward()
     for name, x, z in zip(["dt", "u", "A", "B", "C"], fast, slow):
         assert torch.allclose(x.grad, z.grad, atol=1e-10), name
+
+
+@pytest.mark.parametrize("first,second", [(5, 7), (20, 40), (50, 17)])
+def test_a_carried_state_continues_the_sequence(first: int, second: int) -> None:
+    """forward over the second part from the state after the first (conv window and h, as `step` holds them) gives
+    what forward over the whole gives there, and the same gradients for the second part's inputs: what burn-in
+    training (config.burn_in) relies on. The state is a constant, as in truncated backpropagation through time."""
+    from model.ssm import SelectiveSSM
+
+    torch.manual_seed(0)
+    block = SelectiveSSM(16, d_state=4).double()
+    x = torch.randn(2, first + second, 16, dtype=torch.float64)
+    mask = torch.ones(2, first + second, dtype=torch.bool)
+    whole = x.clone().requires_grad_()
+    y_whole = block(whole, mask)[:, first:]
+    with torch.no_grad():
+        _, conv, h = block.forward_state(x[:, :first], mask[:, :first])
+    part = x[:, first:].clone().requires_grad_()
+    y_part = block(part, mask[:, first:], (conv, h))
+    assert torch.allclose(y_part, y_whole, atol=1e-9)
+    gy = torch.randn(y_part.shape, dtype=torch.float64)
+    (y_part * gy).sum().backward()
+    (y_whole * gy).sum().backward()
+    assert torch.allclose(part.grad, whole.grad[:, first:], atol=1e-9)

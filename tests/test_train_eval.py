@@ -268,3 +268,29 @@ def test_a_checkpoint_written_before_the_feed_forward_sublayer_still_loads(tmp_p
     assert loaded.model.config.ffn_mult == 0
     x = torch.tensor([[1, 2, 3]])
     assert torch.equal(loaded.model(x), old(x))
+
+
+def test_burn_in_starts_each_window_from_the_served_state() -> None:
+    """With config.burn_in, a training row whose user has earlier items starts from the state after them: in eval
+    mode the window from that state gives what the whole history gives at the window's positions, i.e. what serving
+    computes; training with it runs and learns."""
+    from model import build_model
+    from model.train import burn_in
+
+    ds = synthetic(n_users=60, n_items=50, seq_len=(12, 30))
+    sp = split(ds, 6)
+    cfg = ModelConfig(n_items=ds.n_items, n_attrs=ds.n_attrs, max_attrs=ds.max_attrs, d_model=16, max_len=6, burn_in=1000)
+    model = build_model(cfg, ds.item_attr_tensor()).eval()
+    rows = torch.tensor([r for r, p in enumerate(sp.prefixes) if p][:8])
+    assert len(rows) == 8 and burn_in(model, sp.prefixes, torch.tensor([]), 1000, "cpu") is None
+    state = burn_in(model, sp.prefixes, rows, 1000, "cpu")
+    model.eval()  # burn_in leaves the model in training mode, as the training loop needs
+    with torch.no_grad():
+        windowed = model(sp.inputs[rows], state)[:, -1]
+        for i, r in enumerate(rows.tolist()):
+            whole = torch.tensor([sp.prefixes[r] + sp.inputs[r].tolist()])
+            assert torch.allclose(windowed[i], model(whole)[0, -1], atol=1e-4), r
+    _, report = train(ds, cfg, epochs=2, seed=0, progress=False)
+    assert report["history"][2]["loss"] < report["history"][1]["loss"] and report["test"]["NDCG@10"] > 0
+    with pytest.raises(ValueError, match="burn_in"):
+        train(ds, ModelConfig(model="sasrec", max_len=6, burn_in=10), epochs=1, progress=False)
