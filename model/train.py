@@ -105,8 +105,8 @@ def train(
     if n_rows == 0:
         raise ValueError(f"{ds.name}: no user has two training items; nothing to train on")
 
-    def validate() -> dict[str, float]:
-        return evaluate(model, valid_h, valid_t, device=device) if valid_t else {"NDCG@10": 0.0}
+    def validate() -> dict[str, float]:  # a burned-in model is chosen on what it is trained for: the whole history's state
+        return evaluate(model, valid_h, valid_t, device=device, full_history=config.burn_in > 0) if valid_t else {"NDCG@10": 0.0}
 
     best = validate()  # the untrained model is the bar to beat
     history: list[dict[str, Any]] = [{"epoch": 0, "valid": best}]
