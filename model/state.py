@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,78 +40,111 @@ def _tensor_bytes(t: Tensor, codec: str) -> int:
 
 def packed_size(template: State, codec: str = "float32") -> int:
     """Bytes per user for states shaped like `template` (batch size 1 or more)."""
-    return sum(_layout(template, codec))
+    return _plan(template, codec).size
 
 
-def _layout(template: State, codec: str) -> tuple[int, ...]:
-    """Bytes per user of each of the template's tensors, in sorted-name order (worked out once per shape and codec:
-    unpack runs on every served event)."""
+VALUE = {"float32": "<f4", "float16": "<f2", "int8": "i1", "int8-rows": "i1"}  # codec -> how a float value is stored
+SCALE = {"int8": "<f4", "int8-rows": "<f2"}  # codec -> how a segment's scale is stored
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every byte of a user's blob goes, worked out once per state shape and codec. pack and unpack run on
+    every served event: one vectorised pass over all the float tensors at once costs a third less than a pass
+    per tensor at batch 1. The bytes are the layout above (tests/test_model_core.py pins them)."""
+    size: int  # bytes per user
+    floats: tuple[tuple[str, tuple[int, ...], int, int, int, int], ...]  # (name, shape, start, end in the (b, S) float
+    #   concat, its scales' first byte in the blob, its values' first byte)
+    ints: tuple[tuple[str, tuple[int, ...], torch.dtype, int, int], ...]  # (name, shape, dtype, first byte, n)
+    scale_bytes: int  # per user, all float tensors together
+    starts: np.ndarray  # (segments,) each scaled segment's first value in the concat (int8: a tensor; int8-rows: a row)
+    lengths: np.ndarray  # (segments,) its values
+
+
+def _plan(template: State, codec: str) -> Plan:
     _check(codec)
-    return _layout_of(tuple((k, tuple(template[k].shape[1:]), template[k].dtype) for k in sorted(template)), codec)
+    return _plan_of(tuple((k, tuple(template[k].shape[1:]), template[k].dtype) for k in sorted(template)), codec)
 
 
 @functools.lru_cache(maxsize=32)
-def _layout_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: str) -> tuple[int, ...]:
-    return tuple(_tensor_bytes(torch.empty(1, *shape, dtype=dtype), codec) for _, shape, dtype in spec)
+def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: str) -> Plan:
+    floats, ints, starts, lengths = [], [], [], []
+    off = cat = 0  # byte offset in the blob; value offset in the float concat
+    for name, shape, dtype in spec:
+        t = torch.empty(1, *shape, dtype=dtype)
+        n, nbytes = t[0].numel(), _tensor_bytes(t, codec)
+        if not dtype.is_floating_point:
+            ints.append((name, shape, dtype, off, n))
+        else:
+            segs = 0 if codec not in SCALE else 1 if codec == "int8" else _rows(t)
+            starts.extend(cat + i * (n // segs) for i in range(segs))
+            lengths.extend([n // max(segs, 1)] * segs)
+            floats.append((name, shape, cat, cat + n, off, off + segs * _width(SCALE.get(codec))))
+            cat += n
+        off += nbytes
+    scale_bytes = len(starts) * _width(SCALE.get(codec))
+    return Plan(off, tuple(floats), tuple(ints), scale_bytes, np.array(starts, np.int64), np.array(lengths, np.int64))
+
+
+def _width(dtype: str | None) -> int:
+    return 0 if dtype is None else np.dtype(dtype).itemsize
 
 
 def pack(state: State, codec: str = "float32") -> list[bytes]:
     """(b, ...) tensors -> b blobs."""
-    _check(codec)
-    parts: list[np.ndarray] = []  # each (b, bytes) uint8
-    for k in sorted(state):
-        t = state[k].detach().cpu()
-        flat = t.reshape(t.shape[0], -1)  # (b, s)
-        if not t.dtype.is_floating_point:
-            parts.append(flat.to(torch.int32).numpy().astype("<i4").view(np.uint8))
-        elif codec == "int8":
-            x = flat.float().numpy()
-            scale = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-30) / 127.0  # (b, 1)
-            q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
-            parts.append(scale.astype("<f4").view(np.uint8))
-            parts.append(q.view(np.uint8))
-        elif codec == "int8-rows":
-            x = flat.float().numpy().reshape(t.shape[0], _rows(t), -1)  # (b, r, s / r)
-            scale = (np.clip(np.abs(x).max(axis=2), 2.0**-14, 6e4) / 127.0).astype("<f2")  # (b, r), within float16's range
-            q = np.clip(np.rint(x / scale[..., None].astype(np.float32)), -127, 127).astype(np.int8)
-            parts.append(scale.view(np.uint8))
-            parts.append(q.reshape(t.shape[0], -1).view(np.uint8))
+    plan = _plan(state, codec)
+    b = next(iter(state.values())).shape[0]
+    out = np.empty((b, plan.size), np.uint8)
+    for name, _, _, at, n in plan.ints:
+        out[:, at : at + 4 * n] = state[name].detach().cpu().reshape(b, n).to(torch.int32).numpy().astype("<i4").view(np.uint8)
+    if plan.floats:
+        x = torch.cat([state[f[0]].detach().reshape(b, -1).float() for f in plan.floats], 1).cpu().numpy()  # (b, S)
+        scales = np.zeros((b, 0), np.uint8)  # (b, scale_bytes)
+        if codec in SCALE:
+            peak = np.maximum.reduceat(np.abs(x), plan.starts, axis=1)  # (b, segments)
+            if codec == "int8":
+                scale = np.maximum(peak, 1e-30) / 127.0
+                div = scale
+            else:  # within float16's range
+                scale = (np.clip(peak, 2.0**-14, 6e4) / 127.0).astype("<f2")
+                div = scale.astype(np.float32)
+            q = np.rint(x / np.repeat(div, plan.lengths, axis=1))
+            np.clip(q, -127, 127, out=q)
+            values, scales = q.astype(np.int8).view(np.uint8), scale.astype(SCALE[codec]).view(np.uint8)
         else:
-            parts.append(flat.numpy().astype("<f4" if codec == "float32" else "<f2").view(np.uint8))
-    rows = np.concatenate(parts, axis=1)  # (b, bytes)
-    return [r.tobytes() for r in rows]
+            values = x.astype(VALUE[codec]).view(np.uint8)  # (b, S * value bytes)
+        w, s = _width(VALUE[codec]), 0
+        for _, _, start, end, scale_at, value_at in plan.floats:
+            out[:, scale_at:value_at] = scales[:, s : s + value_at - scale_at]
+            out[:, value_at : value_at + w * (end - start)] = values[:, w * start : w * end]
+            s += value_at - scale_at
+    return [r.tobytes() for r in out]
 
 
 def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> State:
     """b blobs -> (b, ...) tensors shaped like `template`'s rows. Raises ValueError on a wrong size."""
-    layout = _layout(template, codec)
-    size = sum(layout)
+    plan = _plan(template, codec)
     for i, blob in enumerate(blobs):
-        if len(blob) != size:
-            raise ValueError(f"state blob {i} has {len(blob)} bytes, expected {size} for codec {codec}")
-    raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), size)  # (b, bytes)
+        if len(blob) != plan.size:
+            raise ValueError(f"state blob {i} has {len(blob)} bytes, expected {plan.size} for codec {codec}")
+    b = len(blobs)
+    raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(b, plan.size)  # (b, bytes)
     out: State = {}
-    off = 0
-    for k, nbytes in zip(sorted(template), layout):
-        t = template[k]
-        shape, n = (len(blobs), *t.shape[1:]), t[0].numel()
-        if not t.dtype.is_floating_point:
-            arr = raw[:, off : off + 4 * n].copy().view("<i4")
-            out[k] = torch.from_numpy(arr.astype(np.int64)).reshape(shape).to(t.dtype)
-        elif codec == "int8":
-            scale = raw[:, off : off + 4].copy().view("<f4")  # (b, 1)
-            q = raw[:, off + 4 : off + 4 + n].copy().view(np.int8).astype(np.float32)
-            out[k] = torch.from_numpy(q * scale).reshape(shape)
-        elif codec == "int8-rows":
-            r = _rows(t)
-            scale = raw[:, off : off + 2 * r].copy().view("<f2").astype(np.float32)  # (b, r)
-            q = raw[:, off + 2 * r : off + 2 * r + n].copy().view(np.int8).astype(np.float32).reshape(len(blobs), r, -1)
-            out[k] = torch.from_numpy(q * scale[..., None]).reshape(shape)
-        else:
-            dt = "<f4" if codec == "float32" else "<f2"
-            arr = raw[:, off : off + nbytes].copy().view(dt).astype(np.float32)
-            out[k] = torch.from_numpy(arr).reshape(shape)
-        off += nbytes
+    for name, shape, dtype, at, n in plan.ints:
+        out[name] = torch.from_numpy(raw[:, at : at + 4 * n].copy().view("<i4").astype(np.int64)).reshape(b, *shape).to(dtype)
+    if plan.floats:
+        w, s = _width(VALUE[codec]), 0
+        values, scales = np.empty((b, w * plan.floats[-1][3]), np.uint8), np.empty((b, plan.scale_bytes), np.uint8)
+        for _, _, start, end, scale_at, value_at in plan.floats:
+            scales[:, s : s + value_at - scale_at] = raw[:, scale_at:value_at]
+            values[:, w * start : w * end] = raw[:, value_at : value_at + w * (end - start)]
+            s += value_at - scale_at
+        x = values.view(VALUE[codec]).astype(np.float32)  # (b, S)
+        if codec in SCALE:
+            x *= np.repeat(scales.view(SCALE[codec]).astype(np.float32), plan.lengths, axis=1)
+        flat = torch.from_numpy(x)
+        for name, shape, start, end, _, _ in plan.floats:
+            out[name] = flat[:, start:end].reshape(b, *shape)
     return out
 
 

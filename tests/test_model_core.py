@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,32 @@ def test_int8_rows_keeps_each_channels_precision() -> None:
         assert (rel.max().item() > 0.5) == (codec == "int8") and rel.max().item() <= (1.0 if codec == "int8" else worst)
     assert packed_size(template, "int8-rows") == 6 * 2 + 6 * 16
 
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_packed_bytes_are_the_documented_layout(codec: str) -> None:
+    """Stored records outlive the code: the blob is built here by hand from model/state.py's layout (tensors in
+    sorted-name order; integers int32; float values in the codec, int8 after a float32 scale per tensor, int8-rows
+    after a float16 scale per channel) and must equal what pack writes, for two users at once."""
+    state = {"b_ints": torch.tensor([[7, -2, 300], [0, 1, 2]]), "a": torch.randn(2, 3, 4) * torch.tensor([1e-3, 1.0, 50.0])[:, None],
+             "c": torch.randn(2, 5)}
+    want: list[bytes] = []
+    for u in range(2):
+        parts = []
+        for k in sorted(state):
+            t = state[k][u]
+            if not t.is_floating_point():
+                parts.append(t.numpy().astype("<i4").tobytes())
+            elif codec in ("float32", "float16"):
+                parts.append(t.numpy().astype("<f4" if codec == "float32" else "<f2").tobytes())
+            else:  # int8: the whole tensor is one row; int8-rows: a row per channel
+                rows = t.reshape(1, -1).numpy() if codec == "int8" or t.dim() < 2 else t.reshape(t.shape[0], -1).numpy()
+                peaks = np.abs(rows).max(axis=1)
+                scales = (np.maximum(peaks, 1e-30) / np.float32(127)).astype("<f4") if codec == "int8" else \
+                    (np.clip(peaks, 2.0**-14, 6e4) / np.float32(127)).astype("<f2")
+                q = np.clip(np.rint(rows / scales.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
+                parts += [scales.tobytes(), q.tobytes()]
+        want.append(b"".join(parts))
+    assert pack(state, codec) == want
 
 def test_checkpoint_round_trip_identical_scores(tmp_path) -> None:
     m = make_model()
