@@ -14,13 +14,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model.checkpoint import Checkpoint, CheckpointError, load
 from service.api import router, schemas
 from service.batcher import Batcher
 from service.engine import Conflict, Engine
 from service.metrics import ERRORS, MODEL_INFO
-from service.hot import HotRoutes
+from service.hot import CLIENT_GONE, HotRoutes
 from service.middleware import BodyLimit, Timing
 from service.settings import Settings, setting_problems
 from service.cache import RecordCache
@@ -109,6 +110,12 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
     async def conflict(request: Request, exc: Conflict) -> JSONResponse:
         ERRORS.labels("cas_exhausted").inc()
         return JSONResponse({"detail": str(exc), "error": "conflict"}, 503, headers={"Retry-After": str(s.retry_after_s)})
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # the client closed the connection before its body arrived: no one reads this answer, and it is no server
+        # error (it had reached the handler below: an internal error with a traceback, a 500 in the latency metric)
+        return Response(status_code=CLIENT_GONE)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:

@@ -21,6 +21,7 @@ from service.api import apply_events, recommendations
 from service.metrics import HTTP_LATENCY
 
 LIVEZ = b'{"status":"alive"}'
+CLIENT_GONE = 499  # the status nginx logs for a client that closed the connection before the answer
 PREFIX = "/recommend/"
 
 
@@ -53,7 +54,8 @@ class HotRoutes:
         t0, status = time.perf_counter(), 500
         try:
             body = await answer(scope, receive)
-            if body is None:  # the client went away before its body arrived
+            if body is None:  # the client went away before its body arrived: nobody to answer, and not our error
+                status = CLIENT_GONE
                 return
             status = 200
             await send({"type": "http.response.start", "status": 200,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import asyncio
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from bench.harness import ROOT, RedisServer, Service
+from bench.harness import ROOT, RedisServer, Service, wait_for
 from model.checkpoint import CheckpointError, _sha256, _version, load
 from service.app import create_app
 from service.record import HEADER
@@ -149,6 +151,39 @@ def test_bodies(live: Live) -> None:
                      b'{"events": [{"user_id": "d", "item_id": "no-such-item"}]}', b'{"events": [{"user_id": "d", "item_id": "item-2"}]}'):
             hot, full = raw(c, body), c.post("/events", content=iter([body]), headers={"Content-Type": "application/json"})
             assert (hot.status_code, hot.json()) == (full.status_code, full.json()), body
+
+
+def test_a_client_gone_before_its_body_is_a_499_not_a_server_error(live: Live, ckpt_dir: Path) -> None:
+    """A client that closes the connection mid-body (a timeout, a crash) is not the server's error: the latency
+    metric says 499 for it and nothing is counted as an internal error, on the hot route and on FastAPI's."""
+    latency = "holorec_http_request_duration_seconds_count"
+    with socket.create_connection(("127.0.0.1", live.service.port)) as sock:  # the hot route: a declared length
+        sock.sendall(b"POST /events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"events\": [")
+    wait_for("a 499 in the latency metric", lambda: live.metric(latency, route="/events", status="499") >= 1, 30)
+    assert live.metric(latency, route="/events", status="500") == 0 and live.metric("holorec_errors_total", kind="internal") == 0
+
+    from prometheus_client import REGISTRY  # FastAPI's route (what a root_path or a streamed body takes), in process
+
+    app = create_app(Settings(checkpoint=str(ckpt_dir), redis_url=live.redis.url, namespace=NS))
+    sent: list[dict] = []
+    parts = [{"type": "http.request", "body": b'{"events": [', "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict:
+        return parts.pop(0)
+
+    async def send(msg: dict) -> None:
+        sent.append(msg)
+
+    async def go() -> None:
+        async with app.router.lifespan_context(app):
+            await app({"type": "http", "method": "POST", "path": "/events", "raw_path": b"/events", "root_path": "", "query_string": b"",
+                       "headers": [(b"content-type", b"application/json"), (b"content-length", b"500")], "http_version": "1.1",
+                       "scheme": "http", "server": ("t", 80), "client": ("t", 1)}, receive, send)
+
+    internal = REGISTRY.get_sample_value("holorec_errors_total", {"kind": "internal"}) or 0
+    asyncio.run(go())
+    assert sent[0]["status"] == 499
+    assert (REGISTRY.get_sample_value("holorec_errors_total", {"kind": "internal"}) or 0) == internal
 
 
 # --- corrupt records in Redis ----------------------------------------------------------------------------------
