@@ -37,7 +37,7 @@ class HotRoutes:
     """Wraps the app itself (app_from_env serves HotRoutes(app)), outside even FastAPI's own middleware."""
 
     def __init__(self, app: FastAPI) -> None:
-        self.app, self.api, self.body_limit = app, app, app.state.settings.max_body_bytes
+        self.app, self.body_limit = app, app.state.settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("root_path"):
@@ -79,15 +79,15 @@ class HotRoutes:
                 return None
             chunks.append(msg.get("body", b""))
             more = msg.get("more_body", False)
-        return await apply_events(self.api.state, header(scope, b"x-api-key"), header(scope, b"content-type"), b"".join(chunks))
+        return await apply_events(self.app.state, header(scope, b"x-api-key"), header(scope, b"content-type"), b"".join(chunks))
 
     async def _recommend(self, scope: Scope, receive: Receive) -> bytes:
         user_id = scope["path"][len(PREFIX):]
-        return await recommendations(self.api.state, header(scope, b"x-api-key"), user_id, QueryParams(scope["query_string"]))
+        return await recommendations(self.app.state, header(scope, b"x-api-key"), user_id, QueryParams(scope["query_string"]))
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, exc: Exception) -> int:
         """Answer with the app's handler for this exception (the one its routes would get); -> the status sent."""
-        handler = next((h for cls in type(exc).__mro__ if (h := self.api.exception_handlers.get(cls))), None)
+        handler = next((h for cls in type(exc).__mro__ if (h := self.app.exception_handlers.get(cls))), None)
         if handler is None:
             raise exc
         response = await handler(Request(scope, receive), exc)
