@@ -144,7 +144,7 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
             x *= np.repeat(scales.view(SCALE[codec]).astype(np.float32), plan.lengths, axis=1)
         flat = torch.from_numpy(x)
         for name, shape, start, end, _, _ in plan.floats:
-            out[name] = flat[:, start:end].reshape(b, *shape)
+            out[name] = flat[:, start:end].reshape(b, *shape).contiguous()  # a copy only when b > 1
     return out
 
 
