@@ -50,8 +50,8 @@ SCALE = {"int8": "<f4", "int8-rows": "<f2"}  # codec -> how a segment's scale is
 @dataclass(frozen=True)
 class Plan:
     """Where every byte of a user's blob goes, worked out once per state shape and codec. pack and unpack run on
-    every served event: one vectorised pass over all the float tensors at once costs a third less than a pass
-    per tensor at batch 1. The bytes are the layout above (tests/test_model_core.py pins them)."""
+    every served event, so they make one vectorised pass over all the float tensors at once rather than one pass
+    per tensor. The bytes are the layout above (tests/test_model_core.py pins them)."""
     size: int  # bytes per user
     floats: tuple[tuple[str, tuple[int, ...], int, int, int, int], ...]  # (name, shape, start, end in the (b, S) float
     #   concat, its scales' first byte in the blob, its values' first byte)

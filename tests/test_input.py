@@ -3,10 +3,10 @@ in Redis, and checkpoint directories holding more than they should. Against one 
 subprocess) on our own redis-server."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pickle
-import asyncio
 import shutil
 import socket
 import subprocess

@@ -163,6 +163,7 @@ def test_packed_bytes_are_the_documented_layout(codec: str) -> None:
         want.append(b"".join(parts))
     assert pack(state, codec) == want
 
+
 def test_checkpoint_round_trip_identical_scores(tmp_path) -> None:
     m = make_model()
     ckpt = Checkpoint(m, [f"item{i}" for i in range(1, 41)], [f"a{j}" for j in range(1, 7)], [3, 1, 2], {"dataset": "test"})
