@@ -67,18 +67,21 @@ class Applier:
                 else:
                     by_user.setdefault(e.user_id, []).append((r, e, item))
         pending = list(by_user)
-        for _ in range(self.s.cas_retries):  # no sleep between rounds: this thread is the one the next batch waits for,
-            if not pending:                  # and every round some writer of each contended user wins, so it ends
+        for attempt in range(self.s.cas_retries):  # no sleep between rounds: this thread is the one the next batch waits for,
+            if not pending:                            # and every round some writer of each contended user wins, so it ends
                 break
-            pending = self._apply_once(pending, by_user, results)
+            pending = self._apply_once(pending, by_user, results, first=attempt == 0)
             if pending:  # a metric update is a locked write to a shared file with several workers: none for nothing
                 CAS_CONFLICTS.inc(len(pending))
         if pending:
             raise Conflict(f"{len(pending)} users still conflicting after {self.s.cas_retries} attempts")
         return results
 
-    def _apply_once(self, users: list[str], by_user: dict[str, list[tuple[int, Event, int]]], results: list[EventsResult]) -> list[str]:
-        loaded = self.records.read(users)
+    def _apply_once(self, users: list[str], by_user: dict[str, list[tuple[int, Event, int]]], results: list[EventsResult],
+                    first: bool) -> list[str]:
+        """One round: read, step, compare-and-set; -> the users whose record changed meanwhile. The first round reads
+        through the client-side cache, which keeps what this process last wrote; a retry reads Redis itself."""
+        loaded = self.records.read(users, cached=first, ours=first)
         outcomes: list[list[tuple[int, bool]]] = []  # per user: (request, applied?) per event
         seqs: list[list[int]] = []
         for u, r in zip(users, (x.record for x in loaded)):
@@ -109,7 +112,7 @@ class Applier:
             r, expected = x.record, x.revision
             r.state, r.vector, r.updated_at, r.revision = blobs[i], vec[i].numpy(), now, max(expected, 0) + 1
             writes.append((self.records.key(users[i]), expected, self.records.encode(r)))
-        oks = self.store.cas_many(writes, self.s.state_ttl_s)
+        oks = self.store.cas_many(writes, self.s.state_ttl_s, cached=True)
         failed: list[str] = []
         created = n_applied = n_duplicate = 0
         for i, ok in enumerate(oks):

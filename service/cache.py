@@ -11,6 +11,15 @@ A read racing a write cannot leave a stale entry: a key is marked before its val
 it clears the mark, and the fetched value is kept only if the mark survived the reports read after the fetch.
 When the reporting connection fails (Redis restarted, possibly from an older AOF), the whole cache is dropped
 and bypassed until it reconnects. Plain Redis only: a Cluster would need one reporting connection per node.
+
+What this process wrote for events is kept apart (`ours`; `writing`, `written`) and serves only the next event
+for that user, which then makes one round trip (its compare-and-set) instead of two. Redis reports our own write
+like any other, usually before the write's reply, so a written value is kept when at most one report for its key
+arrived while the write was in flight, and if none did, the next one is skipped as ours. Any later write by
+anyone else drops it. This reasoning has one gap: Redis reports the writes of one turn of its event loop as one
+(a DELETE in the same turn as our write would be skipped with ours). So these values never serve a
+recommendation. An event only uses one as its guess: the compare-and-set against the guessed revision is what
+decides, and a stale guess costs one retry that reads Redis, never a lost update.
 """
 from __future__ import annotations
 
@@ -29,20 +38,28 @@ class RecordCache:
         self.url, self.prefix, self.entries, self.timeout_s = url, prefix, entries, timeout_s
         self.values: OrderedDict[str, bytes | None] = OrderedDict()  # LRU: key -> the stored value (None: no record)
         self.marks: dict[str, object] = {}  # key -> the token of a fetch in flight
+        self.ours: OrderedDict[str, bytes] = OrderedDict()  # LRU: key -> what this process wrote (events' guesses)
+        self.skip: dict[str, int] = {}  # key in `ours` -> reports still to skip as our own write's
+        self.reports: dict[str, list[int]] = {}  # key we are writing -> [reports for it so far, writes in flight]
         self.lock = threading.Lock()
         self.conn: redis.Connection | None = None
         self.generation, self.retry_at, self.connecting = 0, 0.0, False  # generation: connections made so far
         with self.lock:
             self._drain()  # starts connecting
 
-    def get_many(self, keys: Sequence[str], fetch: Callable[[list[str]], list[bytes | None]]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[str], fetch: Callable[[list[str]], list[bytes | None]], ours: bool = False) -> list[bytes | None]:
         """The values of `keys`: from the cache where Redis has reported no write since they were fetched, the
-        rest by `fetch`, and kept unless a report for them arrived meanwhile."""
+        rest by `fetch`, and kept unless a report for them arrived meanwhile. `ours`: also this process's own
+        writes (for events, whose compare-and-set checks the guess)."""
         with self.lock:
             live, generation = self._drain(), self.generation
-            got = {k: self.values[k] for k in keys if live and k in self.values}
-            for k in got:
-                self.values.move_to_end(k)
+            got: dict[str, bytes | None] = {}
+            for k in keys:
+                for table in (self.ours, self.values) if ours else (self.values,):
+                    if live and k in table:
+                        got[k] = table[k]
+                        table.move_to_end(k)
+                        break
             missing = [k for k in dict.fromkeys(keys) if k not in got]
             token = object()
             for k in missing:
@@ -67,9 +84,42 @@ class RecordCache:
                         del self.marks[k]
                         if keep:
                             self.values[k] = v
-                while len(self.values) > self.entries:
-                    self.values.popitem(last=False)
+                self._trim()
         return [got[k] for k in keys]
+
+    def writing(self, keys: Sequence[str]) -> tuple[int, dict[str, int]]:
+        """Before this process compare-and-sets `keys`: start counting their reports. -> what `written` needs."""
+        with self.lock:
+            self._drain()
+            before = {}
+            for k in keys:
+                counts = self.reports.setdefault(k, [0, 0])
+                counts[1] += 1
+                before[k] = counts[0]
+            return self.generation, before
+
+    def written(self, started: tuple[int, dict[str, int]], writes: Sequence[tuple[str, bytes]], oks: Sequence[bool]) -> None:
+        """After the compare-and-set: keep each value that was written, unless its key had two reports meanwhile."""
+        generation, before = started
+        with self.lock:
+            live = self._drain() and self.generation == generation
+            for (k, v), ok in zip(writes, oks):
+                counts = self.reports[k]
+                arrived, counts[1] = counts[0] - before[k], counts[1] - 1
+                if not counts[1]:
+                    del self.reports[k]
+                self.values.pop(k, None)  # what was fetched before is out of date either way
+                self.ours.pop(k, None)
+                self.skip.pop(k, None)
+                if ok and live and arrived <= 1:
+                    self.ours[k], self.skip[k] = v, 1 - arrived
+            self._trim()
+
+    def _trim(self) -> None:
+        while len(self.values) > self.entries:
+            self.values.popitem(last=False)
+        while len(self.ours) > self.entries:
+            self.skip.pop(self.ours.popitem(last=False)[0], None)
 
     # --- the reporting connection -------------------------------------------------------------
     def _drain(self) -> bool:
@@ -91,13 +141,28 @@ class RecordCache:
 
     def _invalidate(self, keys: list[bytes] | None) -> None:
         if keys is None:  # a FLUSHDB/FLUSHALL, or Redis ran out of room to track: everything may have changed
-            self.values.clear()
-            self.marks.clear()
+            self._forget()
             return
         for raw in keys:
             k = raw.decode()
-            self.values.pop(k, None)
             self.marks.pop(k, None)
+            if k in self.reports:
+                self.reports[k][0] += 1
+            self.values.pop(k, None)
+            if self.skip.get(k):
+                self.skip[k] -= 1  # our own write's report (or one from before it): the value we wrote stands
+            else:
+                self.ours.pop(k, None)
+                self.skip.pop(k, None)
+
+    def _forget(self) -> None:
+        """Everything may have changed: no entry kept, no fetch or write in flight trusted."""
+        self.values.clear()
+        self.marks.clear()
+        self.ours.clear()
+        self.skip.clear()
+        for counts in self.reports.values():
+            counts[0] += 1
 
     def _connect(self) -> None:
         try:  # any URL form redis-py reads (redis://, rediss://, unix://), always RESP2: reports arrive as pub/sub messages
@@ -121,5 +186,4 @@ class RecordCache:
         if self.conn is not None:
             self.conn.disconnect()
         self.conn, self.retry_at = None, time.monotonic() + 1.0
-        self.values.clear()
-        self.marks.clear()
+        self._forget()

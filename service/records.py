@@ -74,9 +74,10 @@ class Records:
         if self.seen is not None:
             self.seen.add(r.seen_filter, items)
 
-    def read(self, user_ids: list[str], cached: bool = False) -> list[Loaded]:
-        """Each user's record ready for this model; `cached`: through the client-side cache (recommendations)."""
-        blobs = self.store.get_many([self.key(u) for u in user_ids], cached)
+    def read(self, user_ids: list[str], cached: bool = False, ours: bool = False) -> list[Loaded]:
+        """Each user's record ready for this model; `cached`: through the client-side cache (recommendations); `ours`:
+        and from this process's own last writes (events, whose compare-and-set checks the revision read)."""
+        blobs = self.store.get_many([self.key(u) for u in user_ids], cached, ours)
         out: list[Loaded] = []
         stale: list[int] = []
         for u, blob in zip(user_ids, blobs):

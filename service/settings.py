@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     threads: int = Field(1, ge=1, description="torch intra-op threads per process (every holorec command reads HOLOREC_THREADS)")
     client_cache_entries: int = Field(10000, ge=0, description="user records each process keeps for GET /recommend until Redis reports "
                                       "a write to them (client-side caching, CLIENT TRACKING), so a repeated read needs no round trip; "
+                                      "as many again of its own last writes, from which the user's next event starts; "
                                       "0 = off; not on a Redis Cluster")
     store_timeout_s: float = Field(1.0, gt=0, description="Redis socket timeout; past it requests get 503")
     cas_retries: int = Field(50, ge=1, description="compare-and-set attempts per user before giving up with 503")

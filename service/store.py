@@ -71,8 +71,8 @@ class StoreUnavailable(RuntimeError):
 class StateStore(Protocol):
     kind: str
 
-    def get_many(self, keys: Sequence[str], cached: bool = False) -> list[bytes | None]: ...
-    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None) -> list[bool]: ...
+    def get_many(self, keys: Sequence[str], cached: bool = False, ours: bool = False) -> list[bytes | None]: ...
+    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None, cached: bool = False) -> list[bool]: ...
     def delete(self, key: str) -> bool: ...
     def get(self, key: str) -> bytes | None: ...
     def set(self, key: str, value: bytes) -> None: ...
@@ -170,10 +170,11 @@ class RedisStore:
             except redis.ConnectionError:
                 return fn()
 
-    def get_many(self, keys: Sequence[str], cached: bool = False) -> list[bytes | None]:
-        """With `cached` (reads that serve recommendations), through the client-side cache when there is one."""
+    def get_many(self, keys: Sequence[str], cached: bool = False, ours: bool = False) -> list[bytes | None]:
+        """With `cached` (the serving app's reads), through the client-side cache when there is one; `ours`: and from
+        this process's own last writes (the guesses events compare-and-set against)."""
         if cached and self.cache is not None:
-            return self.cache.get_many(keys, self.get_many)
+            return self.cache.get_many(keys, self.get_many, ours)
         if len(keys) == 1:
             return [self._read("get", lambda: self.r.get(keys[0]))]
         if not self.cluster:
@@ -186,13 +187,22 @@ class RedisStore:
             pipe.get(k)
         return pipe.execute()
 
-    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None) -> list[bool]:
-        with self._op("cas"):
-            pipe = self.r.pipeline(transaction=False)
-            for key, expected, value in writes:
-                rev = b"" if expected < 0 else struct.pack("<Q", expected)
-                pipe.execute_command("EVAL", CAS_SCRIPT, 1, key, rev, value, ttl_s or 0)
-            return [bool(x) for x in pipe.execute()]
+    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None, cached: bool = False) -> list[bool]:
+        """`cached`: what was written stays in the client-side cache as the guess for this process's next event."""
+        cache = self.cache if cached else None
+        started = cache.writing([k for k, _, _ in writes]) if cache else None
+        oks = [False] * len(writes)
+        try:
+            with self._op("cas"):
+                pipe = self.r.pipeline(transaction=False)
+                for key, expected, value in writes:
+                    rev = b"" if expected < 0 else struct.pack("<Q", expected)
+                    pipe.execute_command("EVAL", CAS_SCRIPT, 1, key, rev, value, ttl_s or 0)
+                oks = [bool(x) for x in pipe.execute()]
+        finally:
+            if cache:
+                cache.written(started, [(k, v) for k, _, v in writes], oks)  # type: ignore[arg-type]
+        return oks
 
     def delete(self, key: str) -> bool:
         with self._op("delete"):
@@ -242,11 +252,11 @@ class MemoryStore:
             return None
         return item[0]
 
-    def get_many(self, keys: Sequence[str], cached: bool = False) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[str], cached: bool = False, ours: bool = False) -> list[bytes | None]:
         with self.lock:
             return [self._live(k) for k in keys]
 
-    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None) -> list[bool]:
+    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None, cached: bool = False) -> list[bool]:
         out = []
         with self.lock:
             for key, expected, value in writes:
