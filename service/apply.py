@@ -110,7 +110,7 @@ class Applier:
         writes = []
         for i, x in enumerate(loaded):
             r, expected = x.record, x.revision
-            r.state, r.vector, r.updated_at, r.revision = blobs[i], vec[i].numpy(), now, max(expected, 0) + 1
+            r.state, r.vector, r.updated_at, r.revision = blobs[i], vec[i].numpy(), now, rec.next_revision(expected)
             writes.append((self.records.key(users[i]), expected, self.records.encode(r)))
         oks = self.store.cas_many(writes, self.s.state_ttl_s, cached=True)
         failed: list[str] = []

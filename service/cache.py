@@ -19,7 +19,8 @@ arrived while the write was in flight, and if none did, the next one is skipped 
 anyone else drops it. This reasoning has one gap: Redis reports the writes of one turn of its event loop as one
 (a DELETE in the same turn as our write would be skipped with ours). So these values never serve a
 recommendation. An event only uses one as its guess: the compare-and-set against the guessed revision is what
-decides, and a stale guess costs one retry that reads Redis, never a lost update.
+decides, and a stale guess costs one retry that reads Redis, never a lost update (a user deleted and written again
+starts from a random revision, service/record.py next_revision, so an old guess cannot match the new record).
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import struct
 import zlib
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class CorruptRecord(ValueError):
 
 @dataclass
 class Record:
-    revision: int  # 0 = not stored yet; each write stores revision + 1 (mod 2^64, skipping 0)
+    revision: int  # 0 = not stored yet; each write stores next_revision(the one it read)
     applied: int
     updated_at: float
     last_event_ts: float
@@ -95,6 +96,14 @@ def event_hash(event_id: str) -> int:
 
 def _vector_dtype(codec: str) -> str:
     return "<f4" if codec == "float32" else "<f2"
+
+
+def next_revision(expected: int) -> int:
+    """The revision a write over revision `expected` stores: the next one, or a random start where nothing (or nothing
+    readable) was stored. A user deleted (or expired) and written again must not pass through revisions an old
+    reader of the user may still hold (another replica between its read and its compare-and-set, or its cached
+    guess), or that reader's compare-and-set would succeed on a record it never read."""
+    return expected + 1 if expected > 0 else random.getrandbits(62) + 1
 
 
 def encode(r: Record, id_bytes: int = 2) -> bytes:

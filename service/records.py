@@ -75,8 +75,8 @@ class Records:
             self.seen.add(r.seen_filter, items)
 
     def read(self, user_ids: list[str], cached: bool = False, ours: bool = False) -> list[Loaded]:
-        """Each user's record ready for this model; `cached`: through the client-side cache (recommendations); `ours`:
-        and from this process's own last writes (events, whose compare-and-set checks the revision read)."""
+        """Each user's record ready for this model; `cached`: through the client-side cache (the serving app's reads);
+        `ours`: and from this process's own last writes (events, whose compare-and-set checks the revision read)."""
         blobs = self.store.get_many([self.key(u) for u in user_ids], cached, ours)
         out: list[Loaded] = []
         stale: list[int] = []
@@ -194,6 +194,6 @@ class Records:
 
 def bumped(r: rec.Record, expected: int) -> rec.Record:
     """`r` stamped for a compare-and-set against revision `expected`: the next revision, written now."""
-    r.revision = max(expected, 0) + 1
+    r.revision = rec.next_revision(expected)
     r.updated_at = time.time()
     return r
