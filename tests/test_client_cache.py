@@ -109,6 +109,17 @@ def test_own_writes_are_kept_and_any_other_write_drops_them(namespace: str) -> N
     r.set(k, value(7, b"theirs"))  # our report and theirs: ours is dropped
     reports_read(cache, r, namespace)
     assert read() == value(7, b"theirs") and fetched == [k] * 5
+    # Our write's report still on its way when the compare-and-set returns (Redis usually sends it first, so this is
+    # staged: `written` with no write behind it, then a plain SET as the late report): that one report is skipped
+    # as ours, the next drops our value.
+    started = cache.writing([k])
+    cache.written(started, [(k, value(8, b"ours, reported late"))], [True])
+    r.set(k, value(8, b"ours, reported late"))
+    reports_read(cache, r, namespace)
+    assert read() == value(8, b"ours, reported late") and fetched == [k] * 5
+    r.set(k, value(9, b"theirs"))
+    reports_read(cache, r, namespace)
+    assert read() == value(9, b"theirs") and fetched == [k] * 6
 
 
 def test_one_replica_reads_no_record_for_its_own_users_events(ckpt_dir: Path, namespace: str) -> None:
