@@ -53,6 +53,7 @@ class ModelConfig:
     top_k_memory: int = 8  # memory entries retrieved per expert
     # training (every model)
     cl_weight: float = 0.0  # weight of a contrastive term between two dropout views of each user vector (SeqRecModel.loss); 0 = off
+    weight_decay: float = 0.01  # AdamW's decoupled decay on weight matrices and embeddings (model/train.py: optimizer)
     burn_in: int = 0  # holomamba: train each window from the state after up to this many earlier items (model/train.py); 0 = off
 
     def to_dict(self) -> dict[str, Any]:

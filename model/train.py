@@ -36,7 +36,7 @@ from model.checkpoint import Checkpoint, save
 from model.data import Dataset
 from model.split import left_pad, split
 from model.evaluate import evaluate, evaluate_popularity, format_metrics
-from model.protocol import ModelConfig, State
+from model.protocol import ModelConfig, SeqRecModel, State
 
 # Dropout by dataset kind: dense MovieLens-like logs (and synthetic) 0.2; sparse ones, where a
 # user has a handful of items (Amazon Beauty in S3-Rec format, and generic tables, which are most
@@ -54,16 +54,13 @@ def hyper(model: str, kind: str) -> dict[str, float]:
     return {"lr": DEFAULT_LR, "dropout": DEFAULT_DROPOUT[kind]} | TUNED.get((model, kind), {})
 
 
-WEIGHT_DECAY = 0.01  # AdamW's default, on the parameters `optimizer` decays
-
-
-def optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+def optimizer(model: SeqRecModel, lr: float) -> torch.optim.AdamW:
     """AdamW decaying only weight matrices and embeddings: decay pulls a norm's gain, a bias, the
     SSM's decay rates A_log or its skip D towards zero, which is a change of model, not a prior."""
     decay, keep = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and not name.endswith("A_log") else keep).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": keep, "weight_decay": 0.0}], lr=lr)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": model.config.weight_decay}, {"params": keep, "weight_decay": 0.0}], lr=lr)
 
 
 def set_threads() -> None:

@@ -294,3 +294,20 @@ def test_burn_in_starts_each_window_from_the_served_state() -> None:
     assert report["history"][2]["loss"] < report["history"][1]["loss"] and report["test"]["NDCG@10"] > 0
     with pytest.raises(ValueError, match="burn_in"):
         train(ds, ModelConfig(model="sasrec", max_len=6, burn_in=10), epochs=1, progress=False)
+
+
+def test_weight_decay_hits_matrices_and_embeddings_only_at_the_configured_rate() -> None:
+    from bench.accuracy import model_config
+    from model import build_model
+    from model.train import optimizer
+
+    cfg = model_config("holomamba:weight_decay=0.1", n_items=20, max_len=8)
+    assert cfg.weight_decay == 0.1 and ModelConfig().weight_decay == 0.01
+    model = build_model(cfg)
+    rate = {id(p): g["weight_decay"] for g in optimizer(model, 1e-3).param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(rate) == len(named)
+    for name, p in named.items():
+        exempt = name.endswith(("A_log", ".D", "bias")) or "norm" in name or p.dim() < 2
+        assert rate[id(p)] == (0.0 if exempt else 0.1), name
+    assert rate[id(model.encoder.item.weight)] == 0.1
