@@ -5,7 +5,8 @@ the user's training sequence, left-padded to max_len), so it covers every traini
 inside the window. Loss: full-softmax cross-entropy over all items (SeqRecModel.loss). AdamW with
 weight decay on matrices and embeddings only (not biases, norms, or the SSM's A_log and D, as
 Mamba exempts them), gradient norm clipped at 1; a non-finite loss stops training (best weights kept, reason in the
-report). After each epoch: validation NDCG@10 (full ranking); the best
+report). After each epoch: validation NDCG@10 (full ranking), the learning rate halved after every
+`config.lr_halve_after` epochs without a better one when that is set; the best
 epoch's weights are kept and training stops after `patience` epochs without improvement that also
 hold at least `patience_steps` optimizer steps: on a small log an epoch is a handful of steps
 (MovieLens-100K at batch 128: 8), and ten of them is not long enough to tell a plateau from a
@@ -136,14 +137,20 @@ def train(
             break
         seconds = time.perf_counter() - t_epoch
         valid = validate()
-        history.append({"epoch": epoch, "loss": total / seen, "seconds": seconds, "positions_per_s": seen / seconds, "valid": valid})
+        history.append({"epoch": epoch, "loss": total / seen, "seconds": seconds, "positions_per_s": seen / seconds, "valid": valid,
+                        "lr": opt.param_groups[0]["lr"]})
         improved = valid["NDCG@10"] > best["NDCG@10"]
         if improved:
             best, best_epoch, best_state, bad = valid, epoch, _copy_state(model), 0
         else:
             bad += 1
+        halve = not improved and config.lr_halve_after > 0 and bad % config.lr_halve_after == 0
+        if halve:  # a plateau: smaller steps from here (the weights stay where they are)
+            for group in opt.param_groups:
+                group["lr"] /= 2
         if progress:
-            print(f"epoch {epoch}: loss {total / seen:.4f}, {seen / seconds:,.0f} positions/s, valid {format_metrics(valid)}{' *' if improved else ''}", flush=True)
+            note = f" (lr now {opt.param_groups[0]['lr']:.2g})" if halve else ""
+            print(f"epoch {epoch}: loss {total / seen:.4f}, {seen / seconds:,.0f} positions/s, valid {format_metrics(valid)}{' *' if improved else ''}{note}", flush=True)
         if bad >= max(patience, -(-patience_steps // len(batches))):
             break
     model.load_state_dict(best_state)

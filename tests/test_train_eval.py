@@ -311,3 +311,18 @@ def test_weight_decay_hits_matrices_and_embeddings_only_at_the_configured_rate()
         exempt = name.endswith(("A_log", ".D", "bias")) or "norm" in name or p.dim() < 2
         assert rate[id(p)] == (0.0 if exempt else 0.1), name
     assert rate[id(model.encoder.item.weight)] == 0.1
+
+
+def test_learning_rate_halves_after_each_run_of_epochs_without_a_better_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import model.train as train_module
+
+    scores = iter([0.0, 0.1, 0.2, 0.1, 0.1, 0.3, 0.2, 0.2, 0.2, 0.2])  # before training, then after each epoch
+
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"NDCG@10": next(scores, 0.0), "HR@10": 0.0})
+    ds = synthetic(n_users=30, n_items=20, n_attrs=2, seed=0, seq_len=(5, 8))
+    cfg = ModelConfig(d_model=16, max_len=8, lr_halve_after=2)
+    _, report = train(ds, cfg, epochs=9, lr=1e-3, patience=20, patience_steps=0, progress=False)
+    # epochs 3, 4 not better -> halved after 4; 5 better; 6, 7 not -> halved after 7; 8, 9 not -> halved after 9
+    assert [h["lr"] for h in report["history"][1:]] == [1e-3] * 4 + [5e-4] * 3 + [2.5e-4] * 2
+    _, plain = train(ds, ModelConfig(d_model=16, max_len=8), epochs=2, lr=1e-3, progress=False)
+    assert [h["lr"] for h in plain["history"][1:]] == [1e-3, 1e-3]
