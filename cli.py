@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-len", type=int, help="most recent items kept per user (default per dataset)")
     t.add_argument("--d-model", type=int, default=64)
     t.add_argument("--layers", type=int, default=2)
-    t.add_argument("--d-state", type=int, help="holomamba: SSM state size per channel (default 16); the served state, and so Redis memory, "
+    t.add_argument("--d-state", type=int, help="holomamba: SSM state size per channel (default 4); the served state, and so Redis memory, "
                    "grows with it (bench/results/memory.md)")
     t.add_argument("--dropout", type=float, help="default per model and dataset")
     t.add_argument("--lr", type=float, help="default per model and dataset (1e-3 unless tuned)")
