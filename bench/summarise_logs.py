@@ -8,7 +8,10 @@ from pathlib import Path
 
 rows: dict = {}
 for f in sorted(Path(sys.argv[1] if len(sys.argv) > 1 else ".").glob("*.log")):
-    ds, model, seed = re.match(r"(.+?)_(.+)_seed(\d)\.log", f.name).groups()
+    name = re.match(r"(.+?)_(.+)_seed(\d)\.log", f.name)
+    if not name:  # another log in the folder
+        continue
+    ds, model, seed = name.groups()
     text = f.read_text()
     m = re.search(r"test NDCG@10 ([\d.]+) HR@10 ([\d.]+) \(valid ([\d.]+); best epoch (\d+)/(\d+), (\d+) s\)", text)
     vals = [float(v) for v in re.findall(r"^epoch \d+:.* NDCG@10=([\d.]+)", text, re.M)]
