@@ -79,7 +79,8 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
                 key = f"{name} lr={lr} dropout={dropout}"
                 if key in res["runs"]:
                     continue
-                cfg = model_config(name, d_model=64, max_len=max_len, dropout=dropout)
+                cfg = model_config(name, d_model=64, max_len=max_len, dropout=dropout,
+                                   weight_decay=hyper(name.partition(":")[0], ds.kind)["weight_decay"])
                 _, rep = train(ds, cfg, epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=0, patience=args.patience,
                                patience_steps=getattr(args, "patience_steps", 500), device=args.device, progress=True)
                 res["runs"][key] = {"model": name, "lr": lr, "dropout": dropout, "valid NDCG@10": rep["valid"]["NDCG@10"],
@@ -141,9 +142,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         h = hyper(name.partition(":")[0], ds.kind)
         lr = args.lr if getattr(args, "lr", None) is not None else h["lr"]
         dropout = args.dropout if getattr(args, "dropout", None) is not None else h["dropout"]
-        cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout)
-        settings = {"lr": lr, "dropout": dropout, "epochs": epochs, "patience": patience, "patience_steps": patience_steps,
-                    "max_len": max_len, "d_model": cfg.d_model, "batch_size": batch_size}  # d_model as the row name may set it
+        cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout, weight_decay=h["weight_decay"])
+        settings = {"lr": lr, "dropout": dropout, "weight_decay": cfg.weight_decay, "epochs": epochs, "patience": patience,
+                    "patience_steps": patience_steps, "max_len": max_len, "d_model": cfg.d_model,
+                    "batch_size": batch_size}  # d_model and weight_decay as the row name may set them
         if name.startswith("holomamba"):  # a changed default state size is another model, never a finished run of this one
             settings["d_state"] = cfg.d_state
         settings_of[name] = settings

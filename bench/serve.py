@@ -334,8 +334,9 @@ def section_codec(tmp: Path, quick: bool, epochs: int, data: str) -> dict[str, A
         path = os.environ.get("HOLOREC_BENCH_ML100K")
         if not path:
             path = str(tmp / "ml100k")
-            cfg = ModelConfig(model="holomamba", max_len=DEFAULT_MAX_LEN[ds.kind], dropout=hyper("holomamba", ds.kind)["dropout"])
-            train(ds, cfg, epochs=epochs, lr=hyper("holomamba", ds.kind)["lr"], out=Path(path))
+            h = hyper("holomamba", ds.kind)
+            cfg = ModelConfig(model="holomamba", max_len=DEFAULT_MAX_LEN[ds.kind], dropout=h["dropout"], weight_decay=h["weight_decay"])
+            train(ds, cfg, epochs=epochs, lr=h["lr"], out=Path(path))
         ckpt = load(path)
         net, source = ckpt.model, f"{path} (provenance: {json.dumps(ckpt.provenance)[:400]})"
     from service.settings import Settings

@@ -45,14 +45,15 @@ from model.protocol import ModelConfig, SeqRecModel, State
 DEFAULT_DROPOUT = {"movielens": 0.2, "synthetic": 0.2, "s3rec": 0.5, "table": 0.5}
 DEFAULT_LR = 1e-3  # SASRec's published learning rate, with batch 128
 
-# Values chosen on validation NDCG@10 only (`holorec bench accuracy --grid`), per model and dataset
-# kind; a pair not listed takes DEFAULT_LR and DEFAULT_DROPOUT.
+# Values chosen on validation NDCG@10 only (`holorec bench accuracy --grid`, or rows such as
+# `holomamba:weight_decay=0.1`), per model and dataset kind; a pair not listed takes DEFAULT_LR,
+# DEFAULT_DROPOUT and ModelConfig's weight decay.
 TUNED: dict[tuple[str, str], dict[str, float]] = {}
 
 
 def hyper(model: str, kind: str) -> dict[str, float]:
-    """The learning rate and dropout `model` trains with on a dataset of this kind by default."""
-    return {"lr": DEFAULT_LR, "dropout": DEFAULT_DROPOUT[kind]} | TUNED.get((model, kind), {})
+    """The learning rate, dropout and weight decay `model` trains with on a dataset of this kind by default."""
+    return {"lr": DEFAULT_LR, "dropout": DEFAULT_DROPOUT[kind], "weight_decay": ModelConfig.weight_decay} | TUNED.get((model, kind), {})
 
 
 def optimizer(model: SeqRecModel, lr: float) -> torch.optim.AdamW:

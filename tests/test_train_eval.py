@@ -128,11 +128,12 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "holorec"
     out = tmp_path / "ckpt"
     run = subprocess.run([str(exe), "train", "--data", data, "--epochs", "1", "--d-model", "16", "--max-len", "10",
-                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+                          "--weight-decay", "0.05", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
                          preexec_fn=lambda: os.umask(0o022))  # the common umask, whatever the test runner's
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"checkpoint: {out}" in run.stdout
     assert load_checkpoint(out).provenance["threads"] == 1
+    assert load_checkpoint(out).model.config.weight_decay == 0.05
     modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
     assert modes["model.safetensors"] == modes["checkpoint.json"] and modes["model.safetensors"] & 0o004  # readable by another uid
     test = json.loads(run.stdout[run.stdout.index("{"):])["test"]
@@ -182,7 +183,7 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
                               patience=3, device="cpu")
     first = run(args)
     (r,) = first["runs"]["gru4rec"]
-    assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "epochs": 2, "patience": 3, "patience_steps": 0, "max_len": 50, "d_model": 32,
+    assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "weight_decay": 0.01, "epochs": 2, "patience": 3, "patience_steps": 0, "max_len": 50, "d_model": 32,
                              "batch_size": 128}
     assert 0 <= r["best_epoch"] <= r["epochs_run"] == 2 and len(r["valid_curve"]) == 3
     again = run(args)
