@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             settings["d_state"] = cfg.d_state
         settings_of[name] = settings
         for seed in range(seeds) if getattr(args, "seed", None) is None else [args.seed]:
-            done = [r for r in runs.get(name, []) if r["seed"] == seed and r.get("settings") == settings]
+            done = [r for r in runs.get(name, []) if r["seed"] == seed and _settings(name, r) == settings]
             if done:
                 print(f"  {name} seed {seed}: already in {stem}.json, skipped")
                 continue
@@ -174,6 +174,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return _write(stem, result | {"runs": runs}, t0, settings_of)
 
 
+def _settings(name: str, run: dict[str, Any]) -> dict[str, Any]:
+    """A recorded run's settings. One written before weight decay was recorded trained at what its row name set,
+    else at ModelConfig's default (then the only one)."""
+    return {"weight_decay": model_config(name).weight_decay} | run.get("settings", {})
+
+
 def _write(stem: Path, result: dict[str, Any], t0: float, settings_of: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Merge `result`'s runs into the JSON on disk (another process may be filling other rows of the
     same table), summarise every run and write the JSON and markdown, under a lock."""
@@ -184,9 +190,9 @@ def _write(stem: Path, result: dict[str, Any], t0: float, settings_of: dict[str,
         on_disk = disk.get("runs", {})
         result["commands"] = list(dict.fromkeys(disk.get("commands", []) + result.get("commands", [])))  # every process's
         for name, settings in settings_of.items():  # a row is one model at one set of settings: runs at others are replaced
-            mine = [r for r in result["runs"].get(name, []) if r.get("settings") == settings]
+            mine = [r for r in result["runs"].get(name, []) if _settings(name, r) == settings]
             seeds = {r["seed"] for r in mine}
-            on_disk[name] = [r for r in on_disk.get(name, []) if r.get("settings") == settings and r["seed"] not in seeds] + mine
+            on_disk[name] = [r for r in on_disk.get(name, []) if _settings(name, r) == settings and r["seed"] not in seeds] + mine
         result["runs"] = runs = {name: sorted(rs, key=lambda r: r["seed"]) for name, rs in on_disk.items()}
         _summarise(stem, result, t0)
     return result

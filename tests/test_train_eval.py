@@ -327,3 +327,24 @@ def test_learning_rate_halves_after_each_run_of_epochs_without_a_better_validati
     assert [h["lr"] for h in report["history"][1:]] == [1e-3] * 4 + [5e-4] * 3 + [2.5e-4] * 2
     _, plain = train(ds, ModelConfig(d_model=16, max_len=8), epochs=2, lr=1e-3, progress=False)
     assert [h["lr"] for h in plain["history"][1:]] == [1e-3, 1e-3]
+
+
+def test_bench_accuracy_reads_runs_recorded_before_weight_decay_was(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A table written before settings held weight_decay resumes: its runs trained at the row's weight decay."""
+    import argparse
+
+    from bench.accuracy import run
+
+    args = argparse.Namespace(out=str(tmp_path), quick=True, data="synthetic", epochs=2, seeds=1,
+                              models="gru4rec,gru4rec:weight_decay=0.1", patience=3, device="cpu")
+    first = run(args)
+    path = tmp_path / "accuracy_synthetic_2ep.json"
+    old = json.loads(path.read_text())
+    for rs in old["runs"].values():
+        del rs[0]["settings"]["weight_decay"]
+    path.write_text(json.dumps(old))
+    capsys.readouterr()
+    again = run(args)
+    out = capsys.readouterr().out
+    assert "gru4rec seed 0: already in" in out and "gru4rec:weight_decay=0.1 seed 0: already in" in out
+    assert again["runs"].keys() == first["runs"].keys()
