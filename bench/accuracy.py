@@ -4,12 +4,15 @@ Writes OUT/accuracy_<dataset>_<epochs>ep.md (mean +- std over seeds of the test 
 training wall time, next to the popularity baseline) and .json (every run), with the exact
 command, the hardware and the total wall time. Protocol: leave-one-out, full ranking over all
 items, history items kept as candidates, pessimistic ties (model/evaluate.py).
+Resumable: a finished run is written at once and skipped by a rerun; an unfinished one saves its last epoch
+under OUT/partial/ and a rerun carries it on from there (model/train.py: progress_file).
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -81,11 +84,14 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 cfg = model_config(name, d_model=64, max_len=max_len, dropout=dropout,
                                    weight_decay=hyper(name.partition(":")[0], ds.kind)["weight_decay"])
+                partial = _partial(path.parent, ds.name, key)
                 _, rep = train(ds, cfg, epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=0, patience=args.patience,
-                               patience_steps=getattr(args, "patience_steps", 500), device=args.device, progress=True)
+                               patience_steps=getattr(args, "patience_steps", 500), device=args.device, progress=True,
+                               progress_file=partial)
                 res["runs"][key] = {"model": name, "lr": lr, "dropout": dropout, "valid NDCG@10": rep["valid"]["NDCG@10"],
                                     "best_epoch": rep["best_epoch"], "epochs_run": rep["epochs_run"]}
                 path.write_text(json.dumps(res, indent=2))
+                partial.unlink(missing_ok=True)
     res["chosen"] = {}
     for name in models:
         mine = [r for r in res["runs"].values() if r["model"] == name]
@@ -154,8 +160,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if done:
                 print(f"  {name} seed {seed}: already in {stem}.json, skipped")
                 continue
+            partial = _partial(out, ds.name, f"{name} seed {seed}")
             ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience,
-                              patience_steps=patience_steps, device=args.device, progress=not quick)
+                              patience_steps=patience_steps, device=args.device, progress=not quick, progress_file=partial)
             print(f"  {name} seed {seed}: test NDCG@10 {rep['test']['NDCG@10']:.4f} HR@10 {rep['test']['HR@10']:.4f} "
                   f"(valid {rep['valid']['NDCG@10']:.4f}; best epoch {rep['best_epoch']}/{rep['epochs_run']}, {rep['train_seconds']:.0f} s)", flush=True)
             runs[name] = [r for r in runs.get(name, []) if r["seed"] != seed] + [{
@@ -163,6 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "epochs_run": rep["epochs_run"], "train_seconds": rep["train_seconds"], "device": args.device,
                 "valid_curve": [round(e["valid"]["NDCG@10"], 5) for e in rep["history"]]}]
             _write(stem, result | {"runs": runs}, t0, settings_of)  # the run is safe on disk before the extra evaluations
+            partial.unlink(missing_ok=True)
             model = ckpt.model.to(args.device)  # train() hands the checkpoint back on the CPU
             runs[name][-1].update({
                 "test_seen_excluded": evaluate(model, test_h, test_t, exclude_seen=True, device=args.device),
@@ -172,6 +180,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _write(stem, result | {"runs": runs}, t0, settings_of)
             print("run record: " + json.dumps({"table": str(stem), "model": name} | runs[name][-1]), flush=True)  # a log alone can rebuild the table
     return _write(stem, result | {"runs": runs}, t0, settings_of)
+
+
+def _partial(out: Path, dataset: str, run: str) -> Path:
+    """Where an unfinished run keeps its last epoch (model/train.py: progress_file): a run cut off carries on from
+    there when the command is run again; deleted once the run is in the results."""
+    return out / "partial" / (re.sub(r"[^\w.=-]+", "_", f"{dataset}_{run}") + ".safetensors")
 
 
 def _settings(name: str, run: dict[str, Any]) -> dict[str, Any]:

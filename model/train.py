@@ -11,7 +11,9 @@ epoch's weights are kept and training stops after `patience` epochs without impr
 hold at least `patience_steps` optimizer steps: on a small log an epoch is a handful of steps
 (MovieLens-100K at batch 128: 8), and ten of them is not long enough to tell a plateau from a
 model still finding its way (SASRec at lr 1e-3 sat flat for 10 epochs from epoch 4, then rose).
-Seeded: on CPU the same seed gives the same losses, bit for bit.
+Seeded: on CPU the same seed gives the same losses, bit for bit. With `progress_file` the loop's whole state
+(weights, best weights, optimizer, random generators, history) is written there after every epoch, so a run cut
+off (a CPU run longer than a working session) carries on from its last epoch, bit for bit, when started again.
 
 Threads: HOLOREC_THREADS (default 1) sets torch.set_num_threads. One thread by default because
 torch's default (one per core) collapses when the machine has other work: OpenMP threads spin
@@ -20,6 +22,7 @@ Shape letters: b batch, l max_len.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -89,8 +94,11 @@ def train(
     patience_steps: int = 500,
     out: Path | None = None,
     progress: bool = True,
+    progress_file: Path | None = None,
 ) -> tuple[Checkpoint, dict[str, Any]]:
-    """Train `config.model` on ds; returns the best-validation checkpoint and a report (metrics, history)."""
+    """Train `config.model` on ds; returns the best-validation checkpoint and a report (metrics, history).
+    `progress_file`: carry on from the epoch saved there by the same run (same data, model, seed, lr, batch and
+    patience; the epoch budget may differ), and save there after every epoch; the caller deletes it when done."""
     set_threads()
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -110,13 +118,22 @@ def train(
     def validate() -> dict[str, float]:  # a burned-in model is chosen on what it is trained for: the whole history's state
         return evaluate(model, valid_h, valid_t, device=device, full_history=config.burn_in > 0) if valid_t else {"NDCG@10": 0.0}
 
-    best = validate()  # the untrained model is the bar to beat
-    history: list[dict[str, Any]] = [{"epoch": 0, "valid": best}]
-    best_epoch, best_state, bad, stopped = 0, _copy_state(model), 0, ""
+    run_key = {"data": ds.summary(), "config": config.to_dict(), "seed": seed, "lr": lr, "batch_size": batch_size,
+               "patience": patience, "patience_steps": patience_steps}  # what makes a saved epoch this run's
+    saved = _load_progress(progress_file, run_key, model, opt, shuffle) if progress_file else None
+    if saved is None:
+        best = validate()  # the untrained model is the bar to beat
+        history: list[dict[str, Any]] = [{"epoch": 0, "valid": best}]
+        best_epoch, best_state, bad, early_stopped = 0, _copy_state(model), 0, False
+    else:
+        best, history, best_epoch, bad, early_stopped = saved["best"], saved["history"], saved["best_epoch"], saved["bad"], saved["early_stopped"]
+        best_state, t0 = saved["best_state"], t0 - saved["seconds"]
+    stopped = ""
     if progress:
         print(f"{ds.summary()}; {n_rows} training rows, {int((sp.targets > 0).sum())} positions; "
-              f"{config.model}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    for epoch in range(1, epochs + 1):
+              f"{config.model}, {sum(p.numel() for p in model.parameters()):,} parameters"
+              + (f"; carrying on after epoch {len(history) - 1} ({progress_file})" if saved else ""))
+    for epoch in range(len(history), 0 if early_stopped else epochs + 1):
         model.train()
         batches = length_buckets(lengths, batch_size, shuffle)
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress or not sys.stderr.isatty(), leave=False)  # a log gets the epoch lines
@@ -155,7 +172,12 @@ def train(
         if progress:
             note = f" (lr now {opt.param_groups[0]['lr']:.2g})" if halve else ""
             print(f"epoch {epoch}: loss {total / seen:.4f}, {seen / seconds:,.0f} positions/s, valid {format_metrics(valid)}{' *' if improved else ''}{note}", flush=True)
-        if bad >= max(patience, -(-patience_steps // len(batches))):
+        early_stopped = bad >= max(patience, -(-patience_steps // len(batches)))
+        if progress_file is not None:
+            _save_progress(progress_file, run_key, model, opt, shuffle, best_state, {
+                "best": best, "history": history, "best_epoch": best_epoch, "bad": bad, "early_stopped": early_stopped,
+                "seconds": time.perf_counter() - t0})
+        if early_stopped:
             break
     model.load_state_dict(best_state)
     model.eval()
@@ -218,3 +240,49 @@ def length_buckets(lengths: Tensor, batch_size: int, g: torch.Generator, pool: i
 
 def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _save_progress(path: Path, key: dict[str, Any], model: SeqRecModel, opt: torch.optim.Optimizer, shuffle: torch.Generator,
+                   best_state: dict[str, Tensor], loop: dict[str, Any]) -> None:
+    """One safetensors file (tensors, and the loop's counters as JSON in its metadata), replaced atomically: a run
+    killed mid-write keeps the epoch before."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | {f"best.{k}": v for k, v in best_state.items()}
+    for i, s in opt.state_dict()["state"].items():  # AdamW: step, exp_avg, exp_avg_sq per parameter
+        tensors |= {f"opt.{i}.{k}": v for k, v in s.items()}
+    tensors |= {"rng.torch": torch.get_rng_state(), "rng.shuffle": shuffle.get_state()}
+    if torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"key": key, "lrs": [g["lr"] for g in opt.param_groups]} | loop
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"progress": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load_progress(path: Path, key: dict[str, Any], model: SeqRecModel, opt: torch.optim.Optimizer,
+                   shuffle: torch.Generator) -> dict[str, Any] | None:
+    """Restore what _save_progress wrote into model, opt and the generators; -> the loop's counters and best weights.
+    None (start afresh) when there is no file or it is another run's."""
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["progress"])
+        if meta["key"] != json.loads(json.dumps(key)):  # compared as JSON reads it back
+            return None
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            sd["state"].setdefault(int(i), {})[name] = v
+    for group, lr in zip(sd["param_groups"], meta["lrs"]):
+        group["lr"] = lr
+    opt.load_state_dict(sd)
+    torch.set_rng_state(t["rng.torch"])
+    shuffle.set_state(t["rng.shuffle"])
+    if "rng.cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["rng.cuda"])
+    device = next(model.parameters()).device
+    return meta | {"best_state": {k[5:]: v.to(device) for k, v in t.items() if k.startswith("best.")}}

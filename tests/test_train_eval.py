@@ -191,6 +191,26 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
     assert again["runs"]["gru4rec"] == first["runs"]["gru4rec"]
     md = (tmp_path / "accuracy_synthetic_2ep.md").read_text()
     assert "| gru4rec |" in md and "ELASTIC-style" in md
+    assert not list((tmp_path / "partial").glob("*"))  # a finished run's saved epoch is gone
+
+
+def test_a_run_cut_off_carries_on_from_its_last_epoch_bit_for_bit(tmp_path: Path) -> None:
+    """A CPU run longer than a working session: saved after every epoch, started again it carries on and ends
+    exactly where an uncut run ends (weights, dropout and shuffling streams, optimizer moments, patience)."""
+    ds = synthetic(n_users=60, n_items=30, n_attrs=3, seed=4, seq_len=(5, 12))
+    cfg = ModelConfig(model="holomamba", d_model=16, max_len=12, dropout=0.3)
+    kw: dict = dict(lr=5e-3, batch_size=16, seed=0, patience=10, patience_steps=0, progress=False)
+    whole_ckpt, whole = train(ds, cfg, epochs=3, **kw)
+    saved = tmp_path / "partial" / "run.safetensors"
+    _, cut = train(ds, cfg, epochs=2, progress_file=saved, **kw)  # cut off after epoch 2
+    assert cut["epochs_run"] == 2 and saved.exists()
+    ckpt, resumed = train(ds, cfg, epochs=3, progress_file=saved, **kw)
+    assert [h.get("loss") for h in resumed["history"]] == [h.get("loss") for h in whole["history"]]
+    assert resumed["best_epoch"] == whole["best_epoch"] and resumed["test"] == whole["test"]
+    for k, v in whole_ckpt.model.state_dict().items():
+        assert torch.equal(ckpt.model.state_dict()[k], v), k
+    _, other = train(ds, cfg, epochs=1, progress_file=saved, **(kw | {"seed": 1}))  # another run's file: start afresh
+    assert other["epochs_run"] == 1 and other["history"][1]["loss"] != whole["history"][1]["loss"]
 
 
 def test_full_history_evaluation_reads_what_the_served_state_holds() -> None:
