@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
@@ -266,11 +266,15 @@ def _load_progress(path: Path, key: dict[str, Any], model: SeqRecModel, opt: tor
     None (start afresh) when there is no file or it is another run's."""
     if not path.exists():
         return None
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["progress"])
-        if meta["key"] != json.loads(json.dumps(key)):  # compared as JSON reads it back
-            return None
-        t = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["progress"])
+            if meta["key"] != json.loads(json.dumps(key)):  # compared as JSON reads it back
+                return None
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:  # not a file _save_progress finished
+        print(f"{path}: unreadable ({e}); starting the run afresh", file=sys.stderr)
+        return None
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     sd = opt.state_dict()
     sd["state"] = {}

@@ -211,6 +211,9 @@ def test_a_run_cut_off_carries_on_from_its_last_epoch_bit_for_bit(tmp_path: Path
         assert torch.equal(ckpt.model.state_dict()[k], v), k
     _, other = train(ds, cfg, epochs=1, progress_file=saved, **(kw | {"seed": 1}))  # another run's file: start afresh
     assert other["epochs_run"] == 1 and other["history"][1]["loss"] != whole["history"][1]["loss"]
+    saved.write_bytes(b"\x00" * 100)  # not a file it wrote (a disk that filled up): start afresh, don't fail
+    _, fresh = train(ds, cfg, epochs=1, progress_file=saved, **kw)
+    assert fresh["history"][1]["loss"] == whole["history"][1]["loss"]
 
 
 def test_full_history_evaluation_reads_what_the_served_state_holds() -> None:
