@@ -12,7 +12,8 @@ from pathlib import Path
 
 
 def _train(a: argparse.Namespace) -> None:
-    """Per-dataset defaults for max_len, lr and dropout, then model.train.train(), which saves the checkpoint."""
+    """Per-dataset defaults for max_len, lr and dropout, then model.train.train(), which saves the checkpoint.
+    Interrupted (Ctrl-C, a closed laptop), the same command again carries on from the last finished epoch."""
     from model import MODELS, ModelConfig
     from model.data import DEFAULT_MAX_LEN, DataError, load
     from model.train import hyper, train
@@ -27,8 +28,10 @@ def _train(a: argparse.Namespace) -> None:
     config = ModelConfig(model=a.model, d_model=a.d_model, n_layers=a.layers, dropout=a.dropout if a.dropout is not None else h["dropout"],
                          weight_decay=a.weight_decay if a.weight_decay is not None else h["weight_decay"],
                          max_len=a.max_len or DEFAULT_MAX_LEN[ds.kind], **({"d_state": a.d_state} if a.d_state else {}))
+    progress = Path(a.out) / "progress.safetensors"  # the last epoch: the same command, interrupted, carries on from it
     ckpt, report = train(ds, config, epochs=a.epochs, lr=a.lr if a.lr is not None else h["lr"], batch_size=a.batch_size, seed=a.seed,
-                         device=a.device, patience=a.patience, patience_steps=a.patience_steps, out=Path(a.out))
+                         device=a.device, patience=a.patience, patience_steps=a.patience_steps, out=Path(a.out), progress_file=progress)
+    progress.unlink(missing_ok=True)
     print(f"checkpoint: {a.out} (version {ckpt.version}; best epoch {report['best_epoch']} of {report['epochs_run']}, "
           f"{report['train_seconds']:.1f} s)")
     print(json.dumps({"test": report["test"], "popularity_test": report["popularity_test"]}, indent=2))

@@ -135,6 +135,7 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     assert load_checkpoint(out).provenance["threads"] == 1
     assert load_checkpoint(out).model.config.weight_decay == 0.05
     modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert set(modes) == {"model.safetensors", "checkpoint.json"}  # the epoch saved for an interrupted run is gone
     assert modes["model.safetensors"] == modes["checkpoint.json"] and modes["model.safetensors"] & 0o004  # readable by another uid
     test = json.loads(run.stdout[run.stdout.index("{"):])["test"]
     run = subprocess.run([str(exe), "evaluate", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
