@@ -5,7 +5,8 @@
 # Every run lands in bench/results/*.json as it ends (and its record in its log, LOGS/<n>.log) and a
 # rerun skips finished runs, so this script can be cut off and run again. JOBS processes at once, one
 # torch thread each (HOLOREC_THREADS=1). ONLY: run only the commands matching this grep pattern.
-# DEADLINE_S: every run is stopped that many seconds after the start (a run cut off is lost; the rest is kept).
+# DEADLINE_S: every run is stopped that many seconds after the start (a run cut off keeps its last finished epoch
+# in bench/results/partial/, untracked, and carries on from it when rerun on the same machine).
 #   bash bench/accuracy_all.sh                                        # CPU, 2 processes
 #   DEVICE=cuda JOBS=12 DEADLINE_S=500 bash bench/accuracy_all.sh     # a GPU machine, inside a 10-minute call
 # On a lent device, copy bench/results back in the same call: the next call re-sends the working tree,
