@@ -24,10 +24,17 @@ the committed recurrence runs over full groups, and the output at the p-th item 
 the step on x_j with p items from the state after group j - 1. So `step` reproduces `forward`
 at every position, and training sees the partial-group inputs serving feeds the model.
 With g = 1 none of this is used and the model is the plain per-item HoloMambaRec.
+
+Recent-items attention (config.recent_attn = K > 0; MaTrRec, arXiv 2407.19239, pairs Mamba with attention because
+the SSM alone is weak on short sequences such as Amazon's). After the SSM layers, the user vector at each position
+reads, by one-head attention, the embeddings of the user's last K items (this one included) plus a learned
+embedding of how recent each is. Serving keeps those K item ids in the state as `recent` (b, K), oldest first:
+K small integers, so the state stays constant-size and `step` still reproduces `forward`.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.hrr import ItemEncoder, bind
@@ -47,6 +54,22 @@ class FeedForward(nn.Module):
         return x + self.net(x)
 
 
+class RecentAttention(nn.Module):
+    """x + dropout(W_o sum_j a_j W_v(e_j + r_j)),  a = softmax_j(W_q LN(x) . W_k(e_j + r_j) / sqrt d) over the last K items."""
+
+    def __init__(self, d: int, k: int, dropout: float) -> None:
+        super().__init__()
+        self.norm, self.q, self.kv, self.out = nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.recency = nn.Parameter(torch.zeros(k, d))  # (K, d): row K-1 is the newest item
+        self.drop, self.scale = nn.Dropout(dropout), d**-0.5
+
+    def forward(self, x: Tensor, e: Tensor, ids: Tensor) -> Tensor:  # (..., d), (..., K, d), (..., K) -> (..., d)
+        keys, values = self.kv(e + self.recency).chunk(2, dim=-1)  # (..., K, d) each
+        att = (keys @ self.q(self.norm(x))[..., None])[..., 0] * self.scale  # (..., K)
+        att = att.masked_fill(ids == 0, -1e9).softmax(-1)  # an empty slot gets no weight (all empty: padding rows only)
+        return x + self.drop(self.out((att[..., None] * values).sum(-2)))
+
+
 class HoloMambaRec(SeqRecModel):
     def __init__(self, config: ModelConfig, item_attrs: Tensor | None = None) -> None:
         super().__init__(config, item_attrs)
@@ -57,6 +80,11 @@ class HoloMambaRec(SeqRecModel):
         ffn = (lambda: FeedForward(c.d_model, c.ffn_mult, c.dropout)) if c.ffn_mult > 0 else nn.Identity
         self.ffns = nn.ModuleList(ffn() for _ in range(c.n_layers))
         self.norm = nn.LayerNorm(c.d_model)
+        self.k = c.recent_attn
+        if self.k:
+            if c.bundle > 1:
+                raise ValueError("recent_attn is not supported with temporal bundling")
+            self.recent = RecentAttention(c.d_model, self.k, c.dropout)
         if c.bundle < 1:
             raise ValueError(f"bundle must be >= 1, got {c.bundle}")
         self.g = c.bundle
@@ -82,10 +110,16 @@ class HoloMambaRec(SeqRecModel):
             if state is not None:
                 raise ValueError("a carried state is not supported with temporal bundling")
             return self._forward_bundled(items)
+        if self.k and state is not None:
+            raise ValueError("a carried state is not supported with recent_attn")
         mask = items > 0  # (b, l)
-        x = self.drop(self.embed(items))  # (b, l, d)
+        e = self.embed(items)  # (b, l, d)
+        x = self.drop(e)
         for i, (layer, ffn) in enumerate(zip(self.layers, self.ffns)):
             x = ffn(layer(x, mask, None if state is None else (state[f"conv{i}"], state[f"ssm{i}"])))  # (b, l, d)
+        if self.k:  # position t reads items t-K+1 .. t
+            ids = F.pad(items, (self.k - 1, 0)).unfold(1, self.k, 1)  # (b, l, K)
+            x = self.recent(x, F.pad(e, (0, 0, self.k - 1, 0)).unfold(1, self.k, 1).transpose(-1, -2), ids)  # (b, l, d)
         return self.norm(x)
 
     def init_state(self, batch_size: int) -> State:
@@ -94,6 +128,8 @@ class HoloMambaRec(SeqRecModel):
             state[f"conv{i}"], state[f"ssm{i}"] = layer.init_state(batch_size)
         if self.g > 1:
             state["pending"] = torch.zeros(batch_size, self.g - 1, dtype=torch.long)  # partial group, slot order
+        if self.k:
+            state["recent"] = torch.zeros(batch_size, self.k, dtype=torch.long)  # the last K items, oldest first, 0 = none
         return state
 
     def step(self, items: Tensor, state: State) -> tuple[Tensor, State]:  # (b,) -> (b, d)
@@ -104,6 +140,9 @@ class HoloMambaRec(SeqRecModel):
         for i, (layer, ffn) in enumerate(zip(self.layers, self.ffns)):
             x, new[f"conv{i}"], new[f"ssm{i}"] = layer.step(x, state[f"conv{i}"], state[f"ssm{i}"])
             x = ffn(x)  # (b, d)
+        if self.k:
+            new["recent"] = torch.cat([state["recent"][:, 1:], items[:, None]], 1)  # (b, K)
+            x = self.recent(x, self.embed(new["recent"]), new["recent"])  # (b, d)
         return self.norm(x), new
 
     def forward_state(self, items: Tensor) -> tuple[Tensor, State]:  # (b, l) left-padded -> (b, d), state
@@ -111,12 +150,17 @@ class HoloMambaRec(SeqRecModel):
         if self.g > 1:
             return super().forward_state(items)
         mask = items > 0  # (b, l)
-        x = self.drop(self.embed(items))  # (b, l, d)
+        e = self.embed(items)  # (b, l, d)
+        x = self.drop(e)
         state: State = {}
         for i, (layer, ffn) in enumerate(zip(self.layers, self.ffns)):
             x, state[f"conv{i}"], state[f"ssm{i}"] = layer.forward_state(x, mask)
             x = ffn(x)  # (b, l, d)
-        return self.norm(x[:, -1]), state
+        x = x[:, -1]  # (b, d)
+        if self.k:
+            state["recent"] = F.pad(items, (self.k, 0))[:, -self.k :]  # (b, K): left padding is already 0
+            x = self.recent(x, F.pad(e, (0, 0, self.k, 0))[:, -self.k :], state["recent"])
+        return self.norm(x), state
 
     # --- temporal bundling (g > 1) -----------------------------------------------------
     def _group_input(self, slots: Tensor) -> Tensor:  # (..., g) item per slot, 0 = empty -> (..., g, d)

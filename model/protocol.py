@@ -45,6 +45,7 @@ class ModelConfig:
     d_conv: int = 4
     ffn_mult: int = 4  # holomamba: a point-wise feed-forward sublayer (d -> ffn_mult d -> d) after each SSM block; 0 = none
     bundle: int = 1  # holomamba: items bound to slot roles and bundled per SSM step (temporal bundling)
+    recent_attn: int = 0  # holomamba: the user vector also attends over its last this many items' embeddings (their ids are in the state); 0 = off
     # attention models (sasrec, elastic)
     n_heads: int = 1  # SASRec as published: one head
     # elastic

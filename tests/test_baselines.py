@@ -47,7 +47,24 @@ def test_step_reproduces_forward(name: str, batch: int, length: int) -> None:
     assert worst_step_gap(make(name), left_padded(batch, length)) < 1e-4
 
 
-@pytest.mark.parametrize("name,kw,traced", [("holomamba", {}, True), ("gru4rec", {}, False), ("holomamba", {"bundle": 3}, False),
+@pytest.mark.parametrize("batch,length", [(1, 1), (3, 3), (5, 40)])
+def test_recent_attention_step_reproduces_forward(batch: int, length: int) -> None:
+    """recent_attn: histories shorter and longer than its K; the state holds the last K items, oldest first."""
+    m = make("holomamba", recent_attn=4)
+    items = left_padded(batch, length)
+    assert worst_step_gap(m, items) < 1e-4
+    with torch.no_grad():
+        _, state = m.replay([7, 8, 9, 10, 11, 12])
+        h, state2 = m.replay([3], state)
+    assert state["recent"].tolist() == [[9, 10, 11, 12]] and state2["recent"].tolist() == [[10, 11, 12, 3]]
+    m.train()
+    seqs = torch.randint(1, N_ITEMS + 1, (3, 12), generator=torch.Generator().manual_seed(2))
+    m.loss(seqs[:, :-1], seqs[:, 1:]).backward()  # the attention is in the training loss
+    assert m.recent.q.weight.grad.abs().sum() > 0 and m.recent.recency.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name,kw,traced", [("holomamba", {}, True), ("holomamba", {"recent_attn": 4}, True),
+                                            ("gru4rec", {}, False), ("holomamba", {"bundle": 3}, False),
                                             ("sasrec", {}, False), ("elastic", {}, False)])
 def test_serving_step_is_a_trace_where_exact_and_reproduces_forward(name: str, kw: dict, traced: bool) -> None:
     m = make(name, **kw)

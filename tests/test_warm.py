@@ -30,7 +30,7 @@ from service.warm import batches, rewarm, warm
 from tests.conftest import REDIS_URL
 
 
-@pytest.mark.parametrize("model, extra", [("holomamba", {}), ("holomamba", {"bundle": 3}), ("gru4rec", {}),
+@pytest.mark.parametrize("model, extra", [("holomamba", {}), ("holomamba", {"bundle": 3}), ("holomamba", {"recent_attn": 3}), ("gru4rec", {}),
                                           ("sasrec", {}), ("elastic", {})])
 def test_forward_state_equals_stepping_item_by_item(model: str, extra: dict) -> None:
     """Histories shorter than the conv window, one scan chunk and several chunks, left-padded in one batch."""
