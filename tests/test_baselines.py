@@ -55,7 +55,7 @@ def test_recent_attention_step_reproduces_forward(batch: int, length: int) -> No
     assert worst_step_gap(m, items) < 1e-4
     with torch.no_grad():
         _, state = m.replay([7, 8, 9, 10, 11, 12])
-        h, state2 = m.replay([3], state)
+        _, state2 = m.replay([3], state)
     assert state["recent"].tolist() == [[9, 10, 11, 12]] and state2["recent"].tolist() == [[10, 11, 12, 3]]
     m.train()
     seqs = torch.randint(1, N_ITEMS + 1, (3, 12), generator=torch.Generator().manual_seed(2))
