@@ -7,8 +7,8 @@ Sections:
   stream   events/s through a Redis Stream with 1 and 2 `holorec consume` processes, beside POST /events in
            100-event batches.
 `stream_faults` (tests/test_consume.py runs it small): consumers SIGKILLed and Redis SIGKILLed and restarted
-from its AOF while events are produced, plus replayed event ids; per user, applied == produced and the state
-equals a clean replay.
+from its AOF while events are produced, plus replayed event ids; per user, applied == produced, applied in the
+produced order, and the state equals a clean replay.
 
 Everything runs on loopback against our own redis-server processes (bench/faults.py's harness); every process
 started here is stopped on the way out. Random-weight models: these figures are about throughput, not accuracy.
@@ -88,6 +88,26 @@ def clean_replay_mismatches(checkpoint: Path, client: redis.Redis, namespace: st
     return bad
 
 
+def order_mismatches(checkpoint: Path, client: redis.Redis, namespace: str, events: list[dict[str, str]]) -> dict[str, int]:
+    """user -> the first position where the event ids the record remembers applying (its dedup ring, oldest first)
+    depart from the user's produced order; empty when every user's events went in in order."""
+    import numpy as np
+
+    from model.checkpoint import load
+    from service import record as rec
+    from service.store import user_key
+
+    ckpt = load(checkpoint)
+    out = {}
+    for u in sorted({e["user_id"] for e in events}):
+        r = rec.decode(client.get(user_key(namespace, u)), ckpt.version, ckpt.model.config.d_model)
+        ring = [int(h) for h in np.roll(r.dedup, -r.dedup_pos) if h]
+        produced = [rec.event_hash(e["event_id"]) for e in events if e["user_id"] == u][-len(ring) :]
+        if ring != produced:
+            out[u] = next((i for i, (a, b) in enumerate(zip(ring, produced)) if a != b), min(len(ring), len(produced)))
+    return out
+
+
 def stream_faults(workdir: Path, checkpoint: Path, *, n_users: int = 20, n_events: int = 4000, replays: int = 200,
                   claim_idle_ms: int = 1000, log_dir: Path | None = None) -> dict:
     """Two consumers in one group; one SIGKILLed mid-stream and another started; Redis SIGKILLed and restarted from
@@ -128,6 +148,7 @@ def stream_faults(workdir: Path, checkpoint: Path, *, n_users: int = 20, n_event
             produced[e["user_id"]] = produced.get(e["user_id"], 0) + 1
         return {"events": n_events, "replayed": replays, "users": len(produced),
                 "users_applied_ne_produced": {u: (n, records[u][0]) for u, n in produced.items() if records[u][0] != n},
+                "users_order_ne_produced": order_mismatches(checkpoint, client, ns, events),
                 "users_state_ne_clean_replay": clean_replay_mismatches(checkpoint, client, ns, events),
                 "dead_letters": client.xlen(stream + ":dead") if client.exists(stream + ":dead") else 0}
     finally:

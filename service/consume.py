@@ -159,13 +159,24 @@ class Consumer:
         return Event(e.user_id, e.item_id, e.event_id or sid, e.timestamp)
 
     def _after_earlier(self, entries: list[Entry]) -> list[Entry]:
-        """Per-user order across consumers: wait while another consumer holds an unacknowledged entry earlier than
-        this batch for one of its users; such an entry idle past the claim time (a dead consumer's) is claimed and
-        joins the batch. The consumer holding the earliest pending entry never waits, so all make progress."""
+        """Per-user order across consumers: wait while another consumer holds an unacknowledged entry of one of this
+        batch's users that is earlier than the batch's last entry; such an entry idle past the claim time (a dead
+        consumer's) is claimed and joins the batch. This consumer's own earlier unacknowledged entries join it at
+        once. A batch read with ">" follows everything delivered before it, so the consumer holding the earliest
+        pending entry never waits and all make progress; a claimed batch may have gaps (entries re-read or claimed
+        just before a failure are not idle), and those are what the last-entry bound and the own entries cover."""
         while True:
             entries = sorted(entries, key=lambda e: _order(e[0]))
+            ids = {sid for sid, _ in entries}
             users = {f["user_id"] for _, f in entries if f and "user_id" in f}
-            pending = self.r.xpending_range(self.stream, self.group, "-", "(" + entries[0][0], 10_000)
+            pending = self.r.xpending_range(self.stream, self.group, "-", "(" + entries[-1][0], 10_000)
+            mine = [p["message_id"] for p in pending if p["consumer"] == self.name and p["message_id"] not in ids]
+            if mine:
+                pipe = self.r.pipeline(transaction=False)
+                for sid in mine:
+                    pipe.xrange(self.stream, sid, sid)
+                entries = entries + [(sid, got[0][1] if got else None) for sid, got in zip(mine, pipe.execute())]
+                continue
             others = [p for p in pending if p["consumer"] != self.name]
             if not others:
                 return entries

@@ -6,6 +6,7 @@ from its AOF, two consumers in one group, replayed event ids.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,9 @@ def ckpt_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("consume") / "ckpt", max_len=64)
 
 
-def consumer(ckpt_path: Path, namespace: str, name: str = "c1", group: str = "g") -> Consumer:
-    s = Settings(redis_url=REDIS_URL, namespace=namespace, stream_block_ms=10, state_codec="float32")  # compared within 1e-4
+def consumer(ckpt_path: Path, namespace: str, name: str = "c1", group: str = "g", claim_idle_ms: int = 30000) -> Consumer:
+    s = Settings(redis_url=REDIS_URL, namespace=namespace, stream_block_ms=10, state_codec="float32",  # compared within 1e-4
+                 stream_claim_idle_ms=claim_idle_ms)
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     stream = f"holorec:{namespace}:events"  # inside the namespace: the fixture deletes it
     return Consumer(Engine(load(ckpt_path), RedisStore(REDIS_URL), s), client, stream, group, name, stream + ":dead")
@@ -80,6 +82,23 @@ def test_entries_applied_once_bad_ones_dead_lettered(ckpt_path: Path, namespace:
     assert STREAM_ENTRIES.labels("duplicate")._value.get() - dup0 == 32 and c.engine.user_meta("u0")["events_applied"] == 11  # type: ignore[index]
 
 
+@pytest.mark.parametrize("holder", ["x", "y"])
+def test_claimed_batch_with_a_gap_keeps_user_order(ckpt_path: Path, namespace: str, holder: str) -> None:
+    """After a failure a consumer may claim stale entries with a fresher one of the same user between them (re-read
+    or claimed just before, so not idle), held by itself or by another consumer: it is applied in its place."""
+    x, z = (consumer(ckpt_path, namespace, name, claim_idle_ms=200) for name in ("x", "z"))
+    x.create_group()
+    ids = [x.r.xadd(x.stream, {"user_id": "u", "item_id": f"item-{i}", "event_id": f"e{i}"}) for i in (1, 2, 3)]
+    assert [sid for sid, _ in z._read(">")] == ids  # z reads all three, then stalls
+    time.sleep(0.3)
+    x.r.xclaim(x.stream, x.group, holder, 0, [ids[1]])  # the middle one: held afresh, not idle
+    x.claim()  # claims the stale first and third; the middle one is joined (x's) or waited for and claimed (y's)
+    x.process(x._read("0"))
+    window = rec.decode(x.engine.store.get(x.engine.key("u")), x.engine.version, x.engine.d).history()  # type: ignore[arg-type]
+    assert window == [x.engine.ckpt.item_index[f"item-{i}"] for i in (1, 2, 3)]
+    assert x.r.xinfo_groups(x.stream)[0]["pending"] == 0
+
+
 def test_new_only_group_starts_at_new_entries(ckpt_path: Path, namespace: str) -> None:
     c = consumer(ckpt_path, namespace, group="late")
     c.r.xadd(c.stream, {"user_id": "old", "item_id": "item-1"})
@@ -92,8 +111,10 @@ def test_new_only_group_starts_at_new_entries(ckpt_path: Path, namespace: str) -
 
 def test_consumers_and_redis_killed_replays_applied_exactly_once(ckpt_path: Path, tmp_path: Path) -> None:
     """4,000 events for 20 users: consumer SIGKILLed and another started, Redis SIGKILLed and restarted from its AOF,
-    200 replayed event ids. Per user, events applied == produced, and the state equals a clean replay."""
+    200 replayed event ids. Per user, events applied == produced and in the produced order, and the state equals a
+    clean replay."""
     r = stream_faults(tmp_path, ckpt_path, n_users=20, n_events=4000, replays=200, log_dir=tmp_path)
     assert r["users"] == 20 and r["dead_letters"] == 0
     assert r["users_applied_ne_produced"] == {}, r
+    assert r["users_order_ne_produced"] == {}, r  # user -> first position out of order
     assert r["users_state_ne_clean_replay"] == [], r
