@@ -161,10 +161,11 @@ class Consumer:
     def _after_earlier(self, entries: list[Entry]) -> list[Entry]:
         """Per-user order across consumers: wait while another consumer holds an unacknowledged entry of one of this
         batch's users that is earlier than the batch's last entry; such an entry idle past the claim time (a dead
-        consumer's) is claimed and joins the batch. This consumer's own earlier unacknowledged entries join it at
-        once. A batch read with ">" follows everything delivered before it, so the consumer holding the earliest
-        pending entry never waits and all make progress; a claimed batch may have gaps (entries re-read or claimed
-        just before a failure are not idle), and those are what the last-entry bound and the own entries cover."""
+        consumer's) is claimed and joins the batch. This consumer's own earlier unacknowledged entries join at once.
+        A batch read with ">" follows everything delivered before it, so the holder of the earliest pending entry
+        never waits. A claimed batch can have gaps (XAUTOCLAIM skips entries re-read or claimed just before a
+        failure, which are not idle): its consumer waits for the entries in them too, claiming them once idle, so
+        every wait ends within the claim time."""
         while True:
             entries = sorted(entries, key=lambda e: _order(e[0]))
             ids = {sid for sid, _ in entries}
@@ -188,7 +189,8 @@ class Consumer:
                 return entries
             stale = [p["message_id"] for p in blocking if p["time_since_delivered"] >= self.claim_idle_ms]
             if stale:
-                entries = entries + self.r.xclaim(self.stream, self.group, self.name, self.claim_idle_ms, stale)
+                got = self.r.xclaim(self.stream, self.group, self.name, self.claim_idle_ms, stale)
+                entries = entries + [e for e in got if e[0] not in ids]  # one of ours taken meanwhile is ours again
             else:
                 time.sleep(0.005)
 
