@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from bench.harness import make_checkpoint
-from bench.ingest import stream_faults
+from bench.ingest import order_mismatches, stream_faults
 from model.checkpoint import load
 from service import record as rec
 from service.consume import Consumer
@@ -98,6 +98,15 @@ def test_claimed_batch_with_a_gap_keeps_user_order(ckpt_path: Path, namespace: s
     window = rec.decode(x.engine.store.get(x.engine.key("u")), x.engine.version, x.engine.d).history()  # type: ignore[arg-type]
     assert window == [x.engine.ckpt.item_index[f"item-{i}"] for i in (1, 2, 3)]
     assert x.r.xinfo_groups(x.stream)[0]["pending"] == 0
+
+
+def test_order_check_finds_a_swap(ckpt_path: Path, namespace: str) -> None:
+    """The fault scenario's order check reads each user's applied order from the dedup ring: a swap is reported where it is."""
+    events = [{"user_id": u, "item_id": f"item-{i}", "event_id": f"{u}-{i}"} for i in range(1, 6) for u in ("a", "b")]
+    swapped = [events[i] for i in (0, 1, 2, 3, 6, 5, 4, 7, 8, 9)]  # a's 4th event before its 3rd
+    e = Engine(load(ckpt_path), RedisStore(REDIS_URL), Settings(redis_url=REDIS_URL, namespace=namespace))
+    e.apply([[Event(x["user_id"], x["item_id"], x["event_id"]) for x in swapped]])
+    assert order_mismatches(ckpt_path, redis.Redis.from_url(REDIS_URL), namespace, events) == {"a": 2}
 
 
 def test_new_only_group_starts_at_new_entries(ckpt_path: Path, namespace: str) -> None:
