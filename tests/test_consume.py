@@ -6,6 +6,7 @@ from its AOF, two consumers in one group, replayed event ids.
 """
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +98,28 @@ def test_claimed_batch_with_a_gap_keeps_user_order(ckpt_path: Path, namespace: s
     x.process(x._read("0"))
     window = rec.decode(x.engine.store.get(x.engine.key("u")), x.engine.version, x.engine.d).history()  # type: ignore[arg-type]
     assert window == [x.engine.ckpt.item_index[f"item-{i}"] for i in (1, 2, 3)]
+    assert x.r.xinfo_groups(x.stream)[0]["pending"] == 0
+
+
+def test_two_interleaved_claimed_batches_finish_in_order(ckpt_path: Path, namespace: str) -> None:
+    """Two consumers whose claimed batches interleave on one user (each holds what the other's range needs) wait for
+    each other only until the other's entries are idle past the claim time, then one claims them: both finish, and
+    the user's events go in in stream order."""
+    x, y, z = (consumer(ckpt_path, namespace, name, claim_idle_ms=200) for name in ("x", "y", "z"))
+    x.create_group()
+    ids = [x.r.xadd(x.stream, {"user_id": "u", "item_id": f"item-{i}", "event_id": f"e{i}"}) for i in (1, 2, 3, 4)]
+    z._read(">")
+    x.r.xclaim(x.stream, x.group, "x", 0, [ids[0], ids[2]])
+    x.r.xclaim(x.stream, x.group, "y", 0, [ids[1], ids[3]])
+    threads = [threading.Thread(target=c.process, args=(c.r.xrange(c.stream, i, i) + c.r.xrange(c.stream, j, j),))
+               for c, i, j in ((x, ids[0], ids[2]), (y, ids[1], ids[3]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    window = rec.decode(x.engine.store.get(x.engine.key("u")), x.engine.version, x.engine.d).history()  # type: ignore[arg-type]
+    assert window == [x.engine.ckpt.item_index[f"item-{i}"] for i in (1, 2, 3, 4)]
     assert x.r.xinfo_groups(x.stream)[0]["pending"] == 0
 
 
