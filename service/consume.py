@@ -160,14 +160,10 @@ class Consumer:
 
     def _after_earlier(self, entries: list[Entry]) -> list[Entry]:
         """Per-user order across consumers: wait while another consumer holds an unacknowledged entry of one of this
-        batch's users that is earlier than the batch's last entry; such an entry idle past the claim time (a dead
-        consumer's) is claimed and joins the batch. This consumer's own earlier unacknowledged entries join at once.
-        A batch read with ">" follows everything delivered before it, so the holder of the earliest pending entry
-        never waits. A claimed batch can have gaps: two consumers split a dead one's entries between them (one's
-        XAUTOCLAIM racing the other's XCLAIM), and XAUTOCLAIM skips entries re-read or claimed just before a failure
-        (not idle). Its consumer waits for the entries in the gaps too, claiming them once idle, so every wait ends
-        within the claim time. (Waiting only for entries before the first one let such a batch overtake them: the
-        stream fault test's rare state mismatch.)"""
+        batch's users earlier than the batch's last entry, claiming it once idle past the claim time (a dead
+        consumer's); this consumer's own earlier unacknowledged entries join the batch at once. The last entry, not
+        the first: a claimed batch can have another's entries between its own (two consumers splitting a dead one's
+        entries; XAUTOCLAIM skipping entries re-read just before a failure). Every wait ends within the claim time."""
         while True:
             entries = sorted(entries, key=lambda e: _order(e[0]))
             ids = {sid for sid, _ in entries}
@@ -175,18 +171,11 @@ class Consumer:
             pending = self.r.xpending_range(self.stream, self.group, "-", "(" + entries[-1][0], 10_000)
             mine = [p["message_id"] for p in pending if p["consumer"] == self.name and p["message_id"] not in ids]
             if mine:
-                pipe = self.r.pipeline(transaction=False)
-                for sid in mine:
-                    pipe.xrange(self.stream, sid, sid)
-                entries = entries + [(sid, got[0][1] if got else None) for sid, got in zip(mine, pipe.execute())]
+                entries = entries + self._fetch(mine)
                 continue
             others = [p for p in pending if p["consumer"] != self.name]
-            if not others:
-                return entries
-            pipe = self.r.pipeline(transaction=False)
-            for p in others:
-                pipe.xrange(self.stream, p["message_id"], p["message_id"])
-            blocking = [p for p, got in zip(others, pipe.execute()) if got and got[0][1].get("user_id") in users]
+            fields = self._fetch([p["message_id"] for p in others])
+            blocking = [p for p, (_, f) in zip(others, fields) if f and f.get("user_id") in users]
             if not blocking:
                 return entries
             stale = [p["message_id"] for p in blocking if p["time_since_delivered"] >= self.claim_idle_ms]
@@ -195,6 +184,15 @@ class Consumer:
                 entries = entries + [e for e in got if e[0] not in ids]  # one of ours taken meanwhile is ours again
             else:
                 time.sleep(0.005)
+
+    def _fetch(self, sids: list[str]) -> list[Entry]:
+        """These entries from the stream, in one round trip; fields None for one deleted (trimmed) since."""
+        if not sids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for sid in sids:
+            pipe.xrange(self.stream, sid, sid)
+        return [(sid, got[0][1] if got else None) for sid, got in zip(sids, pipe.execute())]
 
 
 def stream_client(s: Settings) -> redis.Redis | redis.cluster.RedisCluster:
