@@ -13,7 +13,6 @@ and one with 100,000 take the same bytes.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,25 +49,35 @@ SCALE = {"int8": "<f4", "int8-rows": "<f2"}  # codec -> how a segment's scale is
 @dataclass(frozen=True)
 class Plan:
     """Where every byte of a user's blob goes, worked out once per state shape and codec. pack and unpack run on
-    every served event, so they make one vectorised pass over all the float tensors at once rather than one pass
-    per tensor. The bytes are the layout above (tests/test_model_core.py pins them)."""
+    every served event, so each is a few whole-array numpy operations over all the float tensors at once (one
+    gather or scatter of the blob's bytes by precomputed positions), not a pass per tensor. The bytes are the
+    layout above (tests/test_model_core.py pins them)."""
     size: int  # bytes per user
-    floats: tuple[tuple[str, tuple[int, ...], int, int, int, int], ...]  # (name, shape, start, end in the (b, S) float
-    #   concat, its scales' first byte in the blob, its values' first byte)
+    floats: tuple[tuple[str, tuple[int, ...], int, int], ...]  # (name, shape, start, end in the (b, S) float concat)
     ints: tuple[tuple[str, tuple[int, ...], torch.dtype, int, int], ...]  # (name, shape, dtype, first byte, n)
-    scale_bytes: int  # per user, all float tensors together
     starts: np.ndarray  # (segments,) each scaled segment's first value in the concat (int8: a tensor; int8-rows: a row)
-    lengths: np.ndarray  # (segments,) its values
+    segment: np.ndarray  # (S,) the segment of each value in the concat
+    value_at: np.ndarray  # (S * value bytes,) where each byte of the concat's values goes in the blob
+    scale_at: np.ndarray  # (segments * scale bytes,) where each byte of the segments' scales goes
+
+
+_PLANS: dict[tuple, Plan] = {}  # (codec, (name, shape, dtype) per tensor as given) -> plan: one lookup per call
 
 
 def _plan(template: State, codec: str) -> Plan:
-    _check(codec)
-    return _plan_of(tuple((k, tuple(template[k].shape[1:]), template[k].dtype) for k in sorted(template)), codec)
+    key = (codec, *((k, t.shape, t.dtype) for k, t in template.items()))  # batch size included: slicing it off costs more
+    plan = _PLANS.get(key)
+    if plan is None:
+        _check(codec)
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan_of(tuple((k, tuple(template[k].shape[1:]), template[k].dtype) for k in sorted(template)), codec)
+    return plan
 
 
-@functools.lru_cache(maxsize=32)
 def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: str) -> Plan:
-    floats, ints, starts, lengths = [], [], [], []
+    floats, ints, starts, lengths, value_at, scale_at = [], [], [], [], [], []
+    w, sw = _width(VALUE[codec]), _width(SCALE.get(codec))
     off = cat = 0  # byte offset in the blob; value offset in the float concat
     for name, shape, dtype in spec:
         t = torch.empty(1, *shape, dtype=dtype)
@@ -79,11 +88,14 @@ def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: 
             segs = 0 if codec not in SCALE else 1 if codec == "int8" else _rows(t)
             starts.extend(cat + i * (n // segs) for i in range(segs))
             lengths.extend([n // max(segs, 1)] * segs)
-            floats.append((name, shape, cat, cat + n, off, off + segs * _width(SCALE.get(codec))))
+            floats.append((name, shape, cat, cat + n))
+            scale_at.append(np.arange(off, off + segs * sw))
+            value_at.append(np.arange(off + segs * sw, off + nbytes))
             cat += n
         off += nbytes
-    scale_bytes = len(starts) * _width(SCALE.get(codec))
-    return Plan(off, tuple(floats), tuple(ints), scale_bytes, np.array(starts, np.int64), np.array(lengths, np.int64))
+    cat_ = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+    return Plan(off, tuple(floats), tuple(ints), np.array(starts, np.int64), np.repeat(np.arange(len(starts)), lengths),
+                cat_(value_at), cat_(scale_at))
 
 
 def _width(dtype: str | None) -> int:
@@ -98,8 +110,8 @@ def pack(state: State, codec: str = "float32") -> list[bytes]:
     for name, _, _, at, n in plan.ints:
         out[:, at : at + 4 * n] = state[name].detach().cpu().reshape(b, n).to(torch.int32).numpy().astype("<i4").view(np.uint8)
     if plan.floats:
-        x = torch.cat([state[f[0]].detach().reshape(b, -1).float() for f in plan.floats], 1).cpu().numpy()  # (b, S)
-        scales = np.zeros((b, 0), np.uint8)  # (b, scale_bytes)
+        parts = [state[f[0]].numpy(force=True).reshape(b, -1) for f in plan.floats]
+        x = (np.concatenate(parts, 1) if len(parts) > 1 else parts[0]).astype(np.float32, copy=False)  # (b, S)
         if codec in SCALE:
             peak = np.maximum.reduceat(np.abs(x), plan.starts, axis=1)  # (b, segments)
             if codec == "int8":
@@ -108,16 +120,13 @@ def pack(state: State, codec: str = "float32") -> list[bytes]:
             else:  # within float16's range
                 scale = (np.clip(peak, 2.0**-14, 6e4) / 127.0).astype("<f2")
                 div = scale.astype(np.float32)
-            q = np.rint(x / np.repeat(div, plan.lengths, axis=1))
-            np.clip(q, -127, 127, out=q)
-            values, scales = q.astype(np.int8).view(np.uint8), scale.astype(SCALE[codec]).view(np.uint8)
+            q = np.rint(x / div[:, plan.segment])
+            np.minimum(q, 127, out=q)
+            np.maximum(q, -127, out=q)
+            out[:, plan.value_at] = q.astype(np.int8).view(np.uint8)
+            out[:, plan.scale_at] = scale.astype(SCALE[codec]).view(np.uint8)
         else:
-            values = x.astype(VALUE[codec]).view(np.uint8)  # (b, S * value bytes)
-        w, s = _width(VALUE[codec]), 0
-        for _, _, start, end, scale_at, value_at in plan.floats:
-            out[:, scale_at:value_at] = scales[:, s : s + value_at - scale_at]
-            out[:, value_at : value_at + w * (end - start)] = values[:, w * start : w * end]
-            s += value_at - scale_at
+            out[:, plan.value_at] = x.astype(VALUE[codec]).view(np.uint8)  # (b, S * value bytes)
     return [r.tobytes() for r in out]
 
 
@@ -128,23 +137,16 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
         if len(blob) != plan.size:
             raise ValueError(f"state blob {i} has {len(blob)} bytes, expected {plan.size} for codec {codec}")
     b = len(blobs)
-    raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(b, plan.size)  # (b, bytes)
+    raw = np.frombuffer(blobs[0] if b == 1 else b"".join(blobs), dtype=np.uint8).reshape(b, plan.size)  # (b, bytes)
     out: State = {}
     for name, shape, dtype, at, n in plan.ints:
         out[name] = torch.from_numpy(raw[:, at : at + 4 * n].copy().view("<i4").astype(np.int64)).reshape(b, *shape).to(dtype)
     if plan.floats:
-        w, s = _width(VALUE[codec]), 0
-        values, scales = np.empty((b, w * plan.floats[-1][3]), np.uint8), np.empty((b, plan.scale_bytes), np.uint8)
-        for _, _, start, end, scale_at, value_at in plan.floats:
-            scales[:, s : s + value_at - scale_at] = raw[:, scale_at:value_at]
-            values[:, w * start : w * end] = raw[:, value_at : value_at + w * (end - start)]
-            s += value_at - scale_at
-        x = values.view(VALUE[codec]).astype(np.float32)  # (b, S)
+        x = raw.take(plan.value_at, axis=1).view(VALUE[codec]).astype(np.float32)  # (b, S)
         if codec in SCALE:
-            x *= np.repeat(scales.view(SCALE[codec]).astype(np.float32), plan.lengths, axis=1)
-        flat = torch.from_numpy(x)
-        for name, shape, start, end, _, _ in plan.floats:
-            out[name] = flat[:, start:end].reshape(b, *shape).contiguous()  # a copy only when b > 1
+            x *= raw.take(plan.scale_at, axis=1).view(SCALE[codec]).astype(np.float32)[:, plan.segment]
+        for name, shape, start, end in plan.floats:
+            out[name] = torch.from_numpy(np.ascontiguousarray(x[:, start:end]).reshape(b, *shape))  # a copy only when b > 1
     return out
 
 
