@@ -3,7 +3,7 @@
 For each model at a MovieLens-1M-sized config (3706 items, 18 genres, d_model 64, 2 layers,
 max_len 200; HoloMambaRec also with temporal bundling of 4): the parameter count, the packed
 per-user state in bytes for each codec of model/state.py, and the wall time of one batched
-`step` on CPU at batch sizes 1, 64 and 1024 (and of the traced step the service runs, model/fast_step.py): median over rounds after warm-up, one step per
+`step` on CPU at batch sizes 1, 16, 64 and 1024 (and of the two compiled steps the service runs, model/fast_step.py): median over rounds after warm-up, one step per
 model per round, models interleaved so that load from other processes hits every model alike;
 under torch.inference_mode(), a fixed thread count (HOLOREC_THREADS or 1). Writes OUT/step.md and
 OUT/step.json, with the 1-minute load average: on a shared machine timings are only as quiet as it is.
@@ -25,12 +25,12 @@ import torch
 
 from bench.harness import command, hardware
 from model import MODELS as MODEL_NAMES, ModelConfig, SeqRecModel, build_model
-from model.fast_step import StepFn, serving_step
+from model.fast_step import SMALL_BATCH, StepFn, onnx_step, trace_step
 from model.state import CODECS, packed_size
 
 MODELS = (*((name, {}) for name in MODEL_NAMES), ("holomamba", {"bundle": 4}))  # every model, and HoloMambaRec bundling 4
-BATCHES = (1, 64, 1024)
-ROUNDS, QUICK_ROUNDS = {1: 300, 64: 60, 1024: 9}, {1: 20, 64: 5, 1024: 3}  # SASRec's b=1024 step alone takes seconds
+BATCHES = (1, 16, 64, 1024)
+ROUNDS, QUICK_ROUNDS = {1: 300, 16: 150, 64: 60, 1024: 9}, {1: 20, 16: 10, 64: 5, 1024: 3}  # SASRec's b=1024 step alone takes seconds
 N_ITEMS, N_ATTRS, MAX_ATTRS = 3706, 18, 3  # MovieLens-1M: 3706 rated movies, 18 genres, <= 3 kept per movie here
 
 
@@ -84,17 +84,18 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Config: {N_ITEMS} items, {N_ATTRS} attributes (<= {MAX_ATTRS} per item), d_model 64, 2 layers, max_len 200. "
         f"CPU, torch.inference_mode(), {meta['threads']} thread(s); median over interleaved rounds (p10-p90 in brackets).",
         "",
-        "| model | params | state B/user fp32 | fp16 | int8 | step b=1 (ms) | b=64 (ms) | b=1024 (ms) | b=1024 per user (us) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params | state B/user fp32 | fp16 | int8 | step b=1 (ms) | b=16 (ms) | b=64 (ms) | b=1024 (ms) | b=1024 per user (us) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s, st = r["state_bytes"], r["step"]
         cell = {b: f"{st[b]['median_ms']:.3f} [{st[b]['p10_ms']:.3f}-{st[b]['p90_ms']:.3f}]" for b in st}
         lines.append(f"| {r['model']} | {r['params']:,} | {s['float32']:,} | {s['float16']:,} | {s['int8']:,} | "
-                     f"{cell['1']} | {cell['64']} | {cell['1024']} | {1e3 * st['1024']['median_ms'] / 1024:.1f} |")
-    lines += ["", "Rows named `served` time the step the service runs for that model (model/fast_step.py): a frozen TorchScript "
-              "trace of `step`, used where the model's step has no branch on the data and the trace reproduces it; other "
-              "models serve their eager `step`.",
+                     f"{cell['1']} | {cell['16']} | {cell['64']} | {cell['1024']} | {1e3 * st['1024']['median_ms'] / 1024:.1f} |")
+    lines += ["", "Rows named `served` time the compiled steps the service runs for that model (model/fast_step.py): `step` "
+              f"exported to ONNX Runtime for batches up to {SMALL_BATCH} users, a frozen TorchScript trace of it for larger ones, "
+              "each used where the model's step has no branch on the data and it reproduces the eager step; other models "
+              "serve their eager `step`.",
               "", "HoloMambaRec indexes its HRR item table, encoded once per weight update (SeqRecModel.table), not per event.",
               "", "Every model's state is the same size after 1 event or 100,000 (SASRec's is its window of max_len item ids). "
               "A bundled HoloMambaRec still runs one SSM step per event (a peek, or the commit of a full group); "
@@ -114,9 +115,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models: dict[str, tuple[SeqRecModel, StepFn]] = {}
     for label, m in (build(n, **k) for n, k in MODELS):
         models[label] = (m, m.step)  # eager
-        served = serving_step(m)
-        if served != m.step:  # what the service runs instead, where the trace is exact
-            models[label + ", served: frozen TorchScript trace"] = (m, served)
+        for how, fn in (("ONNX Runtime", onnx_step(m)), ("frozen TorchScript trace", trace_step(m))):
+            if fn is not None:  # what the service runs instead, where it is exact
+                models[f"{label}, served: {how}"] = (m, fn)
     rows = [{"model": label, "params": sum(p.numel() for p in m.parameters()),
              "state_bytes": {c: packed_size(m.init_state(1), c) for c in CODECS}, "step": {}} for label, (m, _) in models.items()]
     for b in BATCHES:

@@ -1,26 +1,32 @@
-"""The serving `step`, traced and frozen by TorchScript: the same ops without Python between them.
+"""The serving `step` without Python between its ops: ONNX Runtime for small batches, a frozen TorchScript trace for large.
 
 One event's step is some forty small tensor ops at batch 1; eager PyTorch spends most of their time in
-Python dispatch. A frozen trace runs HoloMambaRec's step 2x faster at batch 1 and 1.4x at batch 64 (`holorec
-bench step`, bench/results/step.md). A trace records one path through the code, so it is used only for models whose
-`step` has no branch on the data (`SeqRecModel.traceable_step`), and only after it reproduces the eager
-`step` within 1e-5 at two batch sizes; anything else, or a failed trace, serves the eager `step`.
+Python dispatch. Two compiled forms of the same `step` each win where the other loses (`holorec bench step`,
+bench/results/step.md): ONNX Runtime runs HoloMambaRec's step 2-2.5x faster than the trace at batch 1
+(the case of one event at a time) but slower from about 20 users up, where the trace's kernels
+vectorise better; so batches up to SMALL_BATCH go to ONNX Runtime and larger ones to the trace.
+Both record one path through the code, so they are used only for models whose `step` has no branch on
+the data (`SeqRecModel.traceable_step`), and each only after it reproduces the eager `step` within 1e-5
+at two batch sizes; anything else, or a failed export, serves the eager `step`.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from model.protocol import SeqRecModel, State
 
 StepFn = Callable[[Tensor, State], tuple[Tensor, State]]
+SMALL_BATCH = 16  # up to this many users per step, ONNX Runtime; more, the trace (bench/results/step.md)
 
 
 class _Positional(nn.Module):
-    """step(items, state dict) as a function of tensors only, which is what a trace takes and returns."""
+    """step(items, state dict) as a function of tensors only, which is what a trace or an export takes and returns."""
 
     def __init__(self, model: SeqRecModel, keys: list[str]) -> None:
         super().__init__()
@@ -33,9 +39,24 @@ class _Positional(nn.Module):
 
 @torch.inference_mode()
 def serving_step(model: SeqRecModel) -> StepFn:
-    """A frozen trace of `model.step` (eval mode, weights fixed from now on), or `model.step` itself."""
-    if not model.traceable_step:
+    """The step the service runs: ONNX Runtime up to SMALL_BATCH users and the trace above, where each is exact;
+    whichever of them is missing, `model.step` in its place."""
+    small, large = onnx_step(model), trace_step(model)
+    if small is None and large is None:
         return model.step
+    small, large = small or model.step, large or model.step
+
+    def step(items: Tensor, state: State) -> tuple[Tensor, State]:  # (b,), state -> (b, d), state
+        return (small if items.shape[0] <= SMALL_BATCH else large)(items, state)
+
+    return step
+
+
+@torch.inference_mode()
+def trace_step(model: SeqRecModel) -> StepFn | None:
+    """A frozen TorchScript trace of `model.step` (eval mode, weights fixed from now on), or None."""
+    if not model.traceable_step:
+        return None
     keys = list(model.init_state(1))
     try:
         with warnings.catch_warnings():  # the tracer's warnings about constant shapes: what it records is checked below
@@ -43,18 +64,54 @@ def serving_step(model: SeqRecModel) -> StepFn:
             warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; where it is gone, eager serves
             traced = torch.jit.freeze(torch.jit.trace(_Positional(model.eval(), keys).eval(), _example(model, 1, keys), check_trace=False))
     except Exception:  # noqa: BLE001 - any failure to trace leaves the eager step, which is always right
-        return model.step
+        return None
 
     def step(items: Tensor, state: State) -> tuple[Tensor, State]:  # (b,), state -> (b, d), state
         out = traced(items, *(state[k] for k in keys))
         return out[0], dict(zip(keys, out[1:]))
 
-    for b in (1, 3, 1, 3):  # also warms the TorchScript executor, whose first calls are slow
+    return step if _exact(model, step, keys) else None  # _exact also warms the TorchScript executor, whose first calls are slow
+
+
+@torch.inference_mode()
+def onnx_step(model: SeqRecModel) -> StepFn | None:
+    """`model.step` exported to ONNX and run by ONNX Runtime on this process's torch thread count, or None."""
+    if not model.traceable_step:
+        return None
+    keys = list(model.init_state(1))
+    names = ["items", *keys]
+    try:
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's tracer and deprecation warnings: what it records is checked below
+            torch.onnx.export(_Positional(model.eval(), keys).eval(), _example(model, 1, keys), buf, dynamo=False,
+                              input_names=names, output_names=["h", *(k + "_next" for k in keys)],
+                              dynamic_axes={n: {0: "b"} for n in [*names, "h", *(k + "_next" for k in keys)]})
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not busy-wait on a shared CPU
+        session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - no onnxruntime, or an op it cannot export: the trace or eager serves
+        return None
+
+    def step(items: Tensor, state: State) -> tuple[Tensor, State]:  # (b,), state -> (b, d), state
+        out = session.run(None, {"items": items.numpy(), **{k: np.ascontiguousarray(state[k].numpy()) for k in keys}})
+        return torch.from_numpy(out[0]), {k: torch.from_numpy(v) for k, v in zip(keys, out[1:])}
+
+    return step if _exact(model, step, keys) else None
+
+
+def _exact(model: SeqRecModel, step: StepFn, keys: list[str]) -> bool:
+    """Does `step` reproduce the eager step within 1e-5, at batch 1 and 3, twice (the second time on a warm executor)?"""
+    for b in (1, 3, 1, 3):
         args = _example(model, b, keys, seed=b)
         want, got = model.step(args[0], dict(zip(keys, args[1:]))), step(args[0], dict(zip(keys, args[1:])))
-        if any(not torch.allclose(w, g, atol=1e-5, rtol=0) for w, g in zip((want[0], *want[1].values()), (got[0], *got[1].values()))):
-            return model.step
-    return step
+        pairs = zip((want[0], *want[1].values()), (got[0], *(got[1][k] for k in want[1])))
+        if any(w.shape != g.shape or not torch.allclose(w, g.to(w.dtype), atol=1e-5, rtol=0) for w, g in pairs):
+            return False
+    return True
 
 
 def _example(model: SeqRecModel, b: int, keys: list[str], seed: int = 0) -> tuple[Tensor, ...]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import MODELS, ModelConfig, build_model
-from model.fast_step import serving_step
+from model.fast_step import SMALL_BATCH, onnx_step, serving_step, trace_step
 from model.state import pack, packed_size
 
 BASELINES = tuple(m for m in MODELS if m != "holomamba")
@@ -66,11 +66,13 @@ def test_recent_attention_step_reproduces_forward(batch: int, length: int) -> No
 @pytest.mark.parametrize("name,kw,traced", [("holomamba", {}, True), ("holomamba", {"recent_attn": 4}, True),
                                             ("gru4rec", {}, False), ("holomamba", {"bundle": 3}, False),
                                             ("sasrec", {}, False), ("elastic", {}, False)])
-def test_serving_step_is_a_trace_where_exact_and_reproduces_forward(name: str, kw: dict, traced: bool) -> None:
+def test_serving_step_is_compiled_where_exact_and_reproduces_forward(name: str, kw: dict, traced: bool) -> None:
+    """ONNX Runtime up to SMALL_BATCH users, the trace above: both exact, and both present for a traceable model."""
     m = make(name, **kw)
+    assert (onnx_step(m) is not None, trace_step(m) is not None) == (traced, traced)
     step = serving_step(m)
     assert (step != m.step) == traced  # a model whose step branches on the data keeps its eager step
-    for batch, length in [(1, 30), (4, 64)] if traced else []:  # the eager steps' own tests are above and below
+    for batch, length in [(1, 30), (4, 64), (SMALL_BATCH + 1, 20)] if traced else []:  # the eager steps' own tests are above and below
         assert worst_step_gap(m, left_padded(batch, length), step) < 1e-4
 
 
