@@ -1,6 +1,8 @@
 """The baselines (GRU4Rec, SASRec, ELASTIC) and bundled HoloMambaRec keep the step contract, constant state size, and learn."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -74,6 +76,17 @@ def test_serving_step_is_compiled_where_exact_and_reproduces_forward(name: str, 
     assert (step != m.step) == traced  # a model whose step branches on the data keeps its eager step
     for batch, length in [(1, 30), (4, 64), (SMALL_BATCH + 1, 20)] if traced else []:  # the eager steps' own tests are above and below
         assert worst_step_gap(m, left_padded(batch, length), step) < 1e-4
+
+
+def test_serving_step_without_onnxruntime_is_the_trace_at_every_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without onnxruntime (a platform with no wheel) still serves the exact compiled step."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    m = make("holomamba")
+    assert onnx_step(m) is None and trace_step(m) is not None
+    step = serving_step(m)
+    assert step != m.step
+    for batch in (1, SMALL_BATCH + 1):
+        assert worst_step_gap(m, left_padded(batch, 12), step) < 1e-4
 
 
 @pytest.mark.parametrize("length", [1, 9, 64])
