@@ -2,8 +2,9 @@
 
 One event's step is some forty small tensor ops at batch 1; eager PyTorch spends most of their time in
 Python dispatch. Two compiled forms of the same `step` each win where the other loses (`holorec bench step`,
-bench/results/step.md): ONNX Runtime runs HoloMambaRec's step 2-2.5x faster than the trace at batch 1
-(the case of one event at a time) but slower from about 20 users up, where the trace's kernels
+bench/results/step.md, README): ONNX Runtime runs HoloMambaRec's step faster than the trace at batch 1 (the
+case of one event at a time: 7% in `bench step`, whose models take turns and so run with cold caches, 2-2.5x
+hot) and at 8 users, level to slower at 16, and slower from about 20 users up, where the trace's kernels
 vectorise better; so batches up to SMALL_BATCH go to ONNX Runtime and larger ones to the trace.
 Both record one path through the code, so they are used only for models whose `step` has no branch on
 the data (`SeqRecModel.traceable_step`), and each only after it reproduces the eager `step` within 1e-5
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from model.protocol import SeqRecModel, State
 
 StepFn = Callable[[Tensor, State], tuple[Tensor, State]]
-SMALL_BATCH = 16  # up to this many users per step, ONNX Runtime; more, the trace (bench/results/step.md)
+SMALL_BATCH = 8  # up to this many users per step, ONNX Runtime; more, the trace (bench/results/step.md, README)
 
 
 class _Positional(nn.Module):

@@ -38,7 +38,6 @@ class Scorer:
         self.records, self.ckpt, self.model, self.s, self.seen = records, records.ckpt, records.model, records.s, records.seen
         with torch.inference_mode():
             self.table = self.model.item_table().detach().clone()  # (v, d)
-        self.table_np = self.table.numpy()  # the same memory: numpy's product costs a third less than torch's at batch 1
         self.index = IVFIndex(self.table, self.s.ann_lists, self.s.ann_probe) if self.s.ann_lists else None
         self.popular = [i for i in self.ckpt.popular if 0 < i <= len(self.ckpt.items)]
         self.attr_masks: dict[int, Tensor] = {}
@@ -60,9 +59,8 @@ class Scorer:
         if with_state:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                hn = np.stack([loaded[i].record.vector for i in with_state])  # (n, d)
-                h = torch.from_numpy(hn)
-                exact = torch.from_numpy(hn @ self.table_np.T) if self.index is None else None  # (n, v): one product for the batch
+                h = torch.from_numpy(np.stack([loaded[i].record.vector for i in with_state]))  # (n, d)
+                exact = h @ self.table.T if self.index is None else None  # (n, v): one product for the batch
                 for row, i in enumerate(with_state):
                     q = queries[i]
                     if exact is not None:
