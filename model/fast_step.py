@@ -2,10 +2,11 @@
 
 One event's step is some forty small tensor ops at batch 1; eager PyTorch spends most of their time in
 Python dispatch. Two compiled forms of the same `step` each win where the other loses (`holorec bench step`,
-bench/results/step.md, README): ONNX Runtime runs HoloMambaRec's step faster than the trace at batch 1 (the
-case of one event at a time: 3-7% in `bench step`, whose models take turns and so run with cold caches, 2-2.5x
-hot; an event 7-13% cheaper in the service, README) and at 8 users, level to slower at 16, and slower from about 20 users up, where the trace's kernels
-vectorise better; so batches up to SMALL_BATCH go to ONNX Runtime and larger ones to the trace.
+bench/results/step.md, README): ONNX Runtime runs HoloMambaRec's step faster than the trace at batch 1, the
+case of one event at a time (3-7% in `bench step`, whose models take turns and so run with cold caches; 2-2.5x
+hot; an event 7-13% cheaper in the service), and at 8 users; it is level to slower at 16 and slower from about
+20 users up, where the trace's kernels vectorise better. So batches up to SMALL_BATCH go to ONNX Runtime and
+larger ones to the trace.
 Both record one path through the code, so they are used only for models whose `step` has no branch on
 the data (`SeqRecModel.traceable_step`), and each only after it reproduces the eager `step` within 1e-5
 at two batch sizes; anything else, or a failed export, serves the eager `step`.
