@@ -5,7 +5,9 @@ the user's training sequence, left-padded to max_len), so it covers every traini
 inside the window. Loss: full-softmax cross-entropy over all items (SeqRecModel.loss). AdamW with
 weight decay on matrices and embeddings only (not biases, norms, or the SSM's A_log and D, as
 Mamba exempts them), gradient norm clipped at 1; a non-finite loss stops training (best weights kept, reason in the
-report). After each epoch: validation NDCG@10 (full ranking), the learning rate halved after every
+report). With `config.ema` > 0 an exponential moving average of the weights is kept beside them (Polyak averaging,
+decay min(ema, (1 + t) / (10 + t)) at step t so the early average is not the random start), and it is the average that
+is validated, kept as best and saved: the weights as served. After each epoch: validation NDCG@10 (full ranking), the learning rate halved after every
 `config.lr_halve_after` epochs without a better one when that is set; the best
 epoch's weights are kept and training stops after `patience` epochs without improvement that also
 hold at least `patience_steps` optimizer steps: on a small log an epoch is a handful of steps
@@ -121,9 +123,20 @@ def train(
     def validate() -> dict[str, float]:  # a burned-in model is chosen on what it is trained for: the whole history's state
         return evaluate(model, valid_h, valid_t, device=device, full_history=config.burn_in > 0) if valid_t else {"NDCG@10": 0.0}
 
+    def averaged(run: Any) -> Any:  # run() with the moving average loaded in place of the weights (the weights when off)
+        if ema is None:
+            return run()
+        weights = _copy_state(model)
+        model.load_state_dict(ema)
+        try:
+            return run()
+        finally:
+            model.load_state_dict(weights)
+
     run_key = {"data": ds.summary(), "config": config.to_dict(), "seed": seed, "lr": lr, "batch_size": batch_size,
                "patience": patience, "patience_steps": patience_steps}  # what makes a saved epoch this run's
-    saved = _load_progress(progress_file, run_key, model, opt, shuffle) if progress_file else None
+    ema = _copy_state(model) if config.ema > 0 else None  # the averaged weights, float tensors updated in place
+    saved = _load_progress(progress_file, run_key, model, opt, shuffle, ema) if progress_file else None
     if saved is None:
         best = validate()  # the untrained model is the bar to beat
         history: list[dict[str, Any]] = [{"epoch": 0, "valid": best}]
@@ -152,6 +165,9 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if ema is not None:
+                t = (epoch - 1) * len(batches) + s  # optimizer steps before this one
+                _average(ema, model, min(config.ema, (1 + t) / (10 + t)))
             n = int((y > 0).sum())
             seen, total = seen + n, total + loss.item() * n
             bar.set_postfix(loss=f"{loss.item():.3f}", pos_s=f"{seen / (time.perf_counter() - t_epoch):,.0f}")
@@ -160,12 +176,12 @@ def train(
                 print(f"stopping: {stopped}")
             break
         seconds = time.perf_counter() - t_epoch
-        valid = validate()
+        valid = averaged(validate)
         history.append({"epoch": epoch, "loss": total / seen, "seconds": seconds, "positions_per_s": seen / seconds, "valid": valid,
                         "lr": opt.param_groups[0]["lr"]})
         improved = valid["NDCG@10"] > best["NDCG@10"]
         if improved:
-            best, best_epoch, best_state, bad = valid, epoch, _copy_state(model), 0
+            best, best_epoch, best_state, bad = valid, epoch, averaged(lambda: _copy_state(model)), 0
         else:
             bad += 1
         halve = not improved and config.lr_halve_after > 0 and bad % config.lr_halve_after == 0
@@ -177,7 +193,7 @@ def train(
             print(f"epoch {epoch}: loss {total / seen:.4f}, {seen / seconds:,.0f} positions/s, valid {format_metrics(valid)}{' *' if improved else ''}{note}", flush=True)
         early_stopped = bad >= max(patience, -(-patience_steps // len(batches)))
         if progress_file is not None:
-            _save_progress(progress_file, run_key, model, opt, shuffle, best_state, {
+            _save_progress(progress_file, run_key, model, opt, shuffle, best_state, ema, {
                 "best": best, "history": history, "best_epoch": best_epoch, "bad": bad, "early_stopped": early_stopped,
                 "seconds": time.perf_counter() - t0})
         if early_stopped:
@@ -245,11 +261,22 @@ def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@torch.no_grad()
+def _average(ema: dict[str, Tensor], model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay ema + (1 - decay) weights, for every float tensor of the state (integer buffers are copied)."""
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            ema[k].lerp_(v, 1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
 def _save_progress(path: Path, key: dict[str, Any], model: SeqRecModel, opt: torch.optim.Optimizer, shuffle: torch.Generator,
-                   best_state: dict[str, Tensor], loop: dict[str, Any]) -> None:
+                   best_state: dict[str, Tensor], ema: dict[str, Tensor] | None, loop: dict[str, Any]) -> None:
     """One safetensors file (tensors, and the loop's counters as JSON in its metadata), replaced atomically: a run
     killed mid-write keeps the epoch before."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | {f"best.{k}": v for k, v in best_state.items()}
+    tensors |= {f"ema.{k}": v for k, v in (ema or {}).items()}
     for i, s in opt.state_dict()["state"].items():  # AdamW: step, exp_avg, exp_avg_sq per parameter
         tensors |= {f"opt.{i}.{k}": v for k, v in s.items()}
     tensors |= {"rng.torch": torch.get_rng_state(), "rng.shuffle": shuffle.get_state()}
@@ -263,8 +290,8 @@ def _save_progress(path: Path, key: dict[str, Any], model: SeqRecModel, opt: tor
 
 
 def _load_progress(path: Path, key: dict[str, Any], model: SeqRecModel, opt: torch.optim.Optimizer,
-                   shuffle: torch.Generator) -> dict[str, Any] | None:
-    """Restore what _save_progress wrote into model, opt and the generators; -> the loop's counters and best weights.
+                   shuffle: torch.Generator, ema: dict[str, Tensor] | None) -> dict[str, Any] | None:
+    """Restore what _save_progress wrote into model, opt, ema and the generators; -> the loop's counters and best weights.
     None (start afresh) when there is no file or it is another run's."""
     if not path.exists():
         return None
@@ -278,6 +305,8 @@ def _load_progress(path: Path, key: dict[str, Any], model: SeqRecModel, opt: tor
         print(f"{path}: unreadable ({e}); starting the run afresh", file=sys.stderr)
         return None
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    for k in ema or {}:
+        ema[k].copy_(t[f"ema.{k}"])
     sd = opt.state_dict()
     sd["state"] = {}
     for k, v in t.items():

@@ -195,11 +195,13 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
     assert not list((tmp_path / "partial").glob("*"))  # a finished run's saved epoch is gone
 
 
-def test_a_run_cut_off_carries_on_from_its_last_epoch_bit_for_bit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_a_run_cut_off_carries_on_from_its_last_epoch_bit_for_bit(tmp_path: Path, ema: float) -> None:
     """A CPU run longer than a working session: saved after every epoch, started again it carries on and ends
-    exactly where an uncut run ends (weights, dropout and shuffling streams, optimizer moments, patience)."""
+    exactly where an uncut run ends (weights, dropout and shuffling streams, optimizer moments, patience, the
+    weights' moving average)."""
     ds = synthetic(n_users=60, n_items=30, n_attrs=3, seed=4, seq_len=(5, 12))
-    cfg = ModelConfig(model="holomamba", d_model=16, max_len=12, dropout=0.3)
+    cfg = ModelConfig(model="holomamba", d_model=16, max_len=12, dropout=0.3, ema=ema)
     kw: dict = dict(lr=5e-3, batch_size=16, seed=0, patience=10, patience_steps=0, progress=False)
     whole_ckpt, whole = train(ds, cfg, epochs=3, **kw)
     saved = tmp_path / "partial" / "run.safetensors"
@@ -382,3 +384,32 @@ def test_bench_accuracy_reads_runs_recorded_before_weight_decay_was(tmp_path: Pa
     out = capsys.readouterr().out
     assert "gru4rec seed 0: already in" in out and "gru4rec:weight_decay=0.1 seed 0: already in" in out
     assert again["runs"].keys() == first["runs"].keys()
+
+
+def test_ema_validates_keeps_and_saves_the_moving_average_of_the_weights() -> None:
+    """config.ema: after each optimizer step avg <- d avg + (1 - d) weights with d = min(ema, (1 + t) / (10 + t));
+    the average, not the last weights, is what validation scores and the checkpoint holds."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    ds = synthetic(n_users=40, n_items=20, n_attrs=2, seed=1, seq_len=(5, 8))
+    cfg = ModelConfig(d_model=16, max_len=8, dropout=0.0, ema=0.9)
+    snaps: list[dict[int, Tensor]] = []  # the weights before the first step, then after each step
+
+    def snap(opt: torch.optim.Optimizer, *_: object) -> None:
+        snaps.append({id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]})
+
+    hooks = [register_optimizer_step_pre_hook(lambda opt, *a: None if snaps else snap(opt)), register_optimizer_step_post_hook(snap)]
+    try:
+        ckpt, report = train(ds, cfg, epochs=1, lr=1e-2, batch_size=8, patience=5, progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert report["best_epoch"] == 1 and len(snaps) > 3
+    avg = snaps[0]
+    for t, w in enumerate(snaps[1:]):
+        d = min(0.9, (1 + t) / (10 + t))
+        avg = {k: d * a + (1 - d) * w[k] for k, a in avg.items()}
+    for name, p in ckpt.model.named_parameters():
+        assert torch.allclose(p, avg[id(p)], atol=1e-6), name
+        assert p.numel() == 1 or not torch.allclose(p, snaps[-1][id(p)], atol=1e-6), name  # not the last weights
+    assert report["valid"] == evaluate(ckpt.model, *split(ds, cfg.max_len).eval_set("valid"))
