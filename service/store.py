@@ -39,23 +39,25 @@ from service.cache import RecordCache
 from service.metrics import REDIS_LATENCY
 from service.record import REVISION_OFFSET, stored_revision
 
-# KEYS[1] record; ARGV[1] the 8 revision bytes expected at the record's REVISION_OFFSET (all zero: absent or
-# revision 0; empty: a value too short to hold them, i.e. corrupt); ARGV[2] new value; ARGV[3] TTL s (0: none).
-# Revisions are compared as bytes: Lua numbers are doubles, exact only to 2^53, and a corrupt record can hold any
-# 64-bit revision. Lua strings count from 1.
+# KEYS: records; ARGV[1] TTL s (0: none); then per key i, ARGV[2i] the 8 revision bytes expected at the record's
+# REVISION_OFFSET (all zero: absent or revision 0; empty: a value too short to hold them, i.e. corrupt) and ARGV[2i+1]
+# the new value. -> 1 (written) or 0 per key. Each key is compared and set on its own: atomically per user, as the
+# whole script runs without interruption. Revisions are compared as bytes: Lua numbers are doubles, exact only to
+# 2^53, and a corrupt record can hold any 64-bit revision. Lua strings and tables count from 1.
 CAS_SCRIPT = f"""
-local cur = redis.call('GET', KEYS[1])
-local rev = string.rep(string.char(0), 8)
-if cur then
-  if string.len(cur) < {REVISION_OFFSET + 8} then rev = '' else rev = string.sub(cur, {REVISION_OFFSET + 1}, {REVISION_OFFSET + 8}) end
+local ttl, absent, out = tonumber(ARGV[1]), string.rep(string.char(0), 8), {{}}
+for i, key in ipairs(KEYS) do
+  local cur, rev = redis.call('GET', key), absent
+  if cur then
+    if string.len(cur) < {REVISION_OFFSET + 8} then rev = '' else rev = string.sub(cur, {REVISION_OFFSET + 1}, {REVISION_OFFSET + 8}) end
+  end
+  out[i] = 0
+  if rev == ARGV[2 * i] then
+    if ttl > 0 then redis.call('SET', key, ARGV[2 * i + 1], 'EX', ttl) else redis.call('SET', key, ARGV[2 * i + 1]) end
+    out[i] = 1
+  end
 end
-if rev ~= ARGV[1] then return 0 end
-if tonumber(ARGV[3]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[2])
-end
-return 1
+return out
 """
 
 
@@ -115,8 +117,10 @@ class RedisStore:
 
     The CAS goes as EVAL with the script's text, not EVALSHA: one round trip, and nothing to
     reload after a Redis restart (NOSCRIPT), failover or resharding; Redis caches the compiled
-    script by its hash either way. On a cluster, pipelined reads and writes are single-key
-    commands that redis-py routes by slot: no MGET across slots.
+    script by its hash either way. A batch's writes are one EVAL over all its keys (one script
+    text sent, one command parsed); on a cluster, where keys of other slots cannot share a
+    script, one EVAL per key in a pipeline, and pipelined reads rather than one MGET, which
+    redis-py routes by slot.
     """
 
     kind = "redis"
@@ -193,15 +197,16 @@ class RedisStore:
         started = cache.writing([k for k, _, _ in writes]) if cache else None
         oks = [False] * len(writes)
         try:
-            args = [(key, b"" if expected < 0 else struct.pack("<Q", expected), value, ttl_s or 0) for key, expected, value in writes]
+            args = [(key, b"" if expected < 0 else struct.pack("<Q", expected), value) for key, expected, value in writes]
             with self._op("cas"):
-                if len(args) == 1:  # one user (an event at low load): a pipeline object costs more than the command
-                    oks = [bool(self.r.execute_command("EVAL", CAS_SCRIPT, 1, *args[0]))]
+                if not self.cluster:
+                    keys, pairs = [a[0] for a in args], [x for a in args for x in a[1:]]
+                    oks = [bool(x) for x in self.r.execute_command("EVAL", CAS_SCRIPT, len(keys), *keys, ttl_s or 0, *pairs)]
                 else:
                     pipe = self.r.pipeline(transaction=False)
-                    for a in args:
-                        pipe.execute_command("EVAL", CAS_SCRIPT, 1, *a)
-                    oks = [bool(x) for x in pipe.execute()]
+                    for key, expected_bytes, value in args:
+                        pipe.execute_command("EVAL", CAS_SCRIPT, 1, key, ttl_s or 0, expected_bytes, value)
+                    oks = [bool(x[0]) for x in pipe.execute()]
         finally:
             if cache:
                 cache.written(started, [(k, v) for k, _, v in writes], oks)  # type: ignore[arg-type]

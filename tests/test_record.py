@@ -100,3 +100,28 @@ def test_a_new_codec_or_window_setting_keeps_the_users_state(tmp_path) -> None:
     got = unpack([r.state], ckpt.model.init_state(1), "int8-rows")
     for k in ("ssm0", "ssm1"):  # the SSM states remember more than 10 events: a replay of the window is far off
         assert (got[k] - whole[k]).abs().max() < 1e-3 < 5e-3 < (got[k] - last_10[k]).abs().max()
+
+
+def test_one_compare_and_set_script_writes_a_batch_key_by_key(namespace: str) -> None:
+    """RedisStore.cas_many on plain Redis: one EVAL for the whole batch, each key compared on its own revision bytes
+    (absent = 0, a value too short to hold a revision matches nothing), the TTL set on each written key."""
+    import redis
+
+    from service.store import RedisStore, user_key
+    from tests.conftest import REDIS_URL
+
+    r, store = redis.Redis.from_url(REDIS_URL), RedisStore(REDIS_URL)
+    keys = [user_key(namespace, u) for u in ("new", "current", "stale", "short", "huge")]
+
+    def value(rev: int, body: bytes) -> bytes:
+        return b"HREC" + bytes(rec.REVISION_OFFSET - 4) + rev.to_bytes(8, "little") + body
+
+    r.set(keys[1], value(3, b"a")), r.set(keys[2], value(5, b"b")), r.set(keys[3], b"HR"), r.set(keys[4], value(2**64 - 1, b"c"))
+    evals = int(r.info("commandstats").get("cmdstat_eval", {}).get("calls", 0))
+    writes = [(keys[0], 0, value(1, b"n")), (keys[1], 3, value(4, b"a2")), (keys[2], 4, value(5, b"b2")),
+              (keys[3], 0, value(1, b"s")), (keys[4], 2**64 - 1, value(1, b"c2"))]
+    assert store.cas_many(writes, 100) == [True, True, False, False, True]
+    assert int(r.info("commandstats")["cmdstat_eval"]["calls"]) == evals + 1
+    assert [r.get(k) for k in keys] == [value(1, b"n"), value(4, b"a2"), value(5, b"b"), b"HR", value(1, b"c2")]
+    assert [0 < r.ttl(k) <= 100 for k in keys] == [True, True, False, False, True]
+    assert store.cas_many([(keys[0], 1, value(2, b"n2"))], None) == [True] and r.ttl(keys[0]) == -1  # no TTL: none kept
