@@ -187,6 +187,16 @@ def _median_ms(fn, n: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def clear_namespace(redis_url: str, ns: str) -> None:
+    """Delete every key under holorec:<ns>*."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    keys = list(r.scan_iter(f"holorec:{ns}*", count=1000))
+    for i in range(0, len(keys), 1000):
+        r.delete(*keys[i : i + 1000])
+
+
 def section_load(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str, Any]:
     """Throughput and latency under load; each figure the median of `repeats` runs."""
     repeats, seconds = (1, 2) if quick else (3, 6)
@@ -562,10 +572,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["load_avg"][name] = _load_avg()
             result["cpu"][name] = _cpu_share(ticks, _cpu_ticks())
     finally:
-        r = redis.Redis.from_url(redis_url)
-        keys = list(r.scan_iter(f"holorec:{ns}*", count=1000))
-        for s in range(0, len(keys), 1000):
-            r.delete(*keys[s : s + 1000])
+        clear_namespace(redis_url, ns)
         shutil.rmtree(tmp, ignore_errors=True)
     result["seconds"] = time.perf_counter() - t_all
     out_dir.mkdir(parents=True, exist_ok=True)
