@@ -82,8 +82,8 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
                 key = f"{name} lr={lr} dropout={dropout}"
                 if key in res["runs"]:
                     continue
-                cfg = model_config(name, d_model=64, max_len=max_len, dropout=dropout,
-                                   weight_decay=hyper(name.partition(":")[0], ds.kind)["weight_decay"])
+                h = hyper(name.partition(":")[0], ds.kind)
+                cfg = model_config(name, d_model=64, max_len=max_len, dropout=dropout, weight_decay=h["weight_decay"], ema=h["ema"])
                 partial = _partial(path.parent, ds.name, key)
                 _, rep = train(ds, cfg, epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=0, patience=args.patience,
                                patience_steps=getattr(args, "patience_steps", 500), device=args.device, progress=True,
@@ -148,10 +148,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         h = hyper(name.partition(":")[0], ds.kind)
         lr = args.lr if getattr(args, "lr", None) is not None else h["lr"]
         dropout = args.dropout if getattr(args, "dropout", None) is not None else h["dropout"]
-        cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout, weight_decay=h["weight_decay"])
-        settings = {"lr": lr, "dropout": dropout, "weight_decay": cfg.weight_decay, "epochs": epochs, "patience": patience,
+        cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout, weight_decay=h["weight_decay"], ema=h["ema"])
+        settings = {"lr": lr, "dropout": dropout, "weight_decay": cfg.weight_decay, "ema": cfg.ema, "epochs": epochs, "patience": patience,
                     "patience_steps": patience_steps, "max_len": max_len, "d_model": cfg.d_model,
-                    "batch_size": batch_size}  # d_model and weight_decay as the row name may set them
+                    "batch_size": batch_size}  # d_model, weight_decay and ema as the row name may set them
         if name.startswith("holomamba"):  # a changed default state size is another model, never a finished run of this one
             settings["d_state"] = cfg.d_state
         settings_of[name] = settings
@@ -189,9 +189,10 @@ def _partial(out: Path, dataset: str, run: str) -> Path:
 
 
 def _settings(name: str, run: dict[str, Any]) -> dict[str, Any]:
-    """A recorded run's settings. One written before weight decay was recorded trained at what its row name set,
-    else at ModelConfig's default (then the only one)."""
-    return {"weight_decay": model_config(name).weight_decay} | run.get("settings", {})
+    """A recorded run's settings. One written before weight decay (or ema) was recorded trained at what its row name
+    set, else at ModelConfig's default (then the only one)."""
+    cfg = model_config(name)
+    return {"weight_decay": cfg.weight_decay, "ema": cfg.ema} | run.get("settings", {})
 
 
 def _write(stem: Path, result: dict[str, Any], t0: float, settings_of: dict[str, dict[str, Any]]) -> dict[str, Any]:

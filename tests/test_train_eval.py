@@ -184,7 +184,7 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
                               patience=3, device="cpu")
     first = run(args)
     (r,) = first["runs"]["gru4rec"]
-    assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "weight_decay": 0.01, "epochs": 2, "patience": 3, "patience_steps": 0, "max_len": 50, "d_model": 32,
+    assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "weight_decay": 0.01, "ema": 0.0, "epochs": 2, "patience": 3, "patience_steps": 0, "max_len": 50, "d_model": 32,
                              "batch_size": 128}
     assert 0 <= r["best_epoch"] <= r["epochs_run"] == 2 and len(r["valid_curve"]) == 3
     again = run(args)
@@ -348,6 +348,8 @@ def test_weight_decay_defaults_per_model_and_dataset_kind() -> None:
     assert hyper("sasrec", "s3rec")["weight_decay"] == 0.3
     assert hyper("elastic", "s3rec")["weight_decay"] == hyper("holomamba", "movielens")["weight_decay"] == 0.01
     assert hyper("holomamba", "s3rec")["dropout"] == 0.5 and hyper("holomamba", "s3rec")["lr"] == 1e-3
+    assert hyper("holomamba", "s3rec")["ema"] == hyper("sasrec", "s3rec")["ema"] == 0.999  # a moving average of the weights
+    assert hyper("gru4rec", "s3rec")["ema"] == hyper("sasrec", "movielens")["ema"] == 0.0
 
 
 def test_learning_rate_halves_after_each_run_of_epochs_without_a_better_validation(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -365,24 +367,25 @@ def test_learning_rate_halves_after_each_run_of_epochs_without_a_better_validati
     assert [h["lr"] for h in plain["history"][1:]] == [1e-3, 1e-3]
 
 
-def test_bench_accuracy_reads_runs_recorded_before_weight_decay_was(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A table written before settings held weight_decay resumes: its runs trained at the row's weight decay."""
+@pytest.mark.parametrize("setting", ["weight_decay", "ema"])
+def test_bench_accuracy_reads_runs_recorded_before_a_setting_was(tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str) -> None:
+    """A table written before settings held weight_decay (or ema) resumes: its runs trained at the row's value."""
     import argparse
 
     from bench.accuracy import run
 
     args = argparse.Namespace(out=str(tmp_path), quick=True, data="synthetic", epochs=2, seeds=1,
-                              models="gru4rec,gru4rec:weight_decay=0.1", patience=3, device="cpu")
+                              models=f"gru4rec,gru4rec:{setting}=0.1", patience=3, device="cpu")
     first = run(args)
     path = tmp_path / "accuracy_synthetic_2ep.json"
     old = json.loads(path.read_text())
     for rs in old["runs"].values():
-        del rs[0]["settings"]["weight_decay"]
+        del rs[0]["settings"][setting]
     path.write_text(json.dumps(old))
     capsys.readouterr()
     again = run(args)
     out = capsys.readouterr().out
-    assert "gru4rec seed 0: already in" in out and "gru4rec:weight_decay=0.1 seed 0: already in" in out
+    assert "gru4rec seed 0: already in" in out and f"gru4rec:{setting}=0.1 seed 0: already in" in out
     assert again["runs"].keys() == first["runs"].keys()
 
 
