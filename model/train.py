@@ -184,7 +184,8 @@ def train(
                         "lr": opt.param_groups[0]["lr"]})
         improved = valid["NDCG@10"] > best["NDCG@10"]
         if improved:
-            best, best_epoch, best_state, bad = valid, epoch, averaged(lambda: _copy_state(model)), 0
+            best_state = _copy_state(model) if ema is None else {k: v.clone() for k, v in ema.items()}
+            best, best_epoch, bad = valid, epoch, 0
         else:
             bad += 1
         halve = not improved and config.lr_halve_after > 0 and bad % config.lr_halve_after == 0
