@@ -2,7 +2,7 @@
 
 A change to the served path is judged as a ratio measured in one run, since this machine's speed drifts: each round
 starts the service of each checkout in turn (order swapped every round), 2 uvicorn workers on the same Redis, and
-measures 100-event batches and single events at concurrency 32 as `holorec bench serve`'s load section does
+measures 100-event batches, single events, GET /recommend and GET /livez at concurrency 32 as `holorec bench serve`'s load section does
 (random-weight HoloMambaRec, 3,706 items, built by each checkout in its own format; users warmed first). A checkout is a directory holding this repository
 at some revision (`git worktree add DIR REV`); its own service code runs, this file's load generator drives it.
 """
@@ -31,7 +31,10 @@ with Service(ckpt, "redis://127.0.0.1:6379/0", ns, workers=2, access_log=False, 
     loadgen({**common, "kind": "batch", "batch": 100, "n_users": 2000, "concurrency": 4, "requests": 40, "seconds": 60})
     b = loadgen({**common, "kind": "batch", "batch": 100, "concurrency": 32, "requests": 800})
     e = loadgen({**common, "kind": "event", "concurrency": 32, "requests": 12000})
-print(json.dumps({"batch_events_per_s": b["per_s"] * 100, "events_per_s": e["per_s"]}))
+    r = loadgen({**common, "kind": "recommend", "concurrency": 32, "n_users": 2000, "requests": 12000})
+    z = loadgen({**common, "kind": "livez", "concurrency": 32, "requests": 12000})
+print(json.dumps({"batch_events_per_s": b["per_s"] * 100, "events_per_s": e["per_s"], "recommend_per_s": r["per_s"],
+                  "livez_per_s": z["per_s"], "recommend_pct_of_livez": 100 * r["per_s"] / z["per_s"]}))
 """ % (N_ITEMS, N_ITEMS)
 
 
