@@ -416,3 +416,27 @@ def test_ema_validates_keeps_and_saves_the_moving_average_of_the_weights() -> No
         assert torch.allclose(p, avg[id(p)], atol=1e-6), name
         assert p.numel() == 1 or not torch.allclose(p, snaps[-1][id(p)], atol=1e-6), name  # not the last weights
     assert report["valid"] == evaluate(ckpt.model, *split(ds, cfg.max_len).eval_set("valid"))
+
+
+@pytest.mark.parametrize("name", ["holomamba", "sasrec", "gru4rec", "elastic"])
+def test_loss_is_full_softmax_cross_entropy_with_padding_never_predicted(name: str) -> None:
+    """The loss scores real items only; it must equal (value and gradients) cross-entropy over every index with
+    padding's logit at -inf, at the non-padding positions."""
+    from model import build_model
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model=name, n_items=30, d_model=16, max_len=6, dropout=0.0)).eval()
+    items = torch.tensor([[0, 0, 3, 7, 1, 30], [5, 9, 2, 2, 8, 4]])  # (b, l), left padding in the first row
+    targets = torch.tensor([[0, 0, 7, 1, 30, 6], [9, 2, 2, 8, 4, 1]])
+    got = torch.autograd.grad(model.loss(items, targets), list(model.parameters()), allow_unused=True)
+    mask = targets > 0
+    logits = model.forward(items)[mask] @ model.item_table().T  # (n, v)
+    logits = torch.cat([torch.full_like(logits[:, :1], -math.inf), logits[:, 1:]], 1)
+    ref = F.cross_entropy(logits, targets[mask])
+    want = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    assert torch.allclose(model.loss(items, targets), ref, atol=1e-6)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert torch.allclose(g, w, atol=1e-6)
