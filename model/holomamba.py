@@ -93,7 +93,14 @@ class HoloMambaRec(SeqRecModel):
             self.roles = nn.Parameter(torch.randn(self.g, c.d_model) * c.d_model**-0.5)  # (g, d)
 
     def item_table(self) -> Tensor:  # (v, d)
-        return self.encoder(self.item_attrs)
+        return self.encoder.encode(self.drop_ids(self.encoder.item.weight), self.item_attrs)
+
+    def drop_ids(self, v: Tensor) -> Tensor:  # (..., d) item vectors -> the same, some rows zeroed in training
+        """config.item_dropout: an item then reads as its attributes alone, as a rare item nearly does."""
+        p = self.config.item_dropout
+        if not (self.training and p > 0):
+            return v
+        return v * (torch.rand(v.shape[:-1] + (1,), device=v.device) >= p)
 
     def embed(self, items: Tensor) -> Tensor:  # (...) -> (..., d): the rows of item_table for these items
         """ItemEncoder's formula applied to just these rows: a served event must not re-encode the
@@ -101,7 +108,7 @@ class HoloMambaRec(SeqRecModel):
         equals indexing item_table(). Without gradients (serving) the cached table is cheaper still."""
         if not torch.is_grad_enabled():
             return super().embed(items)
-        return self.encoder.encode(self.encoder.item(items), self.item_attrs[items])
+        return self.encoder.encode(self.drop_ids(self.encoder.item(items)), self.item_attrs[items])
 
     def forward(self, items: Tensor, state: State | None = None) -> Tensor:  # (b, l) -> (b, l, d)
         """`state`: the state after the items before these (forward_state), carried in as a constant; rows with a

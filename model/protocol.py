@@ -46,6 +46,7 @@ class ModelConfig:
     ffn_mult: int = 4  # holomamba: a point-wise feed-forward sublayer (d -> ffn_mult d -> d) after each SSM block; 0 = none
     bundle: int = 1  # holomamba: items bound to slot roles and bundled per SSM step (temporal bundling)
     recent_attn: int = 0  # holomamba: the user vector also attends over its last this many items' embeddings (their ids are in the state); 0 = off
+    item_dropout: float = 0.0  # holomamba, training only: each item's own vector is dropped with this probability (its attributes stay), per input position and per scoring-table row; 0 = off
     # attention models (sasrec, elastic)
     n_heads: int = 1  # SASRec as published: one head
     # elastic
@@ -58,6 +59,7 @@ class ModelConfig:
     lr_halve_after: int = 0  # halve the learning rate after this many epochs without a better validation NDCG@10 (again after each such run); 0 = off
     ema: float = 0.0  # validate, keep and serve an exponential moving average of the weights with this decay per step (model/train.py); 0 = off
     burn_in: int = 0  # holomamba: train each window from the state after up to this many earlier items (model/train.py); 0 = off
+    item_bias: bool = False  # a learned per-item offset added to every item's score (what the dot product need not spend dimensions on)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +97,8 @@ class SeqRecModel(nn.Module):
         self.config = config
         attrs = item_attrs if item_attrs is not None else torch.zeros(config.n_items + 1, 0, dtype=torch.long)
         self.register_buffer("item_attrs", attrs.long(), persistent=False)  # (v, max_attrs); saved in the JSON
+        if config.item_bias:
+            self.item_bias = nn.Parameter(torch.zeros(config.n_items + 1))  # (v,)
 
     # --- what subclasses implement ---------------------------------------------------
     def forward(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
@@ -131,7 +135,8 @@ class SeqRecModel(nn.Module):
         return F.embedding(items, self.table())
 
     def score(self, h: Tensor) -> Tensor:  # (b, d) -> (b, v)
-        return h @ self.table().T
+        s = h @ self.table().T
+        return s + self.item_bias if self.config.item_bias else s
 
     def user_vector(self, items: Tensor) -> Tensor:  # (b, l) left-padded -> (b, d)
         return self.forward(items)[:, -1]
@@ -148,6 +153,8 @@ class SeqRecModel(nn.Module):
         h = run()  # (b, l, d)
         mask = targets > 0  # (b, l)
         logits = h[mask] @ self.item_table()[1:].T  # (n, v - 1): real items only, so padding is never predicted
+        if self.config.item_bias:
+            logits = logits + self.item_bias[1:]
         loss = F.cross_entropy(logits, targets[mask] - 1)  # the same loss as masking padding's logit to -inf, without
         # writing into the (n, v) logits in place, which made autograd copy them (3-8% of a training step, measured)
         if self.training and self.config.cl_weight > 0:
