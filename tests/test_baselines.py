@@ -255,11 +255,14 @@ def test_holomamba_embed_matches_item_table() -> None:
         assert torch.allclose(m.score(after[:, -1]), after[:, -1] @ m.item_table().T, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [*BASELINES, "holomamba-bundle3"])
+@pytest.mark.parametrize("name", [*BASELINES, "holomamba-bundle3", "holomamba-item-bias"])
 def test_checkpoint_round_trip(name: str, tmp_path) -> None:
     from model.checkpoint import Checkpoint, load, save
 
-    m = bundled(3) if name == "holomamba-bundle3" else make(name)
+    m = bundled(3) if name == "holomamba-bundle3" else make("holomamba", item_bias=True) if name == "holomamba-item-bias" else make(name)
+    if name == "holomamba-item-bias":
+        with torch.no_grad():
+            m.item_bias.normal_()
     save(Checkpoint(m, [f"item{i}" for i in range(1, N_ITEMS + 1)]), tmp_path)
     back = load(tmp_path).model
     assert back.config == m.config

@@ -418,20 +418,24 @@ def test_ema_validates_keeps_and_saves_the_moving_average_of_the_weights() -> No
     assert report["valid"] == evaluate(ckpt.model, *split(ds, cfg.max_len).eval_set("valid"))
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("name", ["holomamba", "sasrec", "gru4rec", "elastic"])
-def test_loss_is_full_softmax_cross_entropy_with_padding_never_predicted(name: str) -> None:
-    """The loss scores real items only; it must equal (value and gradients) cross-entropy over every index with
-    padding's logit at -inf, at the non-padding positions."""
+def test_loss_is_full_softmax_cross_entropy_with_padding_never_predicted(name: str, bias: bool) -> None:
+    """The loss scores real items only; it must equal (value and gradients) cross-entropy over `score`'s logits
+    (with a per-item bias where configured) with padding's logit at -inf, at the non-padding positions."""
     from model import build_model
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(model=name, n_items=30, d_model=16, max_len=6, dropout=0.0)).eval()
+    model = build_model(ModelConfig(model=name, n_items=30, d_model=16, max_len=6, dropout=0.0, item_bias=bias)).eval()
+    if bias:
+        with torch.no_grad():
+            model.item_bias.normal_()
     items = torch.tensor([[0, 0, 3, 7, 1, 30], [5, 9, 2, 2, 8, 4]])  # (b, l), left padding in the first row
     targets = torch.tensor([[0, 0, 7, 1, 30, 6], [9, 2, 2, 8, 4, 1]])
     got = torch.autograd.grad(model.loss(items, targets), list(model.parameters()), allow_unused=True)
     mask = targets > 0
-    logits = model.forward(items)[mask] @ model.item_table().T  # (n, v)
+    logits = model.score(model.forward(items)[mask])  # (n, v)
     logits = torch.cat([torch.full_like(logits[:, :1], -math.inf), logits[:, 1:]], 1)
     ref = F.cross_entropy(logits, targets[mask])
     want = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
@@ -440,3 +444,25 @@ def test_loss_is_full_softmax_cross_entropy_with_padding_never_predicted(name: s
         assert (g is None) == (w is None)
         if g is not None:
             assert torch.allclose(g, w, atol=1e-6)
+
+
+def test_item_dropout_reads_dropped_items_by_their_attributes_in_training_only() -> None:
+    """item_dropout zeroes an item's own vector (in the input and in the scoring table), leaving its attributes'
+    part of the encoding; evaluation and serving never drop."""
+    from model import build_model
+
+    torch.manual_seed(0)
+    attrs = torch.randint(1, 5, (31, 2))
+    attrs[0] = 0
+    model = build_model(ModelConfig(model="holomamba", n_items=30, n_attrs=4, max_attrs=2, d_model=16, item_dropout=0.5), attrs)
+    items = torch.arange(31)
+    enc = model.encoder
+    full, attrs_only = enc.encode(enc.item.weight, attrs), enc.encode(torch.zeros_like(enc.item.weight), attrs)  # (v, d) each
+    model.train()
+    for got in (model.item_table(), model.embed(items)):
+        dropped = torch.isclose(got, attrs_only, atol=1e-6).all(1)[1:]  # (30,)
+        kept = torch.isclose(got, full, atol=1e-6).all(1)[1:]
+        assert (dropped ^ kept).all() and 5 <= int(dropped.sum()) <= 25  # each row one or the other, about half dropped
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.item_table(), full, atol=1e-6) and torch.allclose(model.embed(items), full, atol=1e-6)
