@@ -49,16 +49,12 @@ SCALE = {"int8": "<f4", "int8-rows": "<f2"}  # codec -> how a segment's scale is
 @dataclass(frozen=True)
 class Plan:
     """Where every byte of a user's blob goes, worked out once per state shape and codec. pack and unpack run on
-    every served event, so each is a few whole-array numpy operations over all the float tensors at once (one
-    gather or scatter of the blob's bytes by precomputed positions), not a pass per tensor. The bytes are the
-    layout above (tests/test_model_core.py pins them)."""
+    every served event, so each is a few whole-batch numpy operations per tensor on contiguous byte ranges of the
+    (b, size) blob array (a tensor's scales, then its values, are each one range). The bytes are the layout above
+    (tests/test_model_core.py pins them)."""
     size: int  # bytes per user
-    floats: tuple[tuple[str, tuple[int, ...], int, int], ...]  # (name, shape, start, end in the (b, S) float concat)
+    floats: tuple[tuple[str, tuple[int, ...], int, int, int], ...]  # (name, shape, first scale byte, scales, first value byte)
     ints: tuple[tuple[str, tuple[int, ...], torch.dtype, int, int], ...]  # (name, shape, dtype, first byte, n)
-    starts: np.ndarray  # (segments,) each scaled segment's first value in the concat (int8: a tensor; int8-rows: a row)
-    segment: np.ndarray  # (S,) the segment of each value in the concat
-    value_at: np.ndarray  # (S * value bytes,) where each byte of the concat's values goes in the blob
-    scale_at: np.ndarray  # (segments * scale bytes,) where each byte of the segments' scales goes
 
 
 _PLANS: dict[tuple, Plan] = {}  # (codec, (name, shape, dtype) per tensor as given) -> plan: one lookup per call
@@ -76,9 +72,8 @@ def _plan(template: State, codec: str) -> Plan:
 
 
 def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: str) -> Plan:
-    floats, ints, starts, lengths, value_at, scale_at = [], [], [], [], [], []
-    w, sw = _width(VALUE[codec]), _width(SCALE.get(codec))
-    off = cat = 0  # byte offset in the blob; value offset in the float concat
+    floats, ints = [], []
+    off = 0  # byte offset in the blob
     for name, shape, dtype in spec:
         t = torch.empty(1, *shape, dtype=dtype)
         n, nbytes = t[0].numel(), _tensor_bytes(t, codec)
@@ -86,16 +81,9 @@ def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: 
             ints.append((name, shape, dtype, off, n))
         else:
             segs = 0 if codec not in SCALE else 1 if codec == "int8" else _rows(t)
-            starts.extend(cat + i * (n // segs) for i in range(segs))
-            lengths.extend([n // max(segs, 1)] * segs)
-            floats.append((name, shape, cat, cat + n))
-            scale_at.append(np.arange(off, off + segs * sw))
-            value_at.append(np.arange(off + segs * sw, off + nbytes))
-            cat += n
+            floats.append((name, shape, off, segs, off + segs * _width(SCALE.get(codec))))
         off += nbytes
-    cat_ = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
-    return Plan(off, tuple(floats), tuple(ints), np.array(starts, np.int64), np.repeat(np.arange(len(starts)), lengths),
-                cat_(value_at), cat_(scale_at))
+    return Plan(off, tuple(floats), tuple(ints))
 
 
 def _width(dtype: str | None) -> int:
@@ -109,24 +97,20 @@ def pack(state: State, codec: str = "float32") -> list[bytes]:
     out = np.empty((b, plan.size), np.uint8)
     for name, _, _, at, n in plan.ints:
         out[:, at : at + 4 * n] = state[name].detach().cpu().reshape(b, n).to(torch.int32).numpy().astype("<i4").view(np.uint8)
-    if plan.floats:
-        parts = [state[f[0]].numpy(force=True).reshape(b, -1) for f in plan.floats]
-        x = (np.concatenate(parts, 1) if len(parts) > 1 else parts[0]).astype(np.float32, copy=False)  # (b, S)
+    for name, _, s_at, segs, v_at in plan.floats:  # in torch: its reductions over short rows are ~10x numpy's
+        x = state[name].detach().to("cpu", torch.float32).reshape(b, max(segs, 1), -1)  # (b, segments, values each)
         if codec in SCALE:
-            peak = np.maximum.reduceat(np.abs(x), plan.starts, axis=1)  # (b, segments)
+            peak = x.abs().amax(2, keepdim=True)  # (b, segments, 1)
             if codec == "int8":
-                scale = np.maximum(peak, 1e-30) / 127.0
+                scale = peak.clamp_min(1e-30) / 127.0
                 div = scale
             else:  # within float16's range
-                scale = (np.clip(peak, 2.0**-14, 6e4) / 127.0).astype("<f2")
-                div = scale.astype(np.float32)
-            q = np.rint(x / div[:, plan.segment])
-            np.minimum(q, 127, out=q)
-            np.maximum(q, -127, out=q)
-            out[:, plan.value_at] = q.astype(np.int8).view(np.uint8)
-            out[:, plan.scale_at] = scale.astype(SCALE[codec]).view(np.uint8)
-        else:
-            out[:, plan.value_at] = x.astype(VALUE[codec]).view(np.uint8)  # (b, S * value bytes)
+                scale = (peak.clamp(2.0**-14, 6e4) / 127.0).half()
+                div = scale.float()
+            x = torch.round(x / div).clamp_(-127, 127).to(torch.int8)
+            out[:, s_at:v_at] = scale.numpy().astype(SCALE[codec], copy=False).reshape(b, -1).view(np.uint8)
+        vals = x.numpy().astype(VALUE[codec], copy=False).reshape(b, -1).view(np.uint8)  # (b, value bytes)
+        out[:, v_at : v_at + vals.shape[1]] = vals
     return [r.tobytes() for r in out]
 
 
@@ -141,12 +125,14 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
     out: State = {}
     for name, shape, dtype, at, n in plan.ints:
         out[name] = torch.from_numpy(raw[:, at : at + 4 * n].copy().view("<i4").astype(np.int64)).reshape(b, *shape).to(dtype)
-    if plan.floats:
-        x = raw.take(plan.value_at, axis=1).view(VALUE[codec]).astype(np.float32)  # (b, S)
-        if codec in SCALE:
-            x *= raw.take(plan.scale_at, axis=1).view(SCALE[codec]).astype(np.float32)[:, plan.segment]
-        for name, shape, start, end in plan.floats:
-            out[name] = torch.from_numpy(np.ascontiguousarray(x[:, start:end]).reshape(b, *shape))  # a copy only when b > 1
+    w = _width(VALUE[codec])
+    for name, shape, s_at, segs, v_at in plan.floats:
+        n = int(np.prod(shape))
+        x = np.ascontiguousarray(raw[:, v_at : v_at + w * n]).view(VALUE[codec]).astype(np.float32)  # (b, n)
+        if segs:
+            x = x.reshape(b, segs, -1)
+            x *= np.ascontiguousarray(raw[:, s_at:v_at]).view(SCALE[codec]).astype(np.float32)[:, :, None]
+        out[name] = torch.from_numpy(x.reshape(b, *shape))
     return out
 
 
