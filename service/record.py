@@ -94,8 +94,11 @@ def event_hash(event_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest()[:4], "little") or 1
 
 
-def _vector_dtype(codec: str) -> str:
-    return "<f4" if codec == "float32" else "<f2"
+U2, I4, U4, U8, F2, F4 = (np.dtype(t) for t in ("<u2", "<i4", "<u4", "<u8", "<f2", "<f4"))  # built once: decode runs per record
+
+
+def _vector_dtype(codec: str) -> np.dtype:
+    return F4 if codec == "float32" else F2
 
 
 def next_revision(expected: int) -> int:
@@ -109,8 +112,8 @@ def next_revision(expected: int) -> int:
 def encode(r: Record, id_bytes: int = 2) -> bytes:
     """`id_bytes` 2 needs every window index below 65,536; the engine passes 4 for larger catalogues."""
     body = b"".join([
-        r.window.astype("<u2" if id_bytes == 2 else "<i4").tobytes(),
-        r.dedup.astype("<u4").tobytes(),
+        r.window.astype(U2 if id_bytes == 2 else I4).tobytes(),
+        r.dedup.astype(U4).tobytes(),
         r.seen_filter.tobytes(),
         r.vector.astype(_vector_dtype(r.codec)).tobytes(),
         r.state,
@@ -141,29 +144,32 @@ def decode(blob: bytes, model_version: str, old_vector_dim: int | None = None) -
         raise CorruptRecord("checksum mismatch (truncated or overwritten)")
     if fmt == FORMAT:
         n_seen, d, n_state = fields[12:15]
-        win_dt, dedup_dt, vec_dt = ("<u2" if id_bytes == 2 else "<i4"), "<u4", _vector_dtype(CODEC_NAMES[codec])
+        win_dt, dedup_dt, vec_dt = (U2 if id_bytes == 2 else I4), U4, _vector_dtype(CODEC_NAMES[codec])
     else:
         n_seen = fields[12] if fmt == 3 else 0
-        win_dt, dedup_dt, vec_dt = "<i4", "<u8", "<f4"
+        win_dt, dedup_dt, vec_dt = I4, U8, F4
         d = old_vector_dim if old_vector_dim is not None else -1
         n_state = len(body) - sum([4 * n_win, 8 * n_dedup, n_seen]) - 4 * max(d, 0)
-    sizes = [np.dtype(win_dt).itemsize * n_win, np.dtype(dedup_dt).itemsize * n_dedup, n_seen]
-    off = sum(sizes)
-    if len(body) < off:
+    at, n_body = head.size, len(body)  # offsets below are in blob, the body starting at head.size
+    win_end = at + win_dt.itemsize * n_win
+    dedup_end = win_end + dedup_dt.itemsize * n_dedup
+    off = dedup_end + n_seen
+    if n_body < off - at:
         raise CorruptRecord("body shorter than its window, dedup ring and seen filter")
-    window = np.frombuffer(body[: sizes[0]], dtype=win_dt).astype(np.int32)
-    dedup = (np.frombuffer(body[sizes[0] : sizes[0] + sizes[1]], dtype=dedup_dt) & 0xFFFFFFFF).astype(np.uint32)
-    seen = np.frombuffer(body[off - n_seen : off], dtype=np.uint8).copy()
+    window = np.frombuffer(blob, win_dt, n_win, at).astype(np.int32)
+    dedup = np.frombuffer(blob, dedup_dt, n_dedup, win_end)
+    dedup = dedup.copy() if dedup_dt is U4 else (dedup & 0xFFFFFFFF).astype(np.uint32)  # old 8-byte hashes keep their low 4 bytes
+    seen = np.frombuffer(blob, np.uint8, n_seen, dedup_end).copy()
     ver = version.rstrip(b"\0").decode(errors="replace")
     vector, state = np.zeros(0, np.float32), b""
     if ver == model_version:
         if d < 0:
             raise CorruptRecord("an old-format record's vector and state cannot be split without the model's d_model")
-        v_bytes = np.dtype(vec_dt).itemsize * d
-        if len(body) != off + v_bytes + n_state:
-            raise CorruptRecord(f"body of {len(body)} bytes, its header says {off + v_bytes + n_state}")
-        vector = np.frombuffer(body[off : off + v_bytes], dtype=vec_dt).astype(np.float32)
-        state = bytes(body[off + v_bytes :])
+        v_bytes = vec_dt.itemsize * d
+        if n_body != off - at + v_bytes + n_state:
+            raise CorruptRecord(f"body of {n_body} bytes, its header says {off - at + v_bytes + n_state}")
+        vector = np.frombuffer(blob, vec_dt, d, off).astype(np.float32)
+        state = bytes(blob[off + v_bytes :])
     return Record(rev, applied, updated, last_ts, ver, CODEC_NAMES[codec], window, dedup, dpos, seen, vector, state)
 
 
