@@ -33,6 +33,19 @@ def test_no_false_negatives_and_the_stated_false_positive_rates() -> None:
         assert abs(measured - false_positive_rate(n, size)) < 0.01 and abs(measured - stated) < 0.01, (size, n, measured)
 
 
+def test_adding_items_one_by_one_sets_the_bits_adding_them_at_once_does() -> None:
+    """add's two ways (bit by bit for a few items, one ufunc.at call for many) must set the same bits; a tiny
+    filter makes an item's positions share bytes, the case a plain fancy-indexed |= would get wrong."""
+    for n_bytes in (2, 384):
+        f = SeenFilter([f"item-{i}" for i in range(1, 201)], n_bytes)
+        items = np.random.default_rng(n_bytes).integers(1, 201, 60)
+        one_by_one, at_once = f.empty(), f.empty()
+        for i in items:
+            f.add(one_by_one, [int(i)])
+        f.add(at_once, items)
+        assert np.array_equal(one_by_one, at_once) and f.contains(one_by_one, items).all()
+
+
 def test_eighty_items_through_a_window_of_twenty_never_come_back(tmp_path: Path, server_factory) -> None:
     """The issue's check: a window of 20, 80 distinct items posted, a top-100 holds none of them."""
     ckpt = make_checkpoint(tmp_path / "ckpt", n_items=300)
