@@ -37,7 +37,9 @@ class Scorer:
     def __init__(self, records: Records) -> None:
         self.records, self.ckpt, self.model, self.s, self.seen = records, records.ckpt, records.model, records.s, records.seen
         with torch.inference_mode():
-            self.table = self.model.item_table().detach().clone()  # (v, d)
+            table = self.model.item_table().detach().clone()  # (v, d)
+            self.biased = self.model.config.item_bias  # scored as [h, 1] . [e_i, b_i] = h . e_i + b_i, as model.score does
+            self.table = torch.cat([table, self.model.item_bias.detach()[:, None]], 1) if self.biased else table  # (v, d or d + 1)
         self.index = IVFIndex(self.table, self.s.ann_lists, self.s.ann_probe) if self.s.ann_lists else None
         self.popular = [i for i in self.ckpt.popular if 0 < i <= len(self.ckpt.items)]
         self.attr_masks: dict[int, Tensor] = {}
@@ -60,6 +62,8 @@ class Scorer:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 h = torch.from_numpy(np.stack([loaded[i].record.vector for i in with_state]))  # (n, d)
+                if self.biased:
+                    h = torch.cat([h, torch.ones(len(h), 1)], 1)  # (n, d + 1)
                 exact = h @ self.table.T if self.index is None else None  # (n, v): one product for the batch
                 for row, i in enumerate(with_state):
                     q = queries[i]

@@ -58,3 +58,25 @@ def test_engine_with_a_full_probe_index_recommends_what_exact_scoring_does(ckpt_
     narrow.apply(history)
     items = [i for i, _ in narrow.recommend([RecQuery("u", k=3)])[0].items]
     assert 0 < len(items) <= 3 and not {"item-3", "item-4", "item-5", "item-6", "item-7"} & set(items)
+
+
+def test_a_per_item_bias_is_served_as_the_model_scores_it(tmp_path: Path) -> None:
+    """item_bias: the service scores [h, 1] against [e_i, b_i], exactly and through a full-probe index, which must
+    give model.score's top-k (and differ from the dot product alone, or the test would prove nothing)."""
+    from bench.harness import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "c", n_items=60, item_bias=True)
+    ckpt = load(path)
+    with torch.no_grad():
+        ckpt.model.item_bias.normal_(0, 3, generator=torch.Generator().manual_seed(0))
+        scores = ckpt.model.score(ckpt.model.user_vector(torch.tensor([[3, 4, 5, 6, 7]])))[0]  # (v,)
+        plain = ckpt.model.user_vector(torch.tensor([[3, 4, 5, 6, 7]]))[0] @ ckpt.model.item_table().T
+    scores[0] = plain[0] = float("-inf")
+    want = [f"item-{i}" for i in torch.topk(scores, 10).indices.tolist()]
+    assert want != [f"item-{i}" for i in torch.topk(plain, 10).indices.tolist()]
+    for lists in (0, 6):
+        engine = Engine(ckpt, MemoryStore(), Settings(checkpoint=str(path), state_codec="float32", ann_lists=lists, ann_probe=6))
+        engine.apply([[Event("u", f"item-{i}") for i in (3, 4, 5, 6, 7)]])
+        got = engine.recommend([RecQuery("u", k=10, exclude_seen=False)])[0].items
+        assert [i for i, _ in got] == want
+        assert all(abs(s - float(scores[int(i.split("-")[1])])) < 1e-4 for i, s in got)
