@@ -16,7 +16,7 @@ from torch import Tensor
 from model.fast_step import serving_step
 from model.state import pack, unpack
 from service import record as rec
-from service.metrics import CAS_CONFLICTS, EVENTS, STEP_LATENCY
+from service.metrics import CAS_CONFLICTS, EVENTS, STEP_LATENCY, labelled
 from service.records import Records, bumped
 
 
@@ -63,7 +63,7 @@ class Applier:
                 item = self.ckpt.item_index.get(e.item_id)
                 if item is None:
                     results[r].unknown_items.append(e.item_id)
-                    EVENTS.labels("unknown_item").inc()
+                    labelled(EVENTS, "unknown_item").inc()
                 else:
                     by_user.setdefault(e.user_id, []).append((r, e, item))
         pending = list(by_user)
@@ -129,7 +129,7 @@ class Applier:
                     n_duplicate += 1
         for outcome, n in (("applied", n_applied), ("duplicate", n_duplicate)):
             if n:
-                EVENTS.labels(outcome).inc(n)
+                labelled(EVENTS, outcome).inc(n)
         self.records.count_users(created)
         return failed
 

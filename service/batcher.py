@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-from service.metrics import BATCH_SIZE
+from service.metrics import BATCH_SIZE, labelled
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -60,7 +60,7 @@ class Batcher(Generic[T, R]):
                     batch.append(await asyncio.wait_for(self.queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
-            BATCH_SIZE.labels(self.name).observe(len(batch))
+            labelled(BATCH_SIZE, self.name).observe(len(batch))
             items = [x for x, _ in batch]
             alone = len(items) == 1 and self.queue.empty()  # requests that came with it would be in the batch or queued
             try:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from service.metrics import RECORD_CACHE
+from service.metrics import RECORD_CACHE, labelled
 
 
 class RecordCache:
@@ -43,6 +43,8 @@ class RecordCache:
         self.skip: dict[str, int] = {}  # key in `ours` -> reports still to skip as our own write's
         self.reports: dict[str, list[int]] = {}  # key we are writing -> [reports for it so far, writes in flight]
         self.lock = threading.Lock()
+        for result in ("hit", "miss"):  # exported at 0 from the start, so a hit ratio is defined before the first miss
+            labelled(RECORD_CACHE, result)
         self.conn: redis.Connection | None = None
         self.generation, self.retry_at, self.connecting = 0, 0.0, False  # generation: connections made so far
         with self.lock:
@@ -65,8 +67,9 @@ class RecordCache:
             token = object()
             for k in missing:
                 self.marks[k] = token
-        RECORD_CACHE.labels("hit").inc(len(keys) - len(missing))
-        RECORD_CACHE.labels("miss").inc(len(missing))
+        for result, n in (("hit", len(keys) - len(missing)), ("miss", len(missing))):
+            if n:  # both series exist from __init__; a zero update would still cost a locked write
+                labelled(RECORD_CACHE, result).inc(n)
         if missing:
             try:
                 fetched = fetch(missing)

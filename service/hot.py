@@ -18,7 +18,7 @@ from starlette.datastructures import QueryParams
 from starlette.types import Receive, Scope, Send
 
 from service.api import apply_events, recommendations
-from service.metrics import HTTP_LATENCY
+from service.metrics import HTTP_LATENCY, labelled
 
 LIVEZ = b'{"status":"alive"}'
 CLIENT_GONE = 499  # the status nginx logs for a client that closed the connection before the answer
@@ -64,7 +64,7 @@ class HotRoutes:
         except Exception as exc:
             status = await self._refuse(scope, receive, send, exc)
         finally:
-            HTTP_LATENCY.labels(route, method, str(status)).observe(time.perf_counter() - t0)
+            labelled(HTTP_LATENCY, route, method, str(status)).observe(time.perf_counter() - t0)
 
     def _body_fits(self, scope: Scope) -> bool:
         """A declared length within the limit: else BodyLimit (413, or a streamed body counted) takes the request."""

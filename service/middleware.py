@@ -6,7 +6,7 @@ import time
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import HTTP_LATENCY
+from service.metrics import HTTP_LATENCY, labelled
 
 
 class Timing:
@@ -32,7 +32,7 @@ class Timing:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.own_pages else "unmatched")
-            HTTP_LATENCY.labels(path, scope["method"], str(status)).observe(time.perf_counter() - t0)
+            labelled(HTTP_LATENCY, path, scope["method"], str(status)).observe(time.perf_counter() - t0)
 
 
 DRAIN_BYTES = 32 * 2**20  # a refused body is read and dropped up to this size before the 413 goes out

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from service import record as rec
 from service.index import IVFIndex
-from service.metrics import RECOMMENDATIONS, SCORE_LATENCY
+from service.metrics import RECOMMENDATIONS, SCORE_LATENCY, labelled
 from service.records import Records
 
 
@@ -78,8 +78,9 @@ class Scorer:
                     idx = top.indices if cand is None else cand[top.indices]
                     out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.values.tolist()) if v > -math.inf], "state")
             SCORE_LATENCY.observe(time.perf_counter() - t0)
-        for r in out:
-            RECOMMENDATIONS.labels(r.source).inc()
+        for source in ("state", "popular"):
+            if n := sum(r.source == source for r in out):
+                labelled(RECOMMENDATIONS, source).inc(n)
         return out
 
     def excluded_ids(self, q: RecQuery, r: rec.Record | None, cand: np.ndarray | None = None) -> np.ndarray:

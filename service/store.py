@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from service.cache import RecordCache
-from service.metrics import REDIS_LATENCY
+from service.metrics import REDIS_LATENCY, labelled
 from service.record import REVISION_OFFSET, stored_revision
 
 # KEYS: records; ARGV[1] TTL s (0: none); then per key i, ARGV[2i] the 8 revision bytes expected at the record's
@@ -164,7 +164,7 @@ class RedisStore:
                 raise
             raise StoreUnavailable(f"redis {op} refused: {e}") from e
         finally:
-            REDIS_LATENCY.labels(op).observe(time.perf_counter() - t0)
+            labelled(REDIS_LATENCY, op).observe(time.perf_counter() - t0)
 
     def _read(self, op: str, fn):  # type: ignore[no-untyped-def]
         """Reads are idempotent: one retry on a connection error (a stale pooled connection)."""
