@@ -30,6 +30,10 @@ the SSM alone is weak on short sequences such as Amazon's). After the SSM layers
 reads, by one-head attention, the embeddings of the user's last K items (this one included) plus a learned
 embedding of how recent each is. Serving keeps those K item ids in the state as `recent` (b, K), oldest first:
 K small integers, so the state stays constant-size and `step` still reproduces `forward`.
+
+Item-id dropout (config.item_dropout = p > 0, training only). Each item's own vector v_i is zeroed with probability p,
+per input position and per row of the scoring table, so the item is encoded from its attributes alone, as a rare
+item nearly is: training leans on what items share. Evaluation and serving never drop.
 """
 from __future__ import annotations
 
