@@ -106,6 +106,17 @@ class HoloMambaRec(SeqRecModel):
             return v
         return v * (torch.rand(v.shape[:-1] + (1,), device=v.device) >= p)
 
+    def attribute_loss(self, h: Tensor, targets: Tensor) -> Tensor:  # (n, d), (n,) -> ()
+        """Cross-entropy of softmax(h . a_j) over all attributes against the next item's attributes, shared equally
+        (rows whose item has none skipped): S3-Rec (Zhou et al., CIKM 2020) found predicting items' attributes a useful
+        signal on Amazon data. The a_j are the encoder's attribute vectors, the ones items are built from."""
+        attrs = self.item_attrs[targets]  # (n, m), 0 = none
+        want = torch.zeros(len(h), self.config.n_attrs + 1, device=h.device).scatter_(1, attrs, 1.0)[:, 1:]  # (n, A)
+        rows = want.sum(1) > 0  # (n,)
+        logp = F.log_softmax(h[rows] @ self.encoder.attr.weight[1:].T, dim=-1)  # (r, A)
+        want = want[rows] / want[rows].sum(1, keepdim=True)
+        return -(want * logp).sum(1).mean() if rows.any() else h.sum() * 0
+
     def embed(self, items: Tensor) -> Tensor:  # (...) -> (..., d): the rows of item_table for these items
         """ItemEncoder's formula applied to just these rows: a served event must not re-encode the
         whole catalogue (20x the rest of a step at 3706 items). tests/test_baselines.py checks it

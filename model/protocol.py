@@ -59,6 +59,7 @@ class ModelConfig:
     lr_halve_after: int = 0  # halve the learning rate after this many epochs without a better validation NDCG@10 (again after each such run); 0 = off
     ema: float = 0.0  # validate, keep and serve an exponential moving average of the weights with this decay per step (model/train.py); 0 = off
     burn_in: int = 0  # holomamba: train each window from the state after up to this many earlier items (model/train.py); 0 = off
+    attr_loss: float = 0.0  # holomamba, training only: weight of a second cross-entropy, the next item's attributes from the user vector (SeqRecModel.loss); 0 = off
     item_bias: bool = False  # a learned per-item offset added to every item's score (what the dot product need not spend dimensions on)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,12 +158,18 @@ class SeqRecModel(nn.Module):
             logits = logits + self.item_bias[1:]
         loss = F.cross_entropy(logits, targets[mask] - 1)  # the same loss as masking padding's logit to -inf, without
         # writing into the (n, v) logits in place, which made autograd copy them (3-8% of a training step, measured)
+        if self.training and self.config.attr_loss > 0:
+            loss = loss + self.config.attr_loss * self.attribute_loss(h[mask], targets[mask])
         if self.training and self.config.cl_weight > 0:
             u, v = h[:, -1], run()[:, -1]  # (b, d) each: the last position is every row's latest item
             sim = u @ v.T  # (b, b)
             labels = torch.arange(len(u), device=u.device)
             loss = loss + self.config.cl_weight * (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
         return loss
+
+    def attribute_loss(self, h: Tensor, targets: Tensor) -> Tensor:  # (n, d), (n,) -> ()
+        """How well each user vector predicts its next item's attributes (config.attr_loss); models with attribute embeddings."""
+        raise ValueError(f"{self.config.model} has no attribute embeddings: attr_loss needs holomamba")
 
     def forward_state(self, items: Tensor) -> tuple[Tensor, State]:  # (b, l) left-padded -> (b, d), state
         """The user vector and state `step` reaches from `init_state` over each row's items (warming users from a

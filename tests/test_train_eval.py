@@ -466,3 +466,25 @@ def test_item_dropout_reads_dropped_items_by_their_attributes_in_training_only()
     model.eval()
     with torch.no_grad():
         assert torch.allclose(model.item_table(), full, atol=1e-6) and torch.allclose(model.embed(items), full, atol=1e-6)
+
+
+def test_attribute_loss_is_the_cross_entropy_against_the_next_items_attributes() -> None:
+    """attr_loss adds, in training only, -mean over positions of (1/|A_t|) sum_{j in A_t} log softmax(h . a)_j, where A_t is
+    the target item's attribute set; positions whose item has no attributes are left out."""
+    from model import build_model
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    attrs = torch.tensor([[0, 0], [1, 2], [3, 0], [0, 0], [2, 2]])  # item 3 has none; item 4 lists attribute 2 twice
+    model = build_model(ModelConfig(model="holomamba", n_items=4, n_attrs=3, max_attrs=2, d_model=8, dropout=0.0, attr_loss=0.5), attrs)
+    items, targets = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 2, 3, 4]])
+    h = model.forward(items)[0]  # (4, d)
+    logp = F.log_softmax(h @ model.encoder.attr.weight[1:].T, -1)  # (4, 3): attributes 1..3
+    want = -(logp[1, 2] + logp[3, 1]) / 2  # position 1 -> item 2 {3}; position 2 -> item 3 (none, left out); position 3 -> item 4 {2}
+    assert torch.allclose(model.attribute_loss(h[1:], targets[0, 1:]), want, atol=1e-6)
+    plain = build_model(ModelConfig(model="holomamba", n_items=4, n_attrs=3, max_attrs=2, d_model=8, dropout=0.0), attrs)
+    plain.load_state_dict(model.state_dict())
+    model.train(), plain.train()
+    assert torch.allclose(model.loss(items, targets), plain.loss(items, targets) + 0.5 * want, atol=1e-6)
+    model.eval(), plain.eval()
+    assert torch.allclose(model.loss(items, targets), plain.loss(items, targets), atol=1e-6)
