@@ -13,6 +13,7 @@ and one with 100,000 take the same bytes.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,6 +91,9 @@ def _width(dtype: str | None) -> int:
     return 0 if dtype is None else np.dtype(dtype).itemsize
 
 
+SMALL_BATCH = 32  # up to this many users numpy quantises (a microsecond per call); above it torch (faster per value)
+
+
 def pack(state: State, codec: str = "float32") -> list[bytes]:
     """(b, ...) tensors -> b blobs."""
     plan = _plan(state, codec)
@@ -97,21 +101,42 @@ def pack(state: State, codec: str = "float32") -> list[bytes]:
     out = np.empty((b, plan.size), np.uint8)
     for name, _, _, at, n in plan.ints:
         out[:, at : at + 4 * n] = state[name].detach().cpu().reshape(b, n).to(torch.int32).numpy().astype("<i4").view(np.uint8)
-    for name, _, s_at, segs, v_at in plan.floats:  # quantised in torch: its max over 3-4-value rows is ~20x faster than numpy's
+    quantise = _quantise_np if b <= SMALL_BATCH else _quantise_torch
+    for name, _, s_at, segs, v_at in plan.floats:
         x = state[name].detach().to("cpu", torch.float32).reshape(b, max(segs, 1), -1)  # (b, segments, values each)
         if codec in SCALE:
-            peak = x.abs().amax(2, keepdim=True)  # (b, segments, 1)
-            if codec == "int8":
-                scale = peak.clamp_min(1e-30) / 127.0
-                div = scale
-            else:  # within float16's range
-                scale = (peak.clamp(2.0**-14, 6e4) / 127.0).half()
-                div = scale.float()
-            x = torch.round(x / div).clamp_(-127, 127).to(torch.int8)
-            out[:, s_at:v_at] = scale.numpy().astype(SCALE[codec], copy=False).reshape(b, -1).view(np.uint8)
-        vals = x.numpy().astype(VALUE[codec], copy=False).reshape(b, -1).view(np.uint8)  # (b, value bytes)
+            scale, q = quantise(x, codec)
+            out[:, s_at:v_at] = scale.astype(SCALE[codec], copy=False).reshape(b, -1).view(np.uint8)
+        else:
+            q = x.numpy()
+        vals = q.astype(VALUE[codec], copy=False).reshape(b, -1).view(np.uint8)  # (b, value bytes)
         out[:, v_at : v_at + vals.shape[1]] = vals
     return [r.tobytes() for r in out]
+
+
+# Both quantisers write the same bytes (tests/test_model_core.py packs across SMALL_BATCH): x ~ scale * q, q int8.
+# A serving event packs one user, where torch's per-call overhead (~10 ops per tensor) is most of the cost (int8, one
+# user: 123 -> 58 us); a big batch packs thousands, where numpy's max over 3-4-value rows is ~20x slower than torch's.
+def _quantise_np(x: Tensor, codec: str) -> tuple[np.ndarray, np.ndarray]:  # (b, segs, n) -> (b, segs, 1) scales, q
+    a = np.abs(x.numpy())
+    peak = a.max(2, keepdims=True)  # (b, segments, 1)
+    if codec == "int8":
+        scale = div = np.maximum(peak, np.float32(1e-30)) / np.float32(127.0)
+    else:  # within float16's range
+        scale = (np.clip(peak, np.float32(2.0**-14), np.float32(6e4)) / np.float32(127.0)).astype(np.float16)
+        div = scale.astype(np.float32)
+    q = np.rint(np.divide(x.numpy(), div, out=a), out=a)
+    return scale, np.clip(q, -127, 127, out=q).astype(np.int8)
+
+
+def _quantise_torch(x: Tensor, codec: str) -> tuple[np.ndarray, np.ndarray]:
+    peak = x.abs().amax(2, keepdim=True)  # (b, segments, 1)
+    if codec == "int8":
+        scale = div = peak.clamp_min(1e-30) / 127.0
+    else:
+        scale = (peak.clamp(2.0**-14, 6e4) / 127.0).half()
+        div = scale.float()
+    return scale.numpy(), torch.round(x / div).clamp_(-127, 127).to(torch.int8).numpy()
 
 
 def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> State:
@@ -127,7 +152,7 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
         out[name] = torch.from_numpy(raw[:, at : at + 4 * n].copy().view("<i4").astype(np.int64)).reshape(b, *shape).to(dtype)
     w = _width(VALUE[codec])
     for name, shape, s_at, segs, v_at in plan.floats:
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         x = np.ascontiguousarray(raw[:, v_at : v_at + w * n]).view(VALUE[codec]).astype(np.float32)  # (b, n)
         if segs:
             x = x.reshape(b, segs, -1)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from model import ModelConfig, build_model
 from model.checkpoint import Checkpoint, CheckpointError, load, save
 from model.hrr import bind, bundle, unbind
-from model.state import CODECS, pack, packed_size, unpack
+from model.state import CODECS, SMALL_BATCH, pack, packed_size, unpack
 
 
 def make_model(name: str = "holomamba", n_items: int = 40, seed: int = 0, **kw: object):
@@ -137,15 +137,16 @@ def test_int8_rows_keeps_each_channels_precision() -> None:
     assert packed_size(template, "int8-rows") == 6 * 2 + 6 * 16
 
 
+@pytest.mark.parametrize("users", [2, SMALL_BATCH + 1])  # numpy quantises the first, torch the second
 @pytest.mark.parametrize("codec", CODECS)
-def test_packed_bytes_are_the_documented_layout(codec: str) -> None:
+def test_packed_bytes_are_the_documented_layout(codec: str, users: int) -> None:
     """Stored records outlive the code: the blob is built here by hand from model/state.py's layout (tensors in
     sorted-name order; integers int32; float values in the codec, int8 after a float32 scale per tensor, int8-rows
-    after a float16 scale per channel) and must equal what pack writes, for two users at once."""
-    state = {"b_ints": torch.tensor([[7, -2, 300], [0, 1, 2]]), "a": torch.randn(2, 3, 4) * torch.tensor([1e-3, 1.0, 50.0])[:, None],
-             "c": torch.randn(2, 5)}
+    after a float16 scale per channel) and must equal what pack writes, for a small and a large batch at once."""
+    state = {"b_ints": torch.randint(-500, 500, (users, 3)), "a": torch.randn(users, 3, 4) * torch.tensor([1e-3, 1.0, 50.0])[:, None],
+             "c": torch.randn(users, 5)}
     want: list[bytes] = []
-    for u in range(2):
+    for u in range(users):
         parts = []
         for k in sorted(state):
             t = state[k][u]
