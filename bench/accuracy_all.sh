@@ -6,9 +6,11 @@
 # rerun skips finished runs, so this script can be cut off and run again. JOBS processes at once, one
 # torch thread each (HOLOREC_THREADS=1). ONLY: run only the commands matching this grep pattern.
 # DEADLINE_S: every run is stopped that many seconds after the start (a run cut off keeps its last finished epoch
-# in bench/results/partial/, untracked, and carries on from it when rerun on the same machine).
+# in bench/results/partial/, untracked, and carries on from it when rerun, here or on another machine given that file).
+# RUNS: a file of `holorec bench accuracy` argument lists, one run a line (DATA in it is expanded), in place of the list below.
 #   bash bench/accuracy_all.sh                                        # CPU, 2 processes
 #   DEVICE=cuda JOBS=12 DEADLINE_S=500 bash bench/accuracy_all.sh     # a GPU machine, inside a 10-minute call
+#   RUNS=bench/runs/gpu-2026-12-04.txt DEVICE=cuda JOBS=16 DEADLINE_S=520 bash bench/accuracy_all.sh
 # On a lent device, copy bench/results back in the same call: the next call re-sends the working tree,
 # which overwrites the tracked results (bench/results/gpu-2026-12-01/README.md). The grid's chosen
 # values become defaults only by a commit to model/train.py's TUNED.
@@ -36,6 +38,10 @@ done
 for ds in "$DATA/ml-100k" "$DATA/beauty/Beauty.txt"; do
   for m in holomamba sasrec gru4rec elastic; do runs+=("$B --data $ds --models $m --grid"); done
 done
+if [ -n "${RUNS:-}" ]; then
+  runs=()
+  while read -r line; do [ -z "$line" ] || [ "${line:0:1}" = "#" ] || runs+=("$B ${line//\$DATA/$DATA}"); done < "$RUNS"
+fi
 n=0
 for r in "${runs[@]}"; do n=$((n + 1)); printf '%s\t%s\n' "$n" "$r"; done | grep -e "$ONLY" \
   | HOLOREC_THREADS=1 END=$END LOGS=$LOGS xargs -P "$JOBS" -n 1 -d '\n' sh -c \
