@@ -7,11 +7,16 @@
 # and call `run` with carry [".data", ".whl"] and command `bash bench/accuracy_device.sh` (timeout_s 600).
 # Every call re-sends the working tree, overwriting bench/results: so this script puts the results and every
 # run's log into $OUT/results.tgz in the same call, and the runs stop at DEADLINE_S (default 500 s) by themselves.
+# Runs cut off keep their last epoch in a partial/ folder: those come back as $OUT/partial.tar.* (15 MiB pieces; a call
+# brings back 64 MiB at most, about three Beauty runs), to carry on here: `cat partial.tar.* | tar xf -` in the repository,
+# then the same command on the CPU. RUNS (bench/accuracy_all.sh) passes through: `RUNS=bench/runs/gpu-2026-12-04.txt
+# JOBS=16 DEADLINE_S=525 bash bench/accuracy_device.sh`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 [ -e ../shared/data ] || { mkdir -p ../shared && ln -s "$PWD/.data" ../shared/data; }  # there, the data beside the repository is .data
 nvidia-smi -L || true
-DEVICE=cuda JOBS=${JOBS:-12} DEADLINE_S=${DEADLINE_S:-500} HOLOREC="python3 -m cli" LOGS=/tmp/logs bash bench/accuracy_all.sh
-tar czf "$OUT/results.tgz" bench/results/*.json bench/results/*.md /tmp/logs
+DEVICE=cuda JOBS=${JOBS:-12} DEADLINE_S=${DEADLINE_S:-500} HOLOREC="python3 -m cli" LOGS=${LOGS:-/tmp/logs} bash bench/accuracy_all.sh
+tar czf "$OUT/results.tgz" --exclude=partial bench/results "${LOGS:-/tmp/logs}"
+find bench/results -path '*/partial/*.safetensors' | tar cf - -T - | split -b 15m - "$OUT/partial.tar."
 grep -h "seed [0-9]: test" /tmp/logs/*.log
