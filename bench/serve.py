@@ -345,7 +345,8 @@ def section_codec(tmp: Path, quick: bool, epochs: int, data: str) -> dict[str, A
         if not path:
             path = str(tmp / "ml100k")
             h = hyper("holomamba", ds.kind)
-            cfg = ModelConfig(model="holomamba", max_len=DEFAULT_MAX_LEN[ds.kind], dropout=h["dropout"], weight_decay=h["weight_decay"])
+            cfg = ModelConfig(model="holomamba", max_len=DEFAULT_MAX_LEN[ds.kind], dropout=h["dropout"], weight_decay=h["weight_decay"],
+                              ema=h["ema"], item_dropout=h["item_dropout"])
             train(ds, cfg, epochs=epochs, lr=h["lr"], out=Path(path))
         ckpt = load(path)
         net, source = ckpt.model, f"{path} (provenance: {json.dumps(ckpt.provenance)[:400]})"

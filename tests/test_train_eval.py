@@ -350,6 +350,19 @@ def test_weight_decay_defaults_per_model_and_dataset_kind() -> None:
     assert hyper("holomamba", "s3rec")["dropout"] == 0.5 and hyper("holomamba", "s3rec")["lr"] == 1e-3
     assert hyper("holomamba", "s3rec")["ema"] == hyper("sasrec", "s3rec")["ema"] == 0.999  # a moving average of the weights
     assert hyper("gru4rec", "s3rec")["ema"] == hyper("sasrec", "movielens")["ema"] == 0.0
+    assert hyper("holomamba", "s3rec")["item_dropout"] == hyper("holomamba", "movielens")["item_dropout"] == 0.2
+    assert hyper("holomamba", "table")["item_dropout"] == hyper("sasrec", "s3rec")["item_dropout"] == 0.0
+
+
+def test_a_run_recorded_before_item_dropout_was_a_default_is_not_a_run_of_the_new_default() -> None:
+    """HoloMambaRec's runs written before item dropout was recorded trained at 0.0 unless the row name set it, so a
+    rerun of `--models holomamba` at today's default does not skip them as finished."""
+    from bench.accuracy import _settings
+
+    old = {"seed": 0, "settings": {"lr": 1e-3, "dropout": 0.5, "weight_decay": 0.1, "ema": 0.999, "d_state": 4}}
+    assert _settings("holomamba", old)["item_dropout"] == 0.0
+    assert _settings("holomamba:item_dropout=0.2", old)["item_dropout"] == 0.2
+    assert "item_dropout" not in _settings("sasrec", old)
 
 
 def test_learning_rate_halves_after_each_run_of_epochs_without_a_better_validation(monkeypatch: pytest.MonkeyPatch) -> None:
