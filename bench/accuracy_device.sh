@@ -19,4 +19,4 @@ nvidia-smi -L || true
 DEVICE=cuda JOBS=${JOBS:-12} DEADLINE_S=${DEADLINE_S:-500} HOLOREC="python3 -m cli" LOGS=${LOGS:-/tmp/logs} bash bench/accuracy_all.sh
 tar czf "$OUT/results.tgz" --exclude=partial bench/results "${LOGS:-/tmp/logs}"
 find bench/results -path '*/partial/*.safetensors' | tar cf - -T - | split -b 15m - "$OUT/partial.tar."
-grep -h "seed [0-9]: test" /tmp/logs/*.log
+grep -h "seed [0-9]: test" "${LOGS:-/tmp/logs}"/*.log
