@@ -60,6 +60,7 @@ class ModelConfig:
     ema: float = 0.0  # validate, keep and serve an exponential moving average of the weights with this decay per step (model/train.py); 0 = off
     burn_in: int = 0  # holomamba: train each window from the state after up to this many earlier items (model/train.py); 0 = off
     attr_loss: float = 0.0  # holomamba, training only: weight of a second cross-entropy, the next item's attributes from the user vector (SeqRecModel.loss); 0 = off
+    label_smoothing: float = 0.0  # training only: the cross-entropy's target puts this much mass uniformly over all items (Szegedy et al. 2016); 0 = off
     item_bias: bool = False  # a learned per-item offset added to every item's score (what the dot product need not spend dimensions on)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,7 +157,8 @@ class SeqRecModel(nn.Module):
         logits = h[mask] @ self.item_table()[1:].T  # (n, v - 1): real items only, so padding is never predicted
         if self.config.item_bias:
             logits = logits + self.item_bias[1:]
-        loss = F.cross_entropy(logits, targets[mask] - 1)  # the same loss as masking padding's logit to -inf, without
+        smooth = self.config.label_smoothing if self.training else 0.0
+        loss = F.cross_entropy(logits, targets[mask] - 1, label_smoothing=smooth)  # the same loss as masking padding's logit to -inf, without
         # writing into the (n, v) logits in place, which made autograd copy them (3-8% of a training step, measured)
         if self.training and self.config.attr_loss > 0:
             loss = loss + self.config.attr_loss * self.attribute_loss(h[mask], targets[mask])

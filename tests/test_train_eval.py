@@ -501,3 +501,19 @@ def test_attribute_loss_is_the_cross_entropy_against_the_next_items_attributes()
     assert torch.allclose(model.loss(items, targets), plain.loss(items, targets) + 0.5 * want, atol=1e-6)
     model.eval(), plain.eval()
     assert torch.allclose(model.loss(items, targets), plain.loss(items, targets), atol=1e-6)
+
+
+def test_label_smoothing_mixes_the_target_with_a_uniform_one_in_training_only() -> None:
+    """label_smoothing eps: the training loss is (1 - eps) * CE + eps * mean over items of -log p, averaged over positions."""
+    from model import build_model
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="sasrec", n_items=5, d_model=8, max_len=4, dropout=0.0, label_smoothing=0.2))
+    items, targets = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 2, 3, 5]])
+    model.train()
+    logp = F.log_softmax(model.forward(items)[0, 1:] @ model.item_table()[1:].T, -1)  # (3, 5): positions with a target
+    ce, uniform = -logp[torch.arange(3), targets[0, 1:] - 1].mean(), -logp.mean()
+    assert torch.allclose(model.loss(items, targets), 0.8 * ce + 0.2 * uniform, atol=1e-6)
+    model.eval()
+    assert torch.allclose(model.loss(items, targets), ce, atol=1e-6)
