@@ -8,7 +8,7 @@
 # Every call re-sends the working tree, overwriting bench/results: so this script puts the results and every
 # run's log into $OUT/results.tgz in the same call, and the runs stop at DEADLINE_S (default 500 s) by themselves.
 # Runs cut off keep their last epoch in a partial/ folder: those come back as $OUT/partial.tar.* (15 MiB pieces; a call
-# brings back 64 MiB at most, about three Beauty runs), to carry on here: `cat partial.tar.* | tar xf -` in the repository,
+# brings back 64 MiB at most, about three Beauty runs: PARTIALS, default 3, the highest on validation so far), to carry on here: `cat partial.tar.* | tar xf -` in the repository,
 # then the same command on the CPU. RUNS (bench/accuracy_all.sh) passes through: `RUNS=bench/runs/gpu-2026-12-04.txt
 # JOBS=16 DEADLINE_S=525 bash bench/accuracy_device.sh`.
 set -uo pipefail
@@ -18,5 +18,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 nvidia-smi -L || true
 DEVICE=cuda JOBS=${JOBS:-12} DEADLINE_S=${DEADLINE_S:-500} HOLOREC="python3 -m cli" LOGS=${LOGS:-/tmp/logs} bash bench/accuracy_all.sh
 tar czf "$OUT/results.tgz" --exclude=partial bench/results "${LOGS:-/tmp/logs}"
-find bench/results -path '*/partial/*.safetensors' | tar cf - -T - | split -b 15m - "$OUT/partial.tar."
+python3 - <<'PY' | tar cf - -T - | split -b 15m - "$OUT/partial.tar."  # the PARTIALS (3) highest on validation so far
+import glob, json, os
+from safetensors import safe_open
+best = {f: json.loads(safe_open(f, "pt").metadata()["progress"])["best"]["NDCG@10"] for f in glob.glob("bench/results/**/partial/*.safetensors", recursive=True)}
+print("\n".join(sorted(best, key=best.get, reverse=True)[: int(os.environ.get("PARTIALS", "3"))]))
+PY
 grep -h "seed [0-9]: test" "${LOGS:-/tmp/logs}"/*.log
