@@ -16,7 +16,7 @@ def _train(a: argparse.Namespace) -> None:
     Interrupted (Ctrl-C, a closed laptop), the same command again carries on from the last finished epoch."""
     from model import MODELS, ModelConfig
     from model.data import DEFAULT_MAX_LEN, DataError, load
-    from model.train import hyper, train
+    from model.train import CONFIG_FIELDS, hyper, train
 
     if a.model not in MODELS:
         sys.exit(f"holorec train: unknown model {a.model!r}; choose from {', '.join(MODELS)}")
@@ -25,10 +25,9 @@ def _train(a: argparse.Namespace) -> None:
     except DataError as e:
         sys.exit(f"holorec train: {e}")
     h = hyper(a.model, ds.kind)
+    given = {k: getattr(a, k) for k in CONFIG_FIELDS if getattr(a, k) is not None}  # --weight-decay, --ema, ... as given
     config = ModelConfig(model=a.model, d_model=a.d_model, n_layers=a.layers, dropout=a.dropout if a.dropout is not None else h["dropout"],
-                         weight_decay=a.weight_decay if a.weight_decay is not None else h["weight_decay"],
-                         ema=a.ema if a.ema is not None else h["ema"],
-                         item_dropout=a.item_dropout if a.item_dropout is not None else h["item_dropout"],
+                         **({k: h[k] for k in CONFIG_FIELDS} | given),
                          max_len=a.max_len or DEFAULT_MAX_LEN[ds.kind], **({"d_state": a.d_state} if a.d_state else {}))
     progress = Path(a.out) / "progress.safetensors"  # the last epoch: the same command, interrupted, carries on from it
     ckpt, report = train(ds, config, epochs=a.epochs, lr=a.lr if a.lr is not None else h["lr"], batch_size=a.batch_size, seed=a.seed,
@@ -225,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(0 = off); default per model and dataset")
     t.add_argument("--item-dropout", type=float, help="holomamba, training only: drop each item's own vector with this probability, "
                                                       "its attributes kept; default per dataset (0.2 on MovieLens and Amazon formats, 0 on plain tables)")
+    t.add_argument("--label-smoothing", type=float, help="training only: put this much of the cross-entropy's target uniformly "
+                                                         "over all items; default per model and dataset (0 unless tuned)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -25,7 +25,7 @@ from model.data import DEFAULT_MAX_LEN, load
 from model.split import split
 from bench.harness import command, hardware
 from model.evaluate import evaluate, evaluate_popularity, evaluate_served
-from model.train import hyper, set_threads, train
+from model.train import CONFIG_FIELDS, hyper, set_threads, train
 
 METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
@@ -83,8 +83,7 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
                 if key in res["runs"]:
                     continue
                 h = hyper(name.partition(":")[0], ds.kind)
-                cfg = model_config(name, d_model=64, max_len=max_len, dropout=dropout, weight_decay=h["weight_decay"], ema=h["ema"],
-                                   item_dropout=h["item_dropout"])
+                cfg = model_config(name, d_model=64, max_len=max_len, dropout=dropout, **{k: h[k] for k in CONFIG_FIELDS})
                 partial = _partial(path.parent, ds.name, key)
                 _, rep = train(ds, cfg, epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=0, patience=args.patience,
                                patience_steps=getattr(args, "patience_steps", 500), device=args.device, progress=True,
@@ -149,9 +148,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         h = hyper(name.partition(":")[0], ds.kind)
         lr = args.lr if getattr(args, "lr", None) is not None else h["lr"]
         dropout = args.dropout if getattr(args, "dropout", None) is not None else h["dropout"]
-        cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout, weight_decay=h["weight_decay"], ema=h["ema"],
-                           item_dropout=h["item_dropout"])
-        settings = {"lr": lr, "dropout": dropout, "weight_decay": cfg.weight_decay, "ema": cfg.ema, "epochs": epochs, "patience": patience,
+        cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout, **{k: h[k] for k in CONFIG_FIELDS})
+        settings = {"lr": lr, "dropout": dropout, "weight_decay": cfg.weight_decay, "ema": cfg.ema, "label_smoothing": cfg.label_smoothing,
+                    "epochs": epochs, "patience": patience,
                     "patience_steps": patience_steps, "max_len": max_len, "d_model": cfg.d_model,
                     "batch_size": batch_size}  # d_model, weight_decay and ema as the row name may set them
         if name.startswith("holomamba"):  # a changed default state size or item dropout is another model, never a finished run of this one
@@ -191,11 +190,11 @@ def _partial(out: Path, dataset: str, run: str) -> Path:
 
 
 def _settings(name: str, run: dict[str, Any]) -> dict[str, Any]:
-    """A recorded run's settings. One written before weight decay, ema (or HoloMambaRec's item dropout) was recorded trained
-    at what its row name set, else at ModelConfig's default (then the only one)."""
+    """A recorded run's settings. One written before weight decay, ema, label smoothing (or HoloMambaRec's item dropout) was
+    recorded trained at what its row name set, else at ModelConfig's default (then the only one)."""
     cfg = model_config(name)
     old = {"item_dropout": cfg.item_dropout} if name.startswith("holomamba") else {}
-    return {"weight_decay": cfg.weight_decay, "ema": cfg.ema} | old | run.get("settings", {})
+    return {"weight_decay": cfg.weight_decay, "ema": cfg.ema, "label_smoothing": cfg.label_smoothing} | old | run.get("settings", {})
 
 
 def _write(stem: Path, result: dict[str, Any], t0: float, settings_of: dict[str, dict[str, Any]]) -> dict[str, Any]:

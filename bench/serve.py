@@ -338,15 +338,14 @@ def section_codec(tmp: Path, quick: bool, epochs: int, data: str) -> dict[str, A
 
         from model import ModelConfig
         from model.data import DEFAULT_MAX_LEN
-        from model.train import hyper, train
+        from model.train import CONFIG_FIELDS, hyper, train
 
         ds = load_data(data)
         path = os.environ.get("HOLOREC_BENCH_ML100K")
         if not path:
             path = str(tmp / "ml100k")
             h = hyper("holomamba", ds.kind)
-            cfg = ModelConfig(model="holomamba", max_len=DEFAULT_MAX_LEN[ds.kind], dropout=h["dropout"], weight_decay=h["weight_decay"],
-                              ema=h["ema"], item_dropout=h["item_dropout"])
+            cfg = ModelConfig(model="holomamba", max_len=DEFAULT_MAX_LEN[ds.kind], dropout=h["dropout"], **{k: h[k] for k in CONFIG_FIELDS})
             train(ds, cfg, epochs=epochs, lr=h["lr"], out=Path(path))
         ckpt = load(path)
         net, source = ckpt.model, f"{path} (provenance: {json.dumps(ckpt.provenance)[:400]})"

@@ -72,10 +72,14 @@ TUNED: dict[tuple[str, str], dict[str, float]] = {("holomamba", "s3rec"): {"weig
                                                   ("gru4rec", "s3rec"): {"weight_decay": 0.1}}
 
 
+CONFIG_FIELDS = ("weight_decay", "ema", "item_dropout", "label_smoothing")  # the ones of hyper()'s values that live in ModelConfig
+
+
 def hyper(model: str, kind: str) -> dict[str, float]:
-    """The learning rate, dropout, weight decay, weight averaging and item dropout `model` trains with on a dataset of this kind by default."""
+    """The learning rate, dropout, weight decay, weight averaging, item dropout and label smoothing `model` trains with on a
+    dataset of this kind by default."""
     return ({"lr": DEFAULT_LR, "dropout": DEFAULT_DROPOUT[kind], "weight_decay": ModelConfig.weight_decay, "ema": ModelConfig.ema,
-             "item_dropout": ModelConfig.item_dropout} | TUNED.get((model, kind), {}))
+             "item_dropout": ModelConfig.item_dropout, "label_smoothing": ModelConfig.label_smoothing} | TUNED.get((model, kind), {}))
 
 
 def optimizer(model: SeqRecModel, lr: float) -> torch.optim.AdamW:

@@ -128,12 +128,13 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "holorec"
     out = tmp_path / "ckpt"
     run = subprocess.run([str(exe), "train", "--data", data, "--epochs", "1", "--d-model", "16", "--max-len", "10",
-                          "--weight-decay", "0.05", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+                          "--weight-decay", "0.05", "--label-smoothing", "0.1", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
                          preexec_fn=lambda: os.umask(0o022))  # the common umask, whatever the test runner's
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"checkpoint: {out}" in run.stdout
     assert load_checkpoint(out).provenance["threads"] == 1
     assert load_checkpoint(out).model.config.weight_decay == 0.05
+    assert load_checkpoint(out).model.config.label_smoothing == 0.1 and load_checkpoint(out).model.config.ema == 0.0  # given; default
     modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
     assert set(modes) == {"model.safetensors", "checkpoint.json"}  # the epoch saved for an interrupted run is gone
     assert modes["model.safetensors"] == modes["checkpoint.json"] and modes["model.safetensors"] & 0o004  # readable by another uid
@@ -363,6 +364,8 @@ def test_a_run_recorded_before_item_dropout_was_a_default_is_not_a_run_of_the_ne
     assert _settings("holomamba", old)["item_dropout"] == 0.0
     assert _settings("holomamba:item_dropout=0.2", old)["item_dropout"] == 0.2
     assert "item_dropout" not in _settings("sasrec", old)
+    assert _settings("holomamba", old)["label_smoothing"] == _settings("sasrec", old)["label_smoothing"] == 0.0  # recorded since
+    assert _settings("holomamba:label_smoothing=0.1", old)["label_smoothing"] == 0.1
 
 
 def test_learning_rate_halves_after_each_run_of_epochs_without_a_better_validation(monkeypatch: pytest.MonkeyPatch) -> None:
