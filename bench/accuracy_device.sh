@@ -11,6 +11,9 @@
 # brings back 64 MiB at most, about three Beauty runs: PARTIALS, default 3, the highest on validation so far), to carry on here: `cat partial.tar.* | tar xf -` in the repository,
 # then the same command on the CPU. RUNS (bench/accuracy_all.sh) passes through: `RUNS=bench/runs/gpu-2026-12-04.txt
 # JOBS=16 DEADLINE_S=525 bash bench/accuracy_device.sh`.
+# Throughput on one H200 (the runs are bound by kernel launches, not by the GPU's arithmetic): a Beauty run trains
+# ~33,000 positions/s with 2 processes at once, ~23,000 each with 6 (138,000 in all) and ~6,500 each with 16 beside
+# ML-100K runs (logs in bench/results/gpu-2026-12-04*): JOBS 6-8 finishes the most Beauty epochs, ~75 per run in 525 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
