@@ -185,7 +185,7 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
                               patience=3, device="cpu")
     first = run(args)
     (r,) = first["runs"]["gru4rec"]
-    assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "weight_decay": 0.01, "ema": 0.0, "epochs": 2, "patience": 3, "patience_steps": 0, "max_len": 50, "d_model": 32,
+    assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "weight_decay": 0.01, "ema": 0.0, "label_smoothing": 0.0, "epochs": 2, "patience": 3, "patience_steps": 0, "max_len": 50, "d_model": 32,
                              "batch_size": 128}
     assert 0 <= r["best_epoch"] <= r["epochs_run"] == 2 and len(r["valid_curve"]) == 3
     again = run(args)
