@@ -68,7 +68,8 @@ DEFAULT_LR = 1e-3  # SASRec's published learning rate, with batch 128
 # Plain tables (kind "table") keep 0.0: untried, and one without attributes would drop items to nothing.
 # HoloMambaRec on S3-Rec (Amazon) logs since the end of 2026-12-04: lr 2e-3, weight decay 0.2 and label smoothing 0.1 together.
 # Each alone raised Beauty's seed 0 validation NDCG@10 (0.0534, 0.0537, 0.0536 against 0.0524; bench/results/gpu-2026-12-04-beauty);
-# together, 3 seeds, higher on every seed (bench/results/cpu-2026-12-04-beauty). Test, not used to choose, in the README.
+# together, higher on every seed (seeds 0, 1 finished; seed 2 cut off at epoch 98, already higher; bench/results/cpu-2026-12-04-beauty).
+# Test, not used to choose, in the README.
 TUNED: dict[tuple[str, str], dict[str, float]] = {("holomamba", "s3rec"): {"lr": 2e-3, "weight_decay": 0.2, "ema": 0.999, "item_dropout": 0.2,
                                                                            "label_smoothing": 0.1},
                                                   ("holomamba", "movielens"): {"item_dropout": 0.2},
