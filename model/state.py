@@ -50,12 +50,14 @@ SCALE = {"int8": "<f4", "int8-rows": "<f2"}  # codec -> how a segment's scale is
 @dataclass(frozen=True)
 class Plan:
     """Where every byte of a user's blob goes, worked out once per state shape and codec. pack and unpack run on
-    every served event, so each is a few whole-batch array operations per tensor on contiguous byte ranges of the
-    (b, size) blob array (a tensor's scales, then its values, are each one range). The bytes are the layout above
+    every served event, so each is a few whole-batch array operations on contiguous byte ranges of the (b, size) blob
+    array (a tensor's scales, then its values, are each one range). The bytes are the layout above
     (tests/test_model_core.py pins them)."""
     size: int  # bytes per user
-    floats: tuple[tuple[str, tuple[int, ...], int, int, int], ...]  # (name, shape, first scale byte, scales, first value byte)
+    floats: tuple[tuple[str, tuple[int, ...], int, int, int, int, int], ...]  # (name, shape, first scale byte, scales, first value byte, first value in `flat`, first scale in `flat`)
     ints: tuple[tuple[str, tuple[int, ...], torch.dtype, int, int], ...]  # (name, shape, dtype, first byte, n)
+    seg_start: np.ndarray  # (S,) where each scale's segment starts among the float values of all tensors, in blob order (`flat`)
+    seg_len: np.ndarray  # (S,) its values
 
 
 _PLANS: dict[tuple, Plan] = {}  # (codec, (name, shape, dtype) per tensor as given) -> plan: one lookup per call
@@ -73,8 +75,8 @@ def _plan(template: State, codec: str) -> Plan:
 
 
 def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: str) -> Plan:
-    floats, ints = [], []
-    off = 0  # byte offset in the blob
+    floats, ints, starts = [], [], []
+    off = flat = 0  # byte offset in the blob; float values so far
     for name, shape, dtype in spec:
         t = torch.empty(1, *shape, dtype=dtype)
         n, nbytes = t[0].numel(), _tensor_bytes(t, codec)
@@ -82,16 +84,19 @@ def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: 
             ints.append((name, shape, dtype, off, n))
         else:
             segs = 0 if codec not in SCALE else 1 if codec == "int8" else _rows(t)
-            floats.append((name, shape, off, segs, off + segs * _width(SCALE.get(codec))))
+            floats.append((name, shape, off, segs, off + segs * _width(SCALE.get(codec)), flat, len(starts)))
+            starts += [flat + i * (n // segs) for i in range(segs)]
+            flat += n
         off += nbytes
-    return Plan(off, tuple(floats), tuple(ints))
+    seg_start = np.array(starts, np.intp)
+    return Plan(off, tuple(floats), tuple(ints), seg_start, np.diff(np.append(seg_start, flat)))
 
 
 def _width(dtype: str | None) -> int:
     return 0 if dtype is None else np.dtype(dtype).itemsize
 
 
-SMALL_BATCH = 32  # up to this many users numpy quantises (a microsecond per call); above it torch (faster per value)
+SMALL_BATCH = 16  # up to this many users numpy quantises every tensor in one pass; above it torch, a tensor at a time
 
 
 def pack(state: State, codec: str = "float32") -> list[bytes]:
@@ -101,32 +106,51 @@ def pack(state: State, codec: str = "float32") -> list[bytes]:
     out = np.empty((b, plan.size), np.uint8)
     for name, _, _, at, n in plan.ints:
         out[:, at : at + 4 * n] = state[name].detach().cpu().reshape(b, n).to(torch.int32).numpy().astype("<i4").view(np.uint8)
-    quantise = _quantise_np if b <= SMALL_BATCH else _quantise_torch
-    for name, _, s_at, segs, v_at in plan.floats:
+    (_pack_floats_np if b <= SMALL_BATCH else _pack_floats_torch)(state, codec, plan, out)
+    return [r.tobytes() for r in out]
+
+
+# Both write the same bytes (tests/test_model_core.py packs across SMALL_BATCH): x ~ scale * q, q int8. A serving event
+# packs one user, where the per-call overhead of ~10 array operations per tensor is most of the cost, so numpy quantises
+# all tensors' values as one (b, N) array, every segment's peak by one reduceat (HoloMambaRec's int8-rows state, one
+# user: 118 -> 65 us against a tensor at a time); a big batch packs thousands, where numpy's reduceat over 3-4-value
+# rows is several times slower than torch's amax over a tensor's rows.
+def _pack_floats_np(state: State, codec: str, plan: Plan, out: np.ndarray) -> None:
+    b = out.shape[0]
+    if not plan.floats:
+        return
+    x = np.concatenate([state[f[0]].detach().to("cpu", torch.float32).reshape(b, -1).numpy() for f in plan.floats], axis=1)  # (b, N)
+    scales = None
+    if codec in SCALE:
+        peak = np.maximum.reduceat(np.abs(x), plan.seg_start, axis=1)  # (b, S)
+        if codec == "int8":
+            scale = div = np.maximum(peak, np.float32(1e-30)) / np.float32(127.0)
+        else:  # within float16's range
+            scale = (np.clip(peak, np.float32(2.0**-14), np.float32(6e4)) / np.float32(127.0)).astype(np.float16)
+            div = scale.astype(np.float32)
+        scales = scale.astype(SCALE[codec], copy=False).view(np.uint8)  # (b, S * scale bytes)
+        x = np.rint(x / np.repeat(div, plan.seg_len, axis=1))
+        np.clip(x, -127, 127, out=x)
+    vals = x.astype(VALUE[codec]).view(np.uint8)  # (b, N * value bytes)
+    w, sw = _width(VALUE[codec]), _width(SCALE.get(codec))
+    for name, shape, s_at, segs, v_at, first, seg0 in plan.floats:
+        if scales is not None:
+            out[:, s_at:v_at] = scales[:, seg0 * sw : (seg0 + segs) * sw]
+        n = math.prod(shape)
+        out[:, v_at : v_at + n * w] = vals[:, first * w : (first + n) * w]
+
+
+def _pack_floats_torch(state: State, codec: str, plan: Plan, out: np.ndarray) -> None:
+    b = out.shape[0]
+    for name, _, s_at, segs, v_at, _, _ in plan.floats:
         x = state[name].detach().to("cpu", torch.float32).reshape(b, max(segs, 1), -1)  # (b, segments, values each)
         if codec in SCALE:
-            scale, q = quantise(x, codec)
+            scale, q = _quantise_torch(x, codec)
             out[:, s_at:v_at] = scale.astype(SCALE[codec], copy=False).reshape(b, -1).view(np.uint8)
         else:
             q = x.numpy()
         vals = q.astype(VALUE[codec], copy=False).reshape(b, -1).view(np.uint8)  # (b, value bytes)
         out[:, v_at : v_at + vals.shape[1]] = vals
-    return [r.tobytes() for r in out]
-
-
-# Both quantisers write the same bytes (tests/test_model_core.py packs across SMALL_BATCH): x ~ scale * q, q int8.
-# A serving event packs one user, where torch's per-call overhead (~10 ops per tensor) is most of the cost (int8, one
-# user: 123 -> 58 us); a big batch packs thousands, where numpy's max over 3-4-value rows is ~20x slower than torch's.
-def _quantise_np(x: Tensor, codec: str) -> tuple[np.ndarray, np.ndarray]:  # (b, segs, n) -> (b, segs, 1) scales, q
-    a = np.abs(x.numpy())
-    peak = a.max(2, keepdims=True)  # (b, segments, 1)
-    if codec == "int8":
-        scale = div = np.maximum(peak, np.float32(1e-30)) / np.float32(127.0)
-    else:  # within float16's range
-        scale = (np.clip(peak, np.float32(2.0**-14), np.float32(6e4)) / np.float32(127.0)).astype(np.float16)
-        div = scale.astype(np.float32)
-    q = np.rint(np.divide(x.numpy(), div, out=a), out=a)
-    return scale, np.clip(q, -127, 127, out=q).astype(np.int8)
 
 
 def _quantise_torch(x: Tensor, codec: str) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +175,7 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
     for name, shape, dtype, at, n in plan.ints:
         out[name] = torch.from_numpy(raw[:, at : at + 4 * n].copy().view("<i4").astype(np.int64)).reshape(b, *shape).to(dtype)
     w = _width(VALUE[codec])
-    for name, shape, s_at, segs, v_at in plan.floats:
+    for name, shape, s_at, segs, v_at, _, _ in plan.floats:
         n = math.prod(shape)
         x = np.ascontiguousarray(raw[:, v_at : v_at + w * n]).view(VALUE[codec]).astype(np.float32)  # (b, n)
         if segs:

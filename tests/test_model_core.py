@@ -137,7 +137,7 @@ def test_int8_rows_keeps_each_channels_precision() -> None:
     assert packed_size(template, "int8-rows") == 6 * 2 + 6 * 16
 
 
-@pytest.mark.parametrize("users", [2, SMALL_BATCH + 1])  # numpy quantises the first, torch the second
+@pytest.mark.parametrize("users", [1, 2, SMALL_BATCH + 1])  # numpy quantises the first two, torch the third
 @pytest.mark.parametrize("codec", CODECS)
 def test_packed_bytes_are_the_documented_layout(codec: str, users: int) -> None:
     """Stored records outlive the code: the blob is built here by hand from model/state.py's layout (tensors in
