@@ -40,7 +40,6 @@ class Scorer:
             table = self.model.item_table().detach().clone()  # (v, d)
             self.biased = self.model.config.item_bias  # scored as [h, 1] . [e_i, b_i] = h . e_i + b_i, as model.score does
             self.table = torch.cat([table, self.model.item_bias.detach()[:, None]], 1) if self.biased else table  # (v, d or d + 1)
-        self.table_np = self.table.numpy()  # the same memory: numpy's product of one user with 3,706 items is 2x torch's
         self.index = IVFIndex(self.table, self.s.ann_lists, self.s.ann_probe) if self.s.ann_lists else None
         self.popular = [i for i in self.ckpt.popular if 0 < i <= len(self.ckpt.items)]
         self.attr_masks: dict[int, Tensor] = {}
@@ -62,11 +61,10 @@ class Scorer:
         if with_state:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                h_np = np.stack([loaded[i].record.vector for i in with_state])  # (n, d)
+                h = torch.from_numpy(np.stack([loaded[i].record.vector for i in with_state]))  # (n, d)
                 if self.biased:
-                    h_np = np.concatenate([h_np, np.ones((len(h_np), 1), np.float32)], 1)  # (n, d + 1)
-                h = torch.from_numpy(h_np)
-                exact = torch.from_numpy(h_np @ self.table_np.T) if self.index is None else None  # (n, v): one product for the batch
+                    h = torch.cat([h, torch.ones(len(h), 1)], 1)  # (n, d + 1)
+                exact = h @ self.table.T if self.index is None else None  # (n, v): one product for the batch
                 for row, i in enumerate(with_state):
                     q = queries[i]
                     if exact is not None:
@@ -76,7 +74,7 @@ class Scorer:
                     else:  # an attribute filter could leave the probed clusters short of k items: score all
                         cand, scores = None, self.table @ h[row]
                     self._exclude(scores, q, loaded[i].record, cand)
-                    top = torch.topk(scores, min(q.k, scores.shape[0]))  # shape, not len(): a tensor's __len__ costs more
+                    top = torch.topk(scores, min(q.k, len(scores)))
                     idx = top.indices if cand is None else cand[top.indices]
                     out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.values.tolist()) if v > -math.inf], "state")
             SCORE_LATENCY.observe(time.perf_counter() - t0)
@@ -101,11 +99,11 @@ class Scorer:
         """Set to -inf, in place, the scores of items this query must not get: scores (v,) of every item,
         or (m,) of the items `cand` (the index's candidates). By index, so a query costs its exclusions,
         not the catalogue size; only an attribute filter touches every item."""
-        banned = self.excluded_ids(q, r, None if cand is None else cand.numpy())
+        banned = torch.from_numpy(self.excluded_ids(q, r, None if cand is None else cand.numpy()))
         if cand is None:
-            scores.numpy()[banned] = -math.inf  # a view: numpy's fancy assignment is half the cost of torch's index_put
+            scores[banned] = -math.inf
         else:
-            scores.masked_fill_(torch.isin(cand, torch.from_numpy(banned)), -math.inf)
+            scores.masked_fill_(torch.isin(cand, banned), -math.inf)
         if q.attribute is not None:
             keep = self.attribute_mask(q.attribute)
             if keep is None:
