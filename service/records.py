@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,9 @@ class Records:
         self.seen = SeenFilter(ckpt.items, settings.seen_filter_bytes) if settings.seen_filter_bytes else None
         self.vocabs: dict[str, list[str]] = {self.version: ckpt.items}
         self.vocab_checked = -math.inf  # when this model's vocabulary was last seen in the store
+        # key -> (the stored value, its record as read): a recommendation read through the client-side cache gets the
+        # very bytes object it got last time while Redis reports no write, and then needs no decode (read only)
+        self.decoded: OrderedDict[str, tuple[bytes, Loaded]] = OrderedDict()
 
     def save_vocab(self) -> None:
         """Records keep item indices; a later model re-warms them through this id list. Checked again every
@@ -77,12 +81,17 @@ class Records:
     def read(self, user_ids: list[str], cached: bool = False, ours: bool = False) -> list[Loaded]:
         """Each user's record ready for this model; `cached`: through the client-side cache (the serving app's reads);
         `ours`: and from this process's own last writes (events, whose compare-and-set checks the revision read)."""
-        blobs = self.store.get_many([self.key(u) for u in user_ids], cached, ours)
+        keys = [self.key(u) for u in user_ids]
+        blobs = self.store.get_many(keys, cached, ours)
         out: list[Loaded] = []
         stale: list[int] = []
-        for u, blob in zip(user_ids, blobs):
+        memo = cached and not ours and self.s.client_cache_entries > 0  # recommendations, which never change a record
+        for u, key, blob in zip(user_ids, keys, blobs):
             if blob is None:
                 out.append(Loaded(self.fresh(), 0, False))
+                continue
+            if memo and (hit := self.decoded.get(key)) is not None and hit[0] is blob:
+                out.append(hit[1])
                 continue
             try:
                 r = rec.decode(blob, self.version, self.d)
@@ -99,6 +108,11 @@ class Records:
                         r.state = pack(unpack([r.state], self.template, r.codec), self.s.state_codec)[0]
                         r.codec, resized = self.s.state_codec, True
                     out.append(Loaded(r, r.revision, resized))
+                    if memo and not resized:
+                        self.decoded[key] = (blob, out[-1])
+                        self.decoded.move_to_end(key)
+                        if len(self.decoded) > self.s.client_cache_entries:
+                            self.decoded.popitem(last=False)
                     continue
                 stale.append(len(out))
                 out.append(Loaded(r, r.revision, True))

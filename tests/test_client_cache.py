@@ -190,3 +190,27 @@ def test_a_stale_guess_costs_a_retry_not_an_event(ckpt_dir: Path, namespace: str
     stale_guess(guess)
     assert event(a, "item-6") == 1
     assert history(b) == ["item-5", "item-6"]  # not item-4: the deleted history does not come back
+
+
+def test_a_cached_record_is_decoded_once_until_it_changes(ckpt_dir: Path, namespace: str) -> None:
+    """Recommendations reading the same cached value reuse its decoded record (service/records.py `decoded`); a write
+    by another replica, or by this one, gives the next read a new value and so a fresh decode."""
+    s = Settings(checkpoint=str(ckpt_dir), namespace=namespace)
+    ckpt = load(ckpt_dir)
+    a = Engine(ckpt, RedisStore(REDIS_URL, cache=connected_cache(namespace)), s)
+    b = Engine(ckpt, RedisStore(REDIS_URL), s)
+
+    def read(engine: Engine) -> object:
+        return engine.records.read(["u"], cached=True)[0]
+
+    assert b.apply([[Event("u", "item-1")]])[0].applied == 1
+    wait_for("a cached read", lambda: read(a) is read(a), 10)
+    first = read(a)
+    assert first.record.history() == [1]
+    assert b.apply([[Event("u", "item-2")]])[0].applied == 1  # another replica writes
+    wait_for("b's write reported", lambda: read(a) is not first, 10)
+    assert read(a).record.history() == [1, 2] and read(a).record.applied == 2
+    second = read(a)
+    assert a.apply([[Event("u", "item-3")]])[0].applied == 1  # this replica writes
+    wait_for("a's own write reported", lambda: read(a) is not second, 10)
+    assert read(a).record.history() == [1, 2, 3]
