@@ -53,8 +53,10 @@ class Records:
         self.vocabs: dict[str, list[str]] = {self.version: ckpt.items}
         self.vocab_checked = -math.inf  # when this model's vocabulary was last seen in the store
         # key -> (the stored value, its record as read): a recommendation read through the client-side cache gets the
-        # very bytes object it got last time while Redis reports no write, and then needs no decode (read only)
+        # very bytes object it got last time while Redis reports no write, and then needs no decode (read only). Only
+        # with that cache: without it (a Cluster, the embedded store) every read is a new object, or not worth the memory.
         self.decoded: OrderedDict[str, tuple[bytes, Loaded]] = OrderedDict()
+        self.memo_reads = settings.client_cache_entries > 0 and getattr(store, "cache", None) is not None
 
     def save_vocab(self) -> None:
         """Records keep item indices; a later model re-warms them through this id list. Checked again every
@@ -85,7 +87,7 @@ class Records:
         blobs = self.store.get_many(keys, cached, ours)
         out: list[Loaded] = []
         stale: list[int] = []
-        memo = cached and not ours and self.s.client_cache_entries > 0  # recommendations, which never change a record
+        memo = cached and not ours and self.memo_reads  # recommendations, which never change a record
         for u, key, blob in zip(user_ids, keys, blobs):
             if blob is None:
                 out.append(Loaded(self.fresh(), 0, False))
