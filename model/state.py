@@ -112,8 +112,8 @@ def pack(state: State, codec: str = "float32") -> list[bytes]:
 
 # Both write the same bytes (tests/test_model_core.py packs across SMALL_BATCH): x ~ scale * q, q int8. A serving event
 # packs one user, where the per-call overhead of ~10 array operations per tensor is most of the cost, so numpy quantises
-# all tensors' values as one (b, N) array, every segment's peak by one reduceat (HoloMambaRec's int8-rows state, one
-# user: 118 -> 65 us against a tensor at a time); a big batch packs thousands, where numpy's reduceat over 3-4-value
+# all tensors' values as one (b, N) array, every segment's peak by one reduceat (section 0 of `holorec bench serve`:
+# bench/results/cpu-2026-12-04/floor_ab); a big batch packs thousands, where numpy's reduceat over 3-4-value
 # rows is several times slower than torch's amax over a tensor's rows.
 def _pack_floats_np(state: State, codec: str, plan: Plan, out: np.ndarray) -> None:
     b = out.shape[0]
