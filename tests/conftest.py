@@ -10,7 +10,7 @@ import pytest
 import redis
 import torch
 
-from bench.harness import Service
+from bench.harness import RedisServer, Service
 from model import ModelConfig, build_model
 from model.checkpoint import Checkpoint, save
 
@@ -82,6 +82,15 @@ def namespace() -> Iterator[str]:
         r.delete(*keys)
 
 
+@pytest.fixture(scope="session")
+def counting_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis of this test process's own, for tests that count the commands a Redis has run (INFO commandstats):
+    `make test` runs two test processes, and on the shared test Redis the other one's commands would count too."""
+    server = RedisServer(tmp_path_factory.mktemp("counting-redis"))
+    yield server.url
+    server.kill()
+
+
 @pytest.fixture
 def server_factory(namespace: str) -> Iterator:
     """start(checkpoint, workers=1, **settings) -> a Service on the test Redis in this test's namespace."""
@@ -95,3 +104,4 @@ def server_factory(namespace: str) -> Iterator:
     yield start
     for s in servers:
         s.stop()
+

@@ -27,10 +27,10 @@ def gets(r: redis.Redis, command: str = "get") -> int:
 
 
 @pytest.mark.parametrize("entries", [10000, 0])
-def test_two_replicas_a_write_between_two_reads_is_seen(ckpt_dir: Path, namespace: str, entries: int) -> None:
-    r = redis.Redis.from_url(REDIS_URL)
-    a = Service(ckpt_dir, REDIS_URL, namespace, client_cache_entries=entries, wait=False)
-    b = Service(ckpt_dir, REDIS_URL, namespace, client_cache_entries=entries)
+def test_two_replicas_a_write_between_two_reads_is_seen(ckpt_dir: Path, namespace: str, counting_redis_url: str, entries: int) -> None:
+    r = redis.Redis.from_url(counting_redis_url)
+    a = Service(ckpt_dir, counting_redis_url, namespace, client_cache_entries=entries, wait=False)
+    b = Service(ckpt_dir, counting_redis_url, namespace, client_cache_entries=entries)
     a.wait_ready()
     try:
         with httpx.Client(base_url=a.url, timeout=30) as ca, httpx.Client(base_url=b.url, timeout=30) as cb:
@@ -122,12 +122,12 @@ def test_own_writes_are_kept_and_any_other_write_drops_them(namespace: str) -> N
     assert read() == value(9, b"theirs") and fetched == [k] * 6
 
 
-def test_one_replica_reads_no_record_for_its_own_users_events(ckpt_dir: Path, namespace: str) -> None:
+def test_one_replica_reads_no_record_for_its_own_users_events(ckpt_dir: Path, namespace: str, counting_redis_url: str) -> None:
     """Over HTTP: on one replica, each event for a user it wrote last reads nothing from Redis (its compare-and-set's
     own GET is the only one); a second replica taking turns on another user loses none of its events."""
-    r = redis.Redis.from_url(REDIS_URL)
-    a = Service(ckpt_dir, REDIS_URL, namespace, wait=False)
-    b = Service(ckpt_dir, REDIS_URL, namespace)
+    r = redis.Redis.from_url(counting_redis_url)
+    a = Service(ckpt_dir, counting_redis_url, namespace, wait=False)
+    b = Service(ckpt_dir, counting_redis_url, namespace)
     a.wait_ready()
     try:
         with httpx.Client(base_url=a.url, timeout=30) as ca, httpx.Client(base_url=b.url, timeout=30) as cb:

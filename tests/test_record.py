@@ -102,15 +102,14 @@ def test_a_new_codec_or_window_setting_keeps_the_users_state(tmp_path) -> None:
         assert (got[k] - whole[k]).abs().max() < 1e-3 < 5e-3 < (got[k] - last_10[k]).abs().max()
 
 
-def test_one_compare_and_set_script_writes_a_batch_key_by_key(namespace: str) -> None:
+def test_one_compare_and_set_script_writes_a_batch_key_by_key(namespace: str, counting_redis_url: str) -> None:
     """RedisStore.cas_many on plain Redis: one EVAL for the whole batch, each key compared on its own revision bytes
     (absent = 0, a value too short to hold a revision matches nothing), the TTL set on each written key."""
     import redis
 
     from service.store import RedisStore, user_key
-    from tests.conftest import REDIS_URL
 
-    r, store = redis.Redis.from_url(REDIS_URL), RedisStore(REDIS_URL)
+    r, store = redis.Redis.from_url(counting_redis_url), RedisStore(counting_redis_url)
     keys = [user_key(namespace, u) for u in ("new", "current", "stale", "short", "huge")]
 
     def value(rev: int, body: bytes) -> bytes:
