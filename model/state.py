@@ -58,8 +58,6 @@ class Plan:
     ints: tuple[tuple[str, tuple[int, ...], torch.dtype, int, int], ...]  # (name, shape, dtype, first byte, n)
     seg_start: np.ndarray  # (S,) where each scale's segment starts among the float values of all tensors, in blob order (`flat`)
     seg_len: np.ndarray  # (S,) its values
-    value_bytes: np.ndarray  # (N * value bytes,) where the float values' bytes lie in the blob, in `flat` order
-    scale_bytes: np.ndarray  # (S * scale bytes,) where the scales' bytes lie, in the order of seg_start
 
 
 _PLANS: dict[tuple, Plan] = {}  # (codec, (name, shape, dtype) per tensor as given) -> plan: one lookup per call
@@ -77,9 +75,8 @@ def _plan(template: State, codec: str) -> Plan:
 
 
 def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: str) -> Plan:
-    floats, ints, starts, value_bytes, scale_bytes = [], [], [], [], []
+    floats, ints, starts = [], [], []
     off = flat = 0  # byte offset in the blob; float values so far
-    w, sw = _width(VALUE[codec]), _width(SCALE.get(codec))
     for name, shape, dtype in spec:
         t = torch.empty(1, *shape, dtype=dtype)
         n, nbytes = t[0].numel(), _tensor_bytes(t, codec)
@@ -87,15 +84,12 @@ def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: 
             ints.append((name, shape, dtype, off, n))
         else:
             segs = 0 if codec not in SCALE else 1 if codec == "int8" else _rows(t)
-            floats.append((name, shape, off, segs, off + segs * sw, flat, len(starts)))
+            floats.append((name, shape, off, segs, off + segs * _width(SCALE.get(codec)), flat, len(starts)))
             starts += [flat + i * (n // segs) for i in range(segs)]
-            scale_bytes.append(np.arange(off, off + segs * sw))
-            value_bytes.append(np.arange(off + segs * sw, off + segs * sw + n * w))
             flat += n
         off += nbytes
     seg_start = np.array(starts, np.intp)
-    joined = [np.concatenate(x).astype(np.intp) if x else np.zeros(0, np.intp) for x in (value_bytes, scale_bytes)]
-    return Plan(off, tuple(floats), tuple(ints), seg_start, np.diff(np.append(seg_start, flat)), *joined)
+    return Plan(off, tuple(floats), tuple(ints), seg_start, np.diff(np.append(seg_start, flat)))
 
 
 def _width(dtype: str | None) -> int:
@@ -125,7 +119,7 @@ def _pack_floats_np(state: State, codec: str, plan: Plan, out: np.ndarray) -> No
     b = out.shape[0]
     if not plan.floats:
         return
-    x = np.concatenate([_rows_np(state[f[0]], b) for f in plan.floats], axis=1)  # (b, N)
+    x = np.concatenate([state[f[0]].detach().to("cpu", torch.float32).reshape(b, -1).numpy() for f in plan.floats], axis=1)  # (b, N)
     scales = None
     if codec in SCALE:
         peak = np.maximum.reduceat(np.abs(x), plan.seg_start, axis=1)  # (b, S)
@@ -144,14 +138,6 @@ def _pack_floats_np(state: State, codec: str, plan: Plan, out: np.ndarray) -> No
             out[:, s_at:v_at] = scales[:, seg0 * sw : (seg0 + segs) * sw]
         n = math.prod(shape)
         out[:, v_at : v_at + n * w] = vals[:, first * w : (first + n) * w]
-
-
-def _rows_np(t: Tensor, b: int) -> np.ndarray:
-    """(b, n) float32 numpy rows of a (b, ...) tensor; a served step's output (cpu float32, no grad) as it is, without
-    the four torch calls of a conversion that does nothing."""
-    if t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad:
-        t = t.detach().to("cpu", torch.float32)
-    return t.numpy().reshape(b, -1)
 
 
 def _pack_floats_torch(state: State, codec: str, plan: Plan, out: np.ndarray) -> None:
@@ -188,13 +174,14 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
     out: State = {}
     for name, shape, dtype, at, n in plan.ints:
         out[name] = torch.from_numpy(raw[:, at : at + 4 * n].copy().view("<i4").astype(np.int64)).reshape(b, *shape).to(dtype)
-    if plan.floats:  # every float tensor's values as one (b, N) array, as _pack_floats_np writes them: a few calls, not a few per tensor
-        x = raw.take(plan.value_bytes, axis=1).view(VALUE[codec]).astype(np.float32)  # (b, N)
-        if codec in SCALE:
-            x *= np.repeat(raw.take(plan.scale_bytes, axis=1).view(SCALE[codec]).astype(np.float32), plan.seg_len, axis=1)
-        flat = torch.from_numpy(x)
-        for name, shape, _, _, _, first, _ in plan.floats:
-            out[name] = flat[:, first : first + math.prod(shape)].reshape(b, *shape)  # views of one array (strided when b > 1)
+    w = _width(VALUE[codec])
+    for name, shape, s_at, segs, v_at, _, _ in plan.floats:
+        n = math.prod(shape)
+        x = np.ascontiguousarray(raw[:, v_at : v_at + w * n]).view(VALUE[codec]).astype(np.float32)  # (b, n)
+        if segs:
+            x = x.reshape(b, segs, -1)
+            x *= np.ascontiguousarray(raw[:, s_at:v_at]).view(SCALE[codec]).astype(np.float32)[:, :, None]
+        out[name] = torch.from_numpy(x.reshape(b, *shape))
     return out
 
 
