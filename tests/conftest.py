@@ -104,4 +104,3 @@ def server_factory(namespace: str) -> Iterator:
     yield start
     for s in servers:
         s.stop()
-
