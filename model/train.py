@@ -70,7 +70,8 @@ DEFAULT_LR = 1e-3  # SASRec's published learning rate, with batch 128
 # Each alone raised Beauty's seed 0 validation NDCG@10 (0.0534, 0.0537, 0.0536 against 0.0524; bench/results/gpu-2026-12-04-beauty);
 # together, higher on every seed (seeds 0, 1 finished; seed 2 cut off at epoch 98, already higher; bench/results/cpu-2026-12-04-beauty).
 # Then dropout 0.3 (from the paper's Amazon 0.5, set before those regularisers came in): validation 0.0562, 0.0558, 0.0546
-# against 0.0546, 0.0538, 0.0523 at seeds 0-2 (bench/results/cpu-2026-12-04-beauty). Test, not used to choose, in the README.
+# against 0.0546, 0.0538, 0.0523 at seeds 0-2 (seed 2 level with an unfinished CPU run's 0.0547; bench/results/cpu-2026-12-04-beauty).
+# Test, not used to choose, in the README.
 TUNED: dict[tuple[str, str], dict[str, float]] = {("holomamba", "s3rec"): {"lr": 2e-3, "dropout": 0.3, "weight_decay": 0.2, "ema": 0.999,
                                                                            "item_dropout": 0.2, "label_smoothing": 0.1},
                                                   ("holomamba", "movielens"): {"item_dropout": 0.2},

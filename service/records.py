@@ -56,7 +56,7 @@ class Records:
         # very bytes object it got last time while Redis reports no write, and then needs no decode (read only). Only
         # with that cache: without it (a Cluster, the embedded store) every read is a new object, or not worth the memory.
         self.decoded: OrderedDict[str, tuple[bytes, Loaded]] = OrderedDict()
-        self.memo_reads = settings.client_cache_entries > 0 and getattr(store, "cache", None) is not None
+        self.memo_reads = getattr(store, "cache", None) is not None  # the app makes one only when client_cache_entries > 0
 
     def save_vocab(self) -> None:
         """Records keep item indices; a later model re-warms them through this id list. Checked again every
