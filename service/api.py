@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import re
 from collections.abc import Mapping
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
@@ -120,6 +122,7 @@ class RecommendOut(BaseModel):
 # describe both routes in the OpenAPI schema (`openapi_extra`, `response_model`, `schemas()`).
 EVENTS_IN = TypeAdapter(EventsIn)
 RECOMMEND_QUERY = TypeAdapter(RecommendQuery)
+DEFAULT_QUERY = RecommendQuery()  # what an empty query string validates to: the common case skips the validator
 REF = "#/components/schemas/{model}"
 API_KEY_PARAM = {"name": "x-api-key", "in": "header", "required": False, "schema": {"type": "string"},
                  "description": "required when HOLOREC_API_KEY is set"}
@@ -147,6 +150,17 @@ def _invalid(e: ValidationError, where: str) -> RequestValidationError:
 def json_bytes(content: dict[str, Any]) -> bytes:
     """What FastAPI's JSONResponse writes, without validating the content against the response model again."""
     return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def recommendation_json(user_id: str, items: list[tuple[str, float]], version: str, source: str) -> bytes:
+    """json_bytes of GET /recommend's answer, written out by hand, without the general encoder's walk over every
+    dict. Strings are escaped as json.dumps escapes them and floats written as it writes them
+    (repr); a score that is not finite fails as it does (ValueError: a 500)."""
+    if not all(math.isfinite(v) for _, v in items):
+        raise ValueError("Out of range float values are not JSON compliant")
+    rows = ",".join(['{"item_id":%s,"score":%r}' % (encode_basestring(i), v) for i, v in items])
+    return ('{"user_id":%s,"items":[%s],"model_version":%s,"source":%s}' % (
+        encode_basestring(user_id), rows, encode_basestring(version), encode_basestring(source))).encode()
 
 
 def parse_body(raw: bytes) -> Any:
@@ -196,15 +210,14 @@ async def recommendations(state: State, api_key: str | None, user_id: str, query
     check_user_id(user_id, settings)
     engine = loaded_engine(state)
     try:
-        q = RECOMMEND_QUERY.validate_python(query)
+        q = RECOMMEND_QUERY.validate_python(query) if query else DEFAULT_QUERY
     except ValidationError as e:
         raise _invalid(e, "query") from None
     if q.attribute is not None and engine.attribute_mask(q.attribute) is None:
         raise HTTPException(422, [{"loc": ["query", "attribute"], "msg": f"unknown attribute {q.attribute!r}", "type": "value_error"}])
     ids = [x for x in (q.exclude or "").split(",") if x]
     res = await state.rec_batcher.submit(RecQuery(user_id, q.k, q.exclude_seen, ids, q.attribute))
-    return json_bytes({"user_id": user_id, "items": [{"item_id": i, "score": s} for i, s in res.items],
-                       "model_version": engine.version, "source": res.source})
+    return recommendation_json(user_id, res.items, engine.version, res.source)
 
 
 router = APIRouter()

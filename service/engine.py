@@ -66,9 +66,9 @@ class Engine:
         """(v,) True for items carrying attribute `name`; None if the checkpoint has no such attribute."""
         return self.scorer.attribute_mask(name)
 
-    def _excluded_ids(self, q: RecQuery, r: rec.Record | None, cand: np.ndarray | None = None) -> np.ndarray:
+    def _excluded_ids(self, q: RecQuery, r: rec.Record | None) -> np.ndarray:
         """(n,) item indices this query must not get (Scorer.excluded_ids); tests look here."""
-        return self.scorer.excluded_ids(q, r, cand)
+        return self.scorer.excluded_ids(q, r)
 
     # --- records and users (service/records.py) -------------------------------------------
     def key(self, user_id: str) -> str:

@@ -83,7 +83,8 @@ class HotRoutes:
 
     async def _recommend(self, scope: Scope, receive: Receive) -> bytes:
         user_id = scope["path"][len(PREFIX):]
-        return await recommendations(self.app.state, header(scope, b"x-api-key"), user_id, QueryParams(scope["query_string"]))
+        qs = scope["query_string"]
+        return await recommendations(self.app.state, header(scope, b"x-api-key"), user_id, QueryParams(qs) if qs else {})
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, exc: Exception) -> int:
         """Answer with the app's handler for this exception (the one its routes would get); -> the status sent."""

@@ -60,56 +60,74 @@ class Scorer:
         out: list[RecResult] = [self._popular(q) if x.record.applied <= 0 else None for q, x in zip(queries, loaded)]  # type: ignore[misc]
         if with_state:
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode():  # the product in torch: numpy's BLAS keeps threads HOLOREC_THREADS does not reach (README)
                 h = torch.from_numpy(np.stack([loaded[i].record.vector for i in with_state]))  # (n, d)
                 if self.biased:
                     h = torch.cat([h, torch.ones(len(h), 1)], 1)  # (n, d + 1)
-                exact = h @ self.table.T if self.index is None else None  # (n, v): one product for the batch
+                exact = (h @ self.table.T).numpy() if self.index is None else None  # (n, v): one product for the batch
                 for row, i in enumerate(with_state):
                     q = queries[i]
                     if exact is not None:
                         cand, scores = None, exact[row]
                     elif q.attribute is None:
-                        cand, scores = self.index.search(h[row])  # type: ignore[union-attr]
+                        cand, scores = (x.numpy() for x in self.index.search(h[row]))  # type: ignore[union-attr]
                     else:  # an attribute filter could leave the probed clusters short of k items: score all
-                        cand, scores = None, self.table @ h[row]
-                    self._exclude(scores, q, loaded[i].record, cand)
-                    top = torch.topk(scores, min(q.k, len(scores)))
-                    idx = top.indices if cand is None else cand[top.indices]
-                    out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.values.tolist()) if v > -math.inf], "state")
+                        cand, scores = None, (self.table @ h[row]).numpy()
+                    idx, top = self._top(scores, q, loaded[i].record, cand)
+                    out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.tolist())], "state")
             SCORE_LATENCY.observe(time.perf_counter() - t0)
         for source in ("state", "popular"):
             if n := sum(r.source == source for r in out):
                 labelled(RECOMMENDATIONS, source).inc(n)
         return out
 
-    def excluded_ids(self, q: RecQuery, r: rec.Record | None, cand: np.ndarray | None = None) -> np.ndarray:
+    def excluded_ids(self, q: RecQuery, r: rec.Record | None, seen: bool = True) -> np.ndarray:
         """(n,) item indices this query must not get: padding, the explicit exclusions, every item the user has
         seen (the seen filter: all of them, and a few unseen ones it mistakes for seen) or, with the filter off,
-        the record's window. With `cand` (the index's candidates) the filter is asked about those items only."""
+        the record's window. `seen=False`: all but the filter's, which _top asks about its best candidates only."""
         ids = np.array([0] + [self.ckpt.item_index[x] for x in q.exclude if x in self.ckpt.item_index], dtype=np.int64)
         if q.exclude_seen and r is not None:
             ids = np.concatenate([ids, r.window])  # padding slots are 0, already excluded
-            if self.seen is not None and len(r.seen_filter) == self.s.seen_filter_bytes:
-                seen = self.seen.contains(r.seen_filter, cand)  # (v,) or (m,) bool
-                ids = np.concatenate([ids, np.flatnonzero(seen) if cand is None else cand[seen]])
+            if seen and self._filters(q, r):
+                ids = np.concatenate([ids, np.flatnonzero(self.seen.contains(r.seen_filter))])  # type: ignore[union-attr]
         return ids
 
-    def _exclude(self, scores: Tensor, q: RecQuery, r: rec.Record | None, cand: Tensor | None = None) -> None:
-        """Set to -inf, in place, the scores of items this query must not get: scores (v,) of every item,
-        or (m,) of the items `cand` (the index's candidates). By index, so a query costs its exclusions,
-        not the catalogue size; only an attribute filter touches every item."""
-        banned = torch.from_numpy(self.excluded_ids(q, r, None if cand is None else cand.numpy()))
+    def _filters(self, q: RecQuery, r: rec.Record | None) -> bool:
+        """Whether the seen filter applies to this query and record (a record of another filter size has none)."""
+        return q.exclude_seen and r is not None and self.seen is not None and len(r.seen_filter) == self.s.seen_filter_bytes
+
+    def _top(self, scores: np.ndarray, q: RecQuery, r: rec.Record, cand: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The best q.k items left once the query's exclusions are applied: (k,) item indices, (k,) scores, best
+        first; fewer where fewer are left. `scores` (v,) of every item, or (m,) of the index's candidates `cand`;
+        changed in place. The seen filter is asked about the best 2k + 32 only, and about every item only when
+        it removes so many of those that fewer than k are left: a query costs its exclusions and a top-k, not a
+        filter lookup per catalogue item (the same answer: what is not in the top 2k + 32 cannot outrank it)."""
+        banned = self.excluded_ids(q, r, seen=False)
         if cand is None:
             scores[banned] = -math.inf
         else:
-            scores.masked_fill_(torch.isin(cand, banned), -math.inf)
+            scores[np.isin(cand, banned)] = -math.inf
         if q.attribute is not None:
             keep = self.attribute_mask(q.attribute)
             if keep is None:
-                scores.fill_(-math.inf)
+                scores.fill(-math.inf)
             else:
-                scores.masked_fill_(~(keep if cand is None else keep[cand]), -math.inf)
+                keep_np = keep.numpy()
+                scores[~(keep_np if cand is None else keep_np[cand])] = -math.inf
+        k, filtered = min(q.k, len(scores)), self._filters(q, r)
+        m = min(2 * k + 32, len(scores)) if filtered else k
+        while True:
+            top = torch.topk(torch.from_numpy(scores), m)  # torch's top-k: numpy's argpartition partly sorts the whole array
+            pos, val = top.indices.numpy(), top.values.numpy()
+            items = pos if cand is None else cand[pos]
+            if filtered:
+                unseen = ~self.seen.contains(r.seen_filter, items)  # type: ignore[union-attr]
+                if unseen.sum() < k and m < len(scores):
+                    m = len(scores)  # the filter took too many of the best: ask it about every item
+                    continue
+                items, val = items[unseen][:k], val[unseen][:k]
+            live = val > -math.inf
+            return items[live], val[live]
 
     def _popular(self, q: RecQuery) -> RecResult:
         """The fallback for users without state: most interacted items in training, filtered alike."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import pickle
 import shutil
@@ -312,3 +313,20 @@ def test_a_10_mb_body_gets_its_413_in_every_common_client(live: Live, tmp_path: 
                               "--data-binary", f"@{tmp_path / 'body.json'}", url], capture_output=True, text=True, timeout=60)
         statuses[shape] = int(out.stdout or 0)
     assert statuses == dict.fromkeys(statuses, 413) and len(statuses) == 7, statuses
+
+
+def test_the_hand_written_recommendation_answer_is_what_json_dumps_writes() -> None:
+    """GET /recommend's answer is written out by hand (service/api.py recommendation_json): byte for byte what the
+    general encoder writes, for ids that need escaping and any float; a score that is not finite fails as there."""
+    from service.api import json_bytes, recommendation_json
+
+    items = [('say "hi"\\', 0.1), ("tab\there", -1e-12), ("ünï\u2028", 3.4028234663852886e38), ("\x01", 0.0), ("i", -7.5)]
+    for user, rows in (("u/ß", items), ("bob", [])):
+        expected = json_bytes({"user_id": user, "items": [{"item_id": i, "score": s} for i, s in rows], "model_version": "v\"1",
+                               "source": "state"})
+        assert recommendation_json(user, rows, 'v"1', "state") == expected
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError):
+            recommendation_json("u", [("i", bad)], "v", "state")
+        with pytest.raises(ValueError):
+            json_bytes({"score": bad})

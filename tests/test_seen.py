@@ -86,3 +86,31 @@ def test_a_format_2_record_is_read_and_its_filter_refilled_from_the_window(tmp_p
     old, dirty = loaded.record, loaded.dirty
     assert dirty and old.applied == 11 and np.array_equal(old.vector, r.vector)
     assert engine.seen.contains(old.seen_filter, np.arange(4, 12)).all()  # the window's 8 items, refilled
+
+
+def test_recommend_asks_the_filter_about_its_best_candidates_and_answers_what_scoring_every_item_would(tmp_path: Path) -> None:
+    """GET /recommend asks the seen filter about its best 2k + 32 items, and about all of them only when too few of those
+    are left: the answer must be the brute-force one (every item scored, every exclusion applied), also for a user whose
+    history (and a 16-byte filter's false positives) takes most of the best items, for a k beyond the catalogue, an
+    attribute filter and explicit exclusions."""
+    ckpt = load(make_checkpoint(tmp_path / "ckpt", max_len=8, n_items=200))
+    engine = Engine(ckpt, MemoryStore(), Settings(seen_filter_bytes=16))
+    engine.apply([[Event("light", ckpt.items[i - 1]) for i in (3, 50, 7)]])
+    engine.apply([[Event("heavy", ckpt.items[i - 1]) for i in range(1, 200, 2)]])
+    table = engine.table.numpy()
+    checked_fallback = False
+    for user in ("light", "heavy"):
+        r = engine._read([user])[0].record
+        seen_count = len(set(engine._excluded_ids(RecQuery(user), r).tolist()))
+        checked_fallback |= seen_count > 120  # most of the 200 items: the best 2k + 32 cannot hold k unseen ones
+        for q in (RecQuery(user), RecQuery(user, k=60), RecQuery(user, k=500), RecQuery(user, exclude_seen=False, k=30),
+                  RecQuery(user, k=20, exclude=["item-2", "item-4", "no-such-item"]), RecQuery(user, k=15, attribute="genre-2")):
+            scores = table @ r.vector
+            scores[engine._excluded_ids(q, r)] = -math.inf
+            if q.attribute is not None:
+                scores[~engine.attribute_mask(q.attribute).numpy()] = -math.inf
+            best = [int(j) for j in np.argsort(-scores, kind="stable")[: q.k] if scores[j] > -math.inf]
+            got = engine.recommend([q])[0]
+            assert [ckpt.item_index[i] for i, _ in got.items] == best, (user, q)
+            assert np.allclose([s for _, s in got.items], scores[best], atol=1e-5)
+    assert checked_fallback
