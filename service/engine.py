@@ -33,7 +33,7 @@ class Engine:
         r = self.records  # the parts' attributes, here as before the split (the same objects)
         self.model, self.version, self.d, self.slots, self.id_bytes = r.model, r.version, r.d, r.slots, r.id_bytes
         self.template, self.empty_state, self.seen, self.vocabs = r.template, r.empty_state, r.seen, r.vocabs
-        self.table, self.index, self.popular, self.attr_masks = self.scorer.table, self.scorer.index, self.scorer.popular, self.scorer.attr_masks
+        self.index, self.popular, self.attr_masks = self.scorer.index, self.scorer.popular, self.scorer.attr_masks
 
     @property
     def step(self) -> StepFn:

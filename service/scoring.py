@@ -39,8 +39,10 @@ class Scorer:
         with torch.inference_mode():
             table = self.model.item_table().detach().clone()  # (v, d)
             self.biased = self.model.config.item_bias  # scored as [h, 1] . [e_i, b_i] = h . e_i + b_i, as model.score does
-            self.table = torch.cat([table, self.model.item_bias.detach()[:, None]], 1) if self.biased else table  # (v, d or d + 1)
-        self.index = IVFIndex(self.table, self.s.ann_lists, self.s.ann_probe) if self.s.ann_lists else None
+            table = torch.cat([table, self.model.item_bias.detach()[:, None]], 1) if self.biased else table  # (v, d or d + 1)
+        # kept transposed: h @ table_t is one contiguous product (h @ table.T took longer for one user)
+        self.table_t = table.T.contiguous()  # (d or d + 1, v)
+        self.index = IVFIndex(table, self.s.ann_lists, self.s.ann_probe) if self.s.ann_lists else None
         self.popular = [i for i in self.ckpt.popular if 0 < i <= len(self.ckpt.items)]
         self.attr_masks: dict[int, Tensor] = {}
 
@@ -64,7 +66,7 @@ class Scorer:
                 h = torch.from_numpy(np.stack([loaded[i].record.vector for i in with_state]))  # (n, d)
                 if self.biased:
                     h = torch.cat([h, torch.ones(len(h), 1)], 1)  # (n, d + 1)
-                exact = (h @ self.table.T).numpy() if self.index is None else None  # (n, v): one product for the batch
+                exact = (h @ self.table_t).numpy() if self.index is None else None  # (n, v): one product for the batch
                 for row, i in enumerate(with_state):
                     q = queries[i]
                     if exact is not None:
@@ -72,7 +74,7 @@ class Scorer:
                     elif q.attribute is None:
                         cand, scores = (x.numpy() for x in self.index.search(h[row]))  # type: ignore[union-attr]
                     else:  # an attribute filter could leave the probed clusters short of k items: score all
-                        cand, scores = None, (self.table @ h[row]).numpy()
+                        cand, scores = None, (h[row] @ self.table_t).numpy()
                     idx, top = self._top(scores, q, loaded[i].record, cand)
                     out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.tolist())], "state")
             SCORE_LATENCY.observe(time.perf_counter() - t0)

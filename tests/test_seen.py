@@ -97,7 +97,7 @@ def test_recommend_asks_the_filter_about_its_best_candidates_and_answers_what_sc
     engine = Engine(ckpt, MemoryStore(), Settings(seen_filter_bytes=16))
     engine.apply([[Event("light", ckpt.items[i - 1]) for i in (3, 50, 7)]])
     engine.apply([[Event("heavy", ckpt.items[i - 1]) for i in range(1, 200, 2)]])
-    table = engine.table.numpy()
+    table = engine.scorer.table_t.T.numpy()
     checked_fallback = False
     for user in ("light", "heavy"):
         r = engine._read([user])[0].record
