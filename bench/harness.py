@@ -153,10 +153,11 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 class Service:
     """holorec's app under real uvicorn in a subprocess (its own process group), configured by HOLOREC_*
-    variables: `settings` become HOLOREC_<NAME>. /metrics sums every worker (PROMETHEUS_MULTIPROC_DIR)."""
+    variables: `settings` become HOLOREC_<NAME>. /metrics sums every worker (PROMETHEUS_MULTIPROC_DIR). `root`: the
+    checkout whose service runs (bench/ab_floor.py runs two)."""
 
     def __init__(self, checkpoint: Path, redis_url: str | None, namespace: str, *, workers: int = 1, log: Path | None = None,
-                 wait: bool = True, access_log: bool = True, **settings: object) -> None:
+                 wait: bool = True, access_log: bool = True, root: Path = ROOT, **settings: object) -> None:
         self.port, self.workers = free_port(), workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_dir = tempfile.mkdtemp(prefix="holorec-metrics-")
@@ -166,7 +167,7 @@ class Service:
         cmd = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", str(workers), "--log-level", "warning", *([] if access_log else ["--no-access-log"])]
         self.log: IO[Any] | int = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         if wait:
             self.wait_ready()
 

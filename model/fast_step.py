@@ -16,14 +16,17 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.state import join, pack, parts_to_state, split, state_to_parts, unpack
 from model.protocol import SeqRecModel, State
 
 StepFn = Callable[[Tensor, State], tuple[Tensor, State]]
+PackedStepFn = Callable[[np.ndarray, list[bytes]], tuple[np.ndarray, list[bytes]]]  # packed_step: items, blobs -> vectors, blobs
 SMALL_BATCH = 8  # up to this many users per step, ONNX Runtime; more, the trace (bench/results/step.md, README)
 
 
@@ -75,34 +78,79 @@ def trace_step(model: SeqRecModel) -> StepFn | None:
     return step if _exact(model, step, keys) else None  # _exact also warms the TorchScript executor, whose first calls are slow
 
 
+def _onnx_session(module: nn.Module, example: tuple[Tensor, ...], n_out: int) -> Any:
+    """`module` exported to ONNX (inputs in0.., outputs out0.., the batch dimension free) and loaded by ONNX Runtime on
+    this process's torch thread count; None without onnxruntime or for an op it cannot export."""
+    names, outs = [f"in{i}" for i in range(len(example))], [f"out{i}" for i in range(n_out)]
+    try:
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's tracer and deprecation warnings: callers check what it records
+            torch.onnx.export(module.eval(), example, buf, dynamo=False, input_names=names, output_names=outs,
+                              dynamic_axes={n: {0: "b"} for n in [*names, *outs]})
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not busy-wait on a shared CPU
+        return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - no onnxruntime, or an op it cannot export: the trace or eager serves
+        return None
+
+
 @torch.inference_mode()
 def onnx_step(model: SeqRecModel) -> StepFn | None:
     """`model.step` exported to ONNX and run by ONNX Runtime on this process's torch thread count, or None."""
     if not model.traceable_step:
         return None
     keys = list(model.init_state(1))
-    names = ["items", *keys]
-    try:
-        import onnxruntime as ort
-
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's tracer and deprecation warnings: what it records is checked below
-            torch.onnx.export(_Positional(model.eval(), keys).eval(), _example(model, 1, keys), buf, dynamo=False,
-                              input_names=names, output_names=["h", *(k + "_next" for k in keys)],
-                              dynamic_axes={n: {0: "b"} for n in [*names, "h", *(k + "_next" for k in keys)]})
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not busy-wait on a shared CPU
-        session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-    except Exception:  # noqa: BLE001 - no onnxruntime, or an op it cannot export: the trace or eager serves
+    session = _onnx_session(_Positional(model.eval(), keys), _example(model, 1, keys), 1 + len(keys))
+    if session is None:
         return None
+    names = [i.name for i in session.get_inputs()]
 
     def step(items: Tensor, state: State) -> tuple[Tensor, State]:  # (b,), state -> (b, d), state
-        out = session.run(None, {"items": items.numpy(), **{k: np.ascontiguousarray(state[k].numpy()) for k in keys}})
+        out = session.run(None, dict(zip(names, [items.numpy(), *(np.ascontiguousarray(state[k].numpy()) for k in keys)])))
         return torch.from_numpy(out[0]), {k: torch.from_numpy(v) for k, v in zip(keys, out[1:])}
 
     return step if _exact(model, step, keys) else None
+
+
+class _Packed(nn.Module):
+    """step on the state as stored: the blob's parts in (model/state.py split), the new state's parts out, with
+    unpack's and pack's arithmetic in the graph."""
+
+    def __init__(self, model: SeqRecModel, template: State, codec: str) -> None:
+        super().__init__()
+        self.model, self.template, self.codec = model, template, codec
+
+    def forward(self, items: Tensor, *parts: Tensor) -> tuple[Tensor, ...]:
+        h, new = self.model.step(items, parts_to_state(parts, self.template, self.codec))
+        return (h, *state_to_parts(new, self.template, self.codec))
+
+
+@torch.inference_mode()
+def packed_step(model: SeqRecModel, codec: str) -> PackedStepFn | None:
+    """unpack, `model.step` and pack as one ONNX Runtime call, for one event per user: an event's unpack, pack and
+    the torch/numpy conversions between them cost about as much as the step (README: Serving over HTTP). The bytes
+    are pack(step(unpack(blobs))) but for a rare last-bit flip where the graph's float arithmetic rounds otherwise
+    (checked: within one quantisation step of the eager step's state). None where `onnx_step` would be."""
+    if not model.traceable_step:
+        return None
+    template = model.init_state(1)
+    keys = list(template)
+    example = _example(model, 1, keys)
+    parts = [torch.from_numpy(p.copy()) for p in split(pack(dict(zip(keys, example[1:])), codec), template, codec)]
+    session = _onnx_session(_Packed(model.eval(), template, codec), (example[0], *parts), 1 + len(parts))
+    if session is None:
+        return None
+    names = [i.name for i in session.get_inputs()]
+
+    def step(items: np.ndarray, blobs: list[bytes]) -> tuple[np.ndarray, list[bytes]]:  # (b,) int64, b blobs -> (b, d), b blobs
+        out = session.run(None, dict(zip(names, [items, *split(blobs, template, codec)])))
+        return out[0], join(out[1:], template, codec)
+
+    return step if _packed_exact(model, step, keys, template, codec) else None
 
 
 def _exact(model: SeqRecModel, step: StepFn, keys: list[str]) -> bool:
@@ -113,6 +161,24 @@ def _exact(model: SeqRecModel, step: StepFn, keys: list[str]) -> bool:
         pairs = zip((want[0], *want[1].values()), (got[0], *(got[1][k] for k in want[1])))
         if any(w.shape != g.shape or not torch.allclose(w, g.to(w.dtype), atol=1e-5, rtol=0) for w, g in pairs):
             return False
+    return True
+
+
+def _packed_exact(model: SeqRecModel, step: PackedStepFn, keys: list[str], template: State, codec: str) -> bool:
+    """Does `step` give the eager step's vector within 1e-5 and its state within one quantisation step, at batch 1 and 3?
+    (The codec's own rounding of that state, doubled, plus 1e-5 bounds a last-bit flip of one value.)"""
+    for b in (1, 3, 1, 3):
+        args = _example(model, b, keys, seed=b)
+        blobs = pack(dict(zip(keys, args[1:])), codec)
+        want_h, want = model.step(args[0], unpack(blobs, template, codec))
+        got_h, got_blobs = step(args[0].numpy(), blobs)
+        got, rounded = unpack(got_blobs, template, codec), unpack(pack(want, codec), template, codec)
+        if got_h.shape != tuple(want_h.shape) or not np.allclose(got_h, want_h.numpy(), atol=1e-5, rtol=0):
+            return False
+        for k in keys:
+            tol = 2 * (rounded[k].double() - want[k].double()).abs().max().item() + 1e-5
+            if (got[k].double() - want[k].double()).abs().max().item() > tol:
+                return False
     return True
 
 

@@ -146,31 +146,37 @@ def _pack_floats_torch(state: State, codec: str, plan: Plan, out: np.ndarray) ->
         x = state[name].detach().to("cpu", torch.float32).reshape(b, max(segs, 1), -1)  # (b, segments, values each)
         if codec in SCALE:
             scale, q = _quantise_torch(x, codec)
-            out[:, s_at:v_at] = scale.astype(SCALE[codec], copy=False).reshape(b, -1).view(np.uint8)
+            out[:, s_at:v_at] = scale.numpy().astype(SCALE[codec], copy=False).reshape(b, -1).view(np.uint8)
+            q = q.numpy()
         else:
             q = x.numpy()
         vals = q.astype(VALUE[codec], copy=False).reshape(b, -1).view(np.uint8)  # (b, value bytes)
         out[:, v_at : v_at + vals.shape[1]] = vals
 
 
-def _quantise_torch(x: Tensor, codec: str) -> tuple[np.ndarray, np.ndarray]:
+def _quantise_torch(x: Tensor, codec: str) -> tuple[Tensor, Tensor]:  # (b, segments, n) -> scales (b, segments, 1), int8 (b, segments, n)
     peak = x.abs().amax(2, keepdim=True)  # (b, segments, 1)
     if codec == "int8":
         scale = div = peak.clamp_min(1e-30) / 127.0
     else:
         scale = (peak.clamp(2.0**-14, 6e4) / 127.0).half()
         div = scale.float()
-    return scale.numpy(), torch.round(x / div).clamp_(-127, 127).to(torch.int8).numpy()
+    return scale, torch.round(x / div).clamp(-127, 127).to(torch.int8)
+
+
+def _raw(blobs: Sequence[bytes], plan: Plan, codec: str) -> np.ndarray:
+    """b blobs -> (b, bytes) uint8, read-only. Raises ValueError on a wrong size."""
+    for i, blob in enumerate(blobs):
+        if len(blob) != plan.size:
+            raise ValueError(f"state blob {i} has {len(blob)} bytes, expected {plan.size} for codec {codec}")
+    return np.frombuffer(blobs[0] if len(blobs) == 1 else b"".join(blobs), dtype=np.uint8).reshape(len(blobs), plan.size)
 
 
 def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> State:
     """b blobs -> (b, ...) tensors shaped like `template`'s rows. Raises ValueError on a wrong size."""
     plan = _plan(template, codec)
-    for i, blob in enumerate(blobs):
-        if len(blob) != plan.size:
-            raise ValueError(f"state blob {i} has {len(blob)} bytes, expected {plan.size} for codec {codec}")
     b = len(blobs)
-    raw = np.frombuffer(blobs[0] if b == 1 else b"".join(blobs), dtype=np.uint8).reshape(b, plan.size)  # (b, bytes)
+    raw = _raw(blobs, plan, codec)  # (b, bytes)
     out: State = {}
     for name, shape, dtype, at, n in plan.ints:
         out[name] = torch.from_numpy(raw[:, at : at + 4 * n].copy().view("<i4").astype(np.int64)).reshape(b, *shape).to(dtype)
@@ -183,6 +189,68 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
             x *= np.ascontiguousarray(raw[:, s_at:v_at]).view(SCALE[codec]).astype(np.float32)[:, :, None]
         out[name] = torch.from_numpy(x.reshape(b, *shape))
     return out
+
+
+# --- the blob as arrays, for a step that runs on the stored form (model/fast_step.py packed_step) ------------------
+# A blob's parts in blob order: per integer tensor its int32 values (b, *shape); per float tensor its scales
+# (b, segments) where the codec has them, then its stored values (b, *shape). split and join move bytes only;
+# parts_to_state and state_to_parts are unpack's and pack's arithmetic in torch, so they can be exported with the step.
+def split(blobs: Sequence[bytes], template: State, codec: str) -> list[np.ndarray]:
+    """b blobs -> their parts (views into one buffer where b == 1). Raises ValueError on a wrong size."""
+    plan = _plan(template, codec)
+    b, raw, parts = len(blobs), _raw(blobs, plan, codec), []
+    for _, shape, _, at, n in plan.ints:
+        parts.append(np.ascontiguousarray(raw[:, at : at + 4 * n]).view("<i4").reshape(b, *shape))
+    w = _width(VALUE[codec])
+    for _, shape, s_at, segs, v_at, _, _ in plan.floats:
+        if segs:
+            parts.append(np.ascontiguousarray(raw[:, s_at:v_at]).view(SCALE[codec]).reshape(b, segs))
+        parts.append(np.ascontiguousarray(raw[:, v_at : v_at + w * math.prod(shape)]).view(VALUE[codec]).reshape(b, *shape))
+    return parts
+
+
+def join(parts: Sequence[np.ndarray], template: State, codec: str) -> list[bytes]:
+    """split's inverse: parts -> b blobs."""
+    plan = _plan(template, codec)
+    b = parts[0].shape[0]
+    out, it = np.empty((b, plan.size), np.uint8), iter(parts)
+    for _, _, _, at, n in plan.ints:
+        out[:, at : at + 4 * n] = next(it).astype("<i4", copy=False).reshape(b, -1).view(np.uint8)
+    for _, _, s_at, segs, v_at, _, _ in plan.floats:
+        if segs:
+            out[:, s_at:v_at] = next(it).astype(SCALE[codec], copy=False).reshape(b, -1).view(np.uint8)
+        vals = next(it).astype(VALUE[codec], copy=False).reshape(b, -1).view(np.uint8)
+        out[:, v_at : v_at + vals.shape[1]] = vals
+    return [r.tobytes() for r in out]
+
+
+def parts_to_state(parts: Sequence[Tensor], template: State, codec: str) -> State:
+    """split's parts as tensors -> the state, as unpack gives it."""
+    plan, it, state = _plan(template, codec), iter(parts), {}
+    for name, _, dtype, _, _ in plan.ints:
+        state[name] = next(it).to(dtype)
+    for name, shape, _, segs, _, _, _ in plan.floats:
+        scale = next(it) if segs else None
+        x = next(it).float()  # (b, *shape)
+        if scale is not None:
+            x = (x.reshape(x.shape[0], segs, -1) * scale.float()[:, :, None]).reshape(x.shape)
+        state[name] = x
+    return state
+
+
+def state_to_parts(state: State, template: State, codec: str) -> list[Tensor]:
+    """The state -> split's parts as tensors, holding what pack would write."""
+    plan, parts = _plan(template, codec), []
+    for name, _, _, _, _ in plan.ints:
+        parts.append(state[name].to(torch.int32))
+    for name, _, _, segs, _, _, _ in plan.floats:
+        x = state[name].float()  # (b, *shape)
+        if segs:
+            scale, q = _quantise_torch(x.reshape(x.shape[0], segs, -1), codec)
+            parts += [scale[:, :, 0], q.reshape(x.shape)]
+        else:
+            parts.append(x.half() if codec == "float16" else x)
+    return parts
 
 
 def _check(codec: str) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.fast_step import serving_step
+from model.fast_step import SMALL_BATCH, packed_step, serving_step
 from model.state import pack, unpack
 from service import record as rec
 from service.metrics import CAS_CONFLICTS, EVENTS, STEP_LATENCY, labelled
@@ -51,6 +51,7 @@ class Applier:
     def __init__(self, records: Records) -> None:
         self.records, self.ckpt, self.store, self.s = records, records.ckpt, records.store, records.s
         self.step = serving_step(records.model)  # a frozen trace where it is exact (model/fast_step.py), else model.step
+        self.packed = packed_step(records.model, self.s.state_codec)  # one event per user: unpack, step and pack in one call
 
     # --- events -----------------------------------------------------------------------
     def apply(self, requests: list[list[Event]]) -> list[EventsResult]:
@@ -102,15 +103,12 @@ class Applier:
                 out.append((req, True))
             outcomes.append(out)
             seqs.append(seq)
-        state = unpack([x.record.state for x in loaded], self.records.template, self.s.state_codec)
-        vec = torch.from_numpy(np.stack([x.record.vector for x in loaded]))  # (u, d)
-        state, vec = self._advance(state, vec, seqs)
-        blobs = pack(state, self.s.state_codec)
+        blobs, vec = self._advance([x.record for x in loaded], seqs)
         now = time.time()
         writes = []
         for i, x in enumerate(loaded):
             r, expected = x.record, x.revision
-            r.state, r.vector, r.updated_at, r.revision = blobs[i], vec[i].numpy(), now, rec.next_revision(expected)
+            r.state, r.vector, r.updated_at, r.revision = blobs[i], vec[i], now, rec.next_revision(expected)
             writes.append((self.records.key(users[i]), expected, self.records.encode(r)))
         oks = self.store.cas_many(writes, self.s.state_ttl_s, cached=True)
         failed: list[str] = []
@@ -134,8 +132,20 @@ class Applier:
         return failed
 
     @torch.inference_mode()
-    def _advance(self, state: dict[str, Tensor], vec: Tensor, seqs: list[list[int]]) -> tuple[dict[str, Tensor], Tensor]:
-        """Step every user through their own item list; one batched step per position."""
+    def _advance(self, records: list[rec.Record], seqs: list[list[int]]) -> tuple[list[bytes], np.ndarray]:
+        """Step every user through their own item list -> each one's packed state and (u, d) vectors. One event each
+        (the usual request): one call of the packed step. Else unpack, one batched step per position, pack."""
+        if self.packed is not None and len(seqs) <= SMALL_BATCH and all(len(s) == 1 for s in seqs):
+            t0 = time.perf_counter()
+            vec, blobs = self.packed(np.array([s[0] for s in seqs], np.int64), [r.state for r in records])
+            STEP_LATENCY.observe(time.perf_counter() - t0)
+            return blobs, vec
+        state = unpack([r.state for r in records], self.records.template, self.s.state_codec)
+        h, state = self._steps(state, torch.from_numpy(np.stack([r.vector for r in records])), seqs)
+        return pack(state, self.s.state_codec), h.numpy()
+
+    def _steps(self, state: dict[str, Tensor], vec: Tensor, seqs: list[list[int]]) -> tuple[Tensor, dict[str, Tensor]]:
+        """One batched step per position; a user whose list has ended keeps their state. vec: (u, d)."""
         n = len(seqs)
         for t in range(max((len(s) for s in seqs), default=0)):
             rows = [u for u, s in enumerate(seqs) if len(s) > t]
@@ -150,7 +160,7 @@ class Applier:
                     state[k][idx] = new[k]
                 vec[idx] = h
             STEP_LATENCY.observe(time.perf_counter() - t0)
-        return state, vec
+        return vec, state
 
     # --- warming from a log ---------------------------------------------------------------
     def warm(self, user_ids: list[str], histories: list[list[int]], last_ts: list[float], overwrite: bool = False) -> int:

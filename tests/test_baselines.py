@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model import MODELS, ModelConfig, build_model
-from model.fast_step import SMALL_BATCH, onnx_step, serving_step, trace_step
-from model.state import pack, packed_size
+from model.fast_step import SMALL_BATCH, onnx_step, packed_step, serving_step, trace_step
+from model.state import CODECS, join, pack, packed_size, split, unpack
 
 BASELINES = tuple(m for m in MODELS if m != "holomamba")
 N_ITEMS = 40
@@ -87,6 +87,35 @@ def test_serving_step_without_onnxruntime_is_the_trace_at_every_batch_size(monke
     assert step != m.step
     for batch in (1, SMALL_BATCH + 1):
         assert worst_step_gap(m, left_padded(batch, 12), step) < 1e-4
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("kw", [{}, {"recent_attn": 4}])  # float tensors only; and an integer one (the last K items)
+def test_packed_step_is_unpack_step_pack(codec: str, kw: dict) -> None:
+    """The served event's one call (unpack, step, pack in ONNX Runtime) writes the bytes the path it replaced wrote
+    (unpack, the ONNX step, pack: the check at export allows a last-bit flip, which these states do not hit), and its
+    vector is the eager step's."""
+    m = make("holomamba", **kw)
+    step, onnx = packed_step(m, codec), onnx_step(m)
+    assert step is not None and onnx is not None
+    template = m.init_state(1)
+    g = torch.Generator().manual_seed(3)
+    for b in (1, 3, SMALL_BATCH):
+        with torch.no_grad():
+            _, state = m.replay(torch.randint(1, N_ITEMS + 1, (9,), generator=g).tolist())
+            state = {k: v.repeat(b, *[1] * (v.dim() - 1)) * torch.linspace(0.5, 2, b).view(-1, *[1] * (v.dim() - 1)).to(v.dtype)
+                     if v.is_floating_point() else v.repeat(b, *[1] * (v.dim() - 1)) for k, v in state.items()}  # b different users
+            blobs = pack(state, codec)
+            assert join(split(blobs, template, codec), template, codec) == blobs  # split and join only move bytes
+            items = torch.randint(0, N_ITEMS + 1, (b,), generator=g)
+            want_h, _ = m.step(items, unpack(blobs, template, codec))
+            got_h, got = step(items.numpy(), blobs)
+            assert got == pack(onnx(items, unpack(blobs, template, codec))[1], codec)
+        assert got_h.shape == (b, m.config.d_model) and torch.allclose(torch.from_numpy(got_h), want_h, atol=1e-5, rtol=0)
+
+
+def test_packed_step_only_where_the_serving_step_is_compiled() -> None:
+    assert packed_step(make("holomamba", bundle=3), "int8") is None and packed_step(make("sasrec"), "int8") is None
 
 
 @pytest.mark.parametrize("length", [1, 9, 64])
