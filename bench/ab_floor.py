@@ -5,7 +5,7 @@ GET /livez and a bare Redis GET and SET of a record-sized value), for both check
 side by side (1 uvicorn worker each, the same Redis, random-weight HoloMambaRec over 3,706 items built by each
 checkout in its own format, 500 users warmed), and every round sends each service its requests in turn (the
 order swapped every round), so drift over the run hits both alike. Separate runs of section 0 on this machine
-differed by more than the changes being judged (bench/results/cpu-2026-12-05b/README.md). A checkout is a
+differed by more than the changes being judged (bench/results/cpu-2026-12-05b/floor_ab_packed/README.md). A checkout is a
 directory holding this repository at some revision (`git worktree add DIR REV`); its own service code runs.
 """
 from __future__ import annotations

@@ -133,6 +133,7 @@ class RedisStore:
         # after a timeout, fail fast for a moment: requests queued behind a timed-out batch get their 503 at once
         # instead of each waiting out a timeout of its own, so none waits much past timeout_s
         self.cooldown_s, self.failing_until = min(timeout_s, 0.25), 0.0
+        self.conns = threading.local()  # each thread's own connection for the hot path's single commands (_command)
         if not cluster:  # a plain client connects lazily by itself; a cluster client reads the topology here
             self._client = redis.Redis.from_url(url, **self.opts)
 
@@ -166,6 +167,18 @@ class RedisStore:
         finally:
             labelled(REDIS_LATENCY, op).observe(time.perf_counter() - t0)
 
+    def _command(self, *args: object) -> object:
+        """One command on this thread's own connection (plain Redis), without the client's pool checkout, retry wrapper
+        and reply callbacks: 30 of the 100 us an EVAL of the compare-and-set took through the client here
+        (bench/results/cpu-2026-12-05b/floor_ab_command). The connection is made like the client's; redis-py closes it
+        on any error (the next command reconnects) and PINGs it first after health_check_interval idle, as the client's."""
+        conn = getattr(self.conns, "conn", None)
+        if conn is None:
+            pool = self.r.connection_pool  # type: ignore[union-attr]
+            conn = self.conns.conn = pool.connection_class(**pool.connection_kwargs)
+        conn.send_command(*args)
+        return conn.read_response()
+
     def _read(self, op: str, fn):  # type: ignore[no-untyped-def]
         """Reads are idempotent: one retry on a connection error (a stale pooled connection)."""
         with self._op(op):
@@ -180,7 +193,7 @@ class RedisStore:
         if cached and self.cache is not None:
             return self.cache.get_many(keys, self.get_many, ours)
         if len(keys) == 1:
-            return [self._read("get", lambda: self.r.get(keys[0]))]
+            return [self._read("get", lambda: (self.r.get(keys[0]) if self.cluster else self._command("GET", keys[0])))]  # type: ignore[list-item]
         if not self.cluster:
             return self._read("get", lambda: list(self.r.mget(keys)))
         return self._read("get", lambda: self._pipe_get(keys))
@@ -201,7 +214,7 @@ class RedisStore:
             with self._op("cas"):
                 if not self.cluster:
                     keys, pairs = [a[0] for a in args], [x for a in args for x in a[1:]]
-                    oks = [bool(x) for x in self.r.execute_command("EVAL", CAS_SCRIPT, len(keys), *keys, ttl_s or 0, *pairs)]
+                    oks = [bool(x) for x in self._command("EVAL", CAS_SCRIPT, len(keys), *keys, ttl_s or 0, *pairs)]  # type: ignore[attr-defined]
                 else:
                     pipe = self.r.pipeline(transaction=False)
                     for key, expected_bytes, value in args:

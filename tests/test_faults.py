@@ -120,3 +120,43 @@ def test_eviction_and_a_full_redis(ckpt_dir: Path, ckpt_b_dir: Path, tmp_path: P
         for s in services:
             s.stop()
         server.kill()
+
+
+def test_store_connections_survive_a_restart_and_a_timeout(redis_server: RedisServer) -> None:
+    """The hot path's commands run on each thread's own connection (RedisStore._command): a Redis restart costs at most
+    one refused write and no read; a timed-out command's late reply is never read as the next command's."""
+    import signal
+    import threading
+    import time
+
+    from service.store import RedisStore, StoreUnavailable
+
+    store = RedisStore(redis_server.url, timeout_s=TIMEOUT_S)
+    assert store.cas_many([("k", 0, b"\x00" * 24 + b"one")], None) == [True]
+    conns: list[object] = []
+    t = threading.Thread(target=lambda: conns.append((store.get_many(["k"]), store.conns.conn)))
+    t.start()
+    t.join()
+    assert conns[0][0] == [b"\x00" * 24 + b"one"] and conns[0][1] is not store.conns.conn  # one connection per thread
+
+    redis_server.kill()
+    redis_server.start()
+    assert store.get_many(["k"]) == [None]  # the dead connection is retried at once for a read (no AOF here: empty)
+    refused = 0
+    for _ in range(2):
+        try:
+            assert store.cas_many([("k", 0, b"\x00" * 24 + b"two")], None) == [True]
+            break
+        except StoreUnavailable:
+            refused += 1
+    assert refused <= 1
+
+    redis_server.signal(signal.SIGSTOP)  # frozen: the write times out, its reply comes later
+    try:
+        with pytest.raises(StoreUnavailable):
+            store.cas_many([("k", 0, b"\x00" * 24 + b"three")], None)
+    finally:
+        redis_server.signal(signal.SIGCONT)
+    time.sleep(store.cooldown_s + 0.05)
+    got = store.get_many(["k"])  # the frozen write may still have landed; its late reply ([1]) must not be this answer
+    assert got in ([b"\x00" * 24 + b"two"], [b"\x00" * 24 + b"three"]), got
