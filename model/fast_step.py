@@ -78,9 +78,10 @@ def trace_step(model: SeqRecModel) -> StepFn | None:
     return step if _exact(model, step, keys) else None  # _exact also warms the TorchScript executor, whose first calls are slow
 
 
-def _onnx_session(module: nn.Module, example: tuple[Tensor, ...], n_out: int) -> Any:
-    """`module` exported to ONNX (inputs in0.., outputs out0.., the batch dimension free) and loaded by ONNX Runtime on
-    this process's torch thread count; None without onnxruntime or for an op it cannot export."""
+def _onnx_session(module: nn.Module, example: tuple[Tensor, ...], n_out: int, dynamic: bool = True) -> Any:
+    """`module` exported to ONNX (inputs in0.., outputs out0..; the batch dimension free, or fixed at the example's
+    where not `dynamic`) and loaded by ONNX Runtime on this process's torch thread count; None without onnxruntime or
+    for an op it cannot export."""
     names, outs = [f"in{i}" for i in range(len(example))], [f"out{i}" for i in range(n_out)]
     try:
         import onnxruntime as ort
@@ -89,7 +90,7 @@ def _onnx_session(module: nn.Module, example: tuple[Tensor, ...], n_out: int) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's tracer and deprecation warnings: callers check what it records
             torch.onnx.export(module.eval(), example, buf, dynamo=False, input_names=names, output_names=outs,
-                              dynamic_axes={n: {0: "b"} for n in [*names, *outs]})
+                              dynamic_axes={n: {0: "b"} for n in [*names, *outs]} if dynamic else None)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not busy-wait on a shared CPU
@@ -141,13 +142,16 @@ def packed_step(model: SeqRecModel, codec: str) -> PackedStepFn | None:
     keys = list(template)
     example = _example(model, 1, keys)
     parts = [torch.from_numpy(p.copy()) for p in split(pack(dict(zip(keys, example[1:])), codec), template, codec)]
-    session = _onnx_session(_Packed(model.eval(), template, codec), (example[0], *parts), 1 + len(parts))
-    if session is None:
+    module = _Packed(model.eval(), template, codec)
+    # Batch 1 (one event at a time) gets a graph of its own with every shape fixed: ONNX Runtime folds away the shape
+    # arithmetic a free batch dimension needs (214 nodes -> 138, the step 15-20% faster, ad hoc).
+    one, many = (_onnx_session(module, (example[0], *parts), 1 + len(parts), dynamic) for dynamic in (False, True))
+    if one is None or many is None:
         return None
-    names = [i.name for i in session.get_inputs()]
+    names = [i.name for i in one.get_inputs()]
 
     def step(items: np.ndarray, blobs: list[bytes]) -> tuple[np.ndarray, list[bytes]]:  # (b,) int64, b blobs -> (b, d), b blobs
-        out = session.run(None, dict(zip(names, [items, *split(blobs, template, codec)])))
+        out = (one if len(blobs) == 1 else many).run(None, dict(zip(names, [items, *split(blobs, template, codec)])))
         return out[0], join(out[1:], template, codec)
 
     return step if _packed_exact(model, step, keys, template, codec) else None
