@@ -10,6 +10,8 @@ larger ones to the trace.
 Both record one path through the code, so they are used only for models whose `step` has no branch on
 the data (`SeqRecModel.traceable_step`), and each only after it reproduces the eager `step` within 1e-5
 at two batch sizes; anything else, or a failed export, serves the eager `step`.
+For one event per user (the usual request), `packed_step` runs unpack, the step and pack as one ONNX Runtime call on
+the stored bytes, so the state never passes through torch between them (README: Serving over HTTP).
 """
 from __future__ import annotations
 
