@@ -25,8 +25,8 @@ import torch
 
 from bench.harness import command, hardware
 from model import MODELS as MODEL_NAMES, ModelConfig, SeqRecModel, build_model
-from model.fast_step import SMALL_BATCH, StepFn, onnx_step, trace_step
-from model.state import CODECS, packed_size
+from model.fast_step import SMALL_BATCH, StepFn, onnx_step, packed_step, trace_step
+from model.state import CODECS, pack, packed_size, unpack
 
 MODELS = (*((name, {}) for name in MODEL_NAMES), ("holomamba", {"bundle": 4}))  # every model, and HoloMambaRec bundling 4
 BATCHES = (1, 16, 64, 1024)
@@ -77,7 +77,42 @@ def time_steps(models: dict[str, tuple[SeqRecModel, StepFn]], batch: int, rounds
     return out
 
 
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+STORED_BATCHES, STORED_ROUNDS = (1, SMALL_BATCH), 500
+
+
+def time_stored(model: SeqRecModel, codec: str, batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """One event per user on the stored state, as the service applies it: the blobs in, the new blobs and vectors out.
+    Two ways, alternating: unpack, the ONNX Runtime step and pack (what the service ran before packed_step), and
+    packed_step's one call. -> per way the median, p10 and p90 in milliseconds."""
+    template, onnx, packed = model.init_state(1), onnx_step(model), packed_step(model, codec)
+    if onnx is None or packed is None:
+        return {}
+    g = torch.Generator().manual_seed(batch)
+    with torch.inference_mode():
+        state = model.init_state(batch)
+        for _ in range(3):
+            _, state = model.step(torch.randint(1, N_ITEMS + 1, (batch,), generator=g), state)
+        blobs, items = pack(state, codec), torch.randint(1, N_ITEMS + 1, (batch,), generator=g)
+
+        def three_calls() -> None:
+            h, new = onnx(items, unpack(blobs, template, codec))
+            pack(new, codec), h.numpy()
+
+        ways = {"unpack, step, pack": three_calls, "one call (packed_step)": lambda: packed(items.numpy(), blobs)}
+        times: dict[str, list[float]] = {k: [] for k in ways}
+        for _ in range(rounds + 20):
+            for k, fn in ways.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(1e3 * (time.perf_counter() - t0))
+    out = {}
+    for k, ts in times.items():
+        ms = sorted(ts[20:])  # the first 20 rounds warm both up
+        out[k] = {"median_ms": statistics.median(ms), "p10_ms": ms[len(ms) // 10], "p90_ms": ms[(9 * len(ms)) // 10]}
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], stored: dict[str, Any]) -> str:
     lines = [
         "# One served event: `step` cost per model",
         "",
@@ -100,7 +135,16 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
               "", "Every model's state is the same size after 1 event or 100,000 (SASRec's is its window of max_len item ids). "
               "A bundled HoloMambaRec still runs one SSM step per event (a peek, or the commit of a full group); "
               "bundling shortens the recurrence in training, not the per-event cost.",
-              "", f"Command: `{meta['command']}`  ", f"Hardware: {meta['hardware']}  ",
+              ""]
+    if stored["ways"]:
+        lines += [f"## One event on the stored state (HoloMambaRec, {stored['codec']} state)", "",
+                  "The service's update of a user's stored state for one event: blobs in, new blobs and user vectors out; "
+                  "the two ways alternate round by round (model/fast_step.py `packed_step`).", "",
+                  "| users | " + " | ".join(stored["ways"]) + " |", "|---:|" + "---:|" * len(stored["ways"])]
+        for b, timed in stored["by_batch"].items():
+            lines.append(f"| {b} | " + " | ".join(f"{t['median_ms']:.3f} [{t['p10_ms']:.3f}-{t['p90_ms']:.3f}]" for t in timed.values()) + " |")
+        lines += [""]
+    lines += [f"Command: `{meta['command']}`  ", f"Hardware: {meta['hardware']}  ",
               f"Load average (1 min) before/after: {meta['load_avg_1m_before_after'][0]:.1f} / {meta['load_avg_1m_before_after'][1]:.1f}  ",
               f"Wall time: {meta['wall_s']:.0f} s", ""]
     return "\n".join(lines)
@@ -126,12 +170,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for row in rows:
             row["step"][str(b)] = timed[row["model"]]
         print(f"b={b}: " + "  ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in timed.items()), flush=True)
+    holomamba = next(m for label, (m, _) in models.items() if label == "holomamba")
+    stored: dict[str, Any] = {"codec": "int8", "by_batch": {}}  # the service's default codec
+    for b in STORED_BATCHES:
+        stored["by_batch"][str(b)] = time_stored(holomamba, "int8", b, QUICK_ROUNDS[1] if quick else STORED_ROUNDS)
+    stored["ways"] = list(stored["by_batch"]["1"])
+    print("stored state: " + "  ".join(f"b={b} {k} {v['median_ms']:.3f} ms" for b, t in stored["by_batch"].items() for k, v in t.items()), flush=True)
     meta = {"command": command(), "hardware": hardware("cpu"), "threads": threads, "quick": quick,
             "wall_s": time.perf_counter() - t0, "load_avg_1m_before_after": [load_before, os.getloadavg()[0]]}
-    result = {"meta": meta, "rows": rows}
+    result = {"meta": meta, "rows": rows, "stored": stored}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "step.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "step.md").write_text(markdown(rows, meta))
+    (out / "step.md").write_text(markdown(rows, meta, stored))
     print(f"wrote {out / 'step.md'} and {out / 'step.json'}")
     return result

@@ -146,7 +146,7 @@ def packed_step(model: SeqRecModel, codec: str) -> PackedStepFn | None:
     parts = [torch.from_numpy(p.copy()) for p in split(pack(dict(zip(keys, example[1:])), codec), template, codec)]
     module = _Packed(model.eval(), template, codec)
     # Batch 1 (one event at a time) gets a graph of its own with every shape fixed: ONNX Runtime folds away the shape
-    # arithmetic a free batch dimension needs (214 nodes -> 138, the step 15-20% faster, ad hoc).
+    # arithmetic a free batch dimension needs (an event 0.06-0.08 ms cheaper: bench/results/cpu-2026-12-05b/floor_ab_static).
     one, many = (_onnx_session(module, (example[0], *parts), 1 + len(parts), dynamic) for dynamic in (False, True))
     if one is None or many is None:
         return None
