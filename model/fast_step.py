@@ -80,24 +80,40 @@ def trace_step(model: SeqRecModel) -> StepFn | None:
     return step if _exact(model, step, keys) else None  # _exact also warms the TorchScript executor, whose first calls are slow
 
 
-def _onnx_session(module: nn.Module, example: tuple[Tensor, ...], n_out: int, dynamic: bool = True) -> Any:
-    """`module` exported to ONNX (inputs in0.., outputs out0..; the batch dimension free, or fixed at the example's
-    where not `dynamic`) and loaded by ONNX Runtime on this process's torch thread count; None without onnxruntime or
-    for an op it cannot export."""
+def _onnx(module: nn.Module, example: tuple[Tensor, ...], n_out: int) -> bytes | None:
+    """`module` exported to ONNX with a free batch dimension (inputs in0.., outputs out0..); None without onnxruntime
+    (nothing could run it) or for an op the exporter cannot write."""
     names, outs = [f"in{i}" for i in range(len(example))], [f"out{i}" for i in range(n_out)]
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401 - only to know it is there
 
         buf = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's tracer and deprecation warnings: callers check what it records
             torch.onnx.export(module.eval(), example, buf, dynamo=False, input_names=names, output_names=outs,
-                              dynamic_axes={n: {0: "b"} for n in [*names, *outs]} if dynamic else None)
+                              dynamic_axes={n: {0: "b"} for n in [*names, *outs]})
+        return buf.getvalue()
+    except Exception:  # noqa: BLE001 - no onnxruntime, or an op it cannot export: the trace or eager serves
+        return None
+
+
+def _session(graph: bytes, batch: int | None = None) -> Any:
+    """An ONNX Runtime session on this process's torch thread count; with `batch`, the batch dimension fixed at it, so
+    ONNX Runtime folds away the shape arithmetic a free one needs. None if it cannot load the graph."""
+    try:
+        import onnx
+        import onnxruntime as ort
+
+        if batch is not None:
+            proto = onnx.load_from_string(graph)
+            for v in [*proto.graph.input, *proto.graph.output]:
+                v.type.tensor_type.shape.dim[0].dim_value = batch
+            graph = proto.SerializeToString()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not busy-wait on a shared CPU
-        return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-    except Exception:  # noqa: BLE001 - no onnxruntime, or an op it cannot export: the trace or eager serves
+        return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - the trace or eager serves
         return None
 
 
@@ -107,7 +123,8 @@ def onnx_step(model: SeqRecModel) -> StepFn | None:
     if not model.traceable_step:
         return None
     keys = list(model.init_state(1))
-    session = _onnx_session(_Positional(model.eval(), keys), _example(model, 1, keys), 1 + len(keys))
+    graph = _onnx(_Positional(model.eval(), keys), _example(model, 1, keys), 1 + len(keys))
+    session = None if graph is None else _session(graph)
     if session is None:
         return None
     names = [i.name for i in session.get_inputs()]
@@ -144,10 +161,10 @@ def packed_step(model: SeqRecModel, codec: str) -> PackedStepFn | None:
     keys = list(template)
     example = _example(model, 1, keys)
     parts = [torch.from_numpy(p.copy()) for p in split(pack(dict(zip(keys, example[1:])), codec), template, codec)]
-    module = _Packed(model.eval(), template, codec)
-    # Batch 1 (one event at a time) gets a graph of its own with every shape fixed: ONNX Runtime folds away the shape
-    # arithmetic a free batch dimension needs (an event 0.06-0.08 ms cheaper: bench/results/cpu-2026-12-05b/floor_ab_static).
-    one, many = (_onnx_session(module, (example[0], *parts), 1 + len(parts), dynamic) for dynamic in (False, True))
+    graph = _onnx(_Packed(model.eval(), template, codec), (example[0], *parts), 1 + len(parts))
+    # Batch 1 (one event at a time) gets a session of its own with the batch fixed, which folds away the shape
+    # arithmetic (an event 0.06-0.08 ms cheaper: bench/results/cpu-2026-12-05b/floor_ab_static)
+    one, many = (None, None) if graph is None else (_session(graph, 1), _session(graph))
     if one is None or many is None:
         return None
     names = [i.name for i in one.get_inputs()]
