@@ -89,8 +89,8 @@ def test_serving_step_without_onnxruntime_is_the_trace_at_every_batch_size(monke
         assert worst_step_gap(m, left_padded(batch, 12), step) < 1e-4
 
 
-@pytest.mark.parametrize("codec", CODECS)
-@pytest.mark.parametrize("kw", [{}, {"recent_attn": 4}])  # float tensors only; and an integer one (the last K items)
+@pytest.mark.parametrize("codec,kw", [*((c, {}) for c in CODECS),  # float tensors only, every codec
+                                      ("int8", {"recent_attn": 4})])  # and an integer tensor (the last K items)
 def test_packed_step_is_unpack_step_pack(codec: str, kw: dict) -> None:
     """The served event's one call (unpack, step, pack in ONNX Runtime) writes the bytes the path it replaced wrote
     (unpack, the ONNX step, pack: the check at export allows a last-bit flip, which these states do not hit), and its
