@@ -70,11 +70,13 @@ def time_steps(models: dict[str, tuple[SeqRecModel, StepFn]], batch: int, rounds
                 t0 = time.perf_counter()
                 step(items, states[label])
                 times[label].append(time.perf_counter() - t0)
-    out = {}
-    for label, ts in times.items():
-        ms = sorted(1e3 * t for t in ts)
-        out[label] = {"median_ms": statistics.median(ms), "p10_ms": ms[len(ms) // 10], "p90_ms": ms[(9 * len(ms)) // 10], "repeats": len(ms)}
-    return out
+    return {label: {**_spread([1e3 * t for t in ts]), "repeats": len(ts)} for label, ts in times.items()}
+
+
+def _spread(ms: list[float]) -> dict[str, float]:
+    """Median, p10 and p90 of timings in milliseconds."""
+    ms = sorted(ms)
+    return {"median_ms": statistics.median(ms), "p10_ms": ms[len(ms) // 10], "p90_ms": ms[(9 * len(ms)) // 10]}
 
 
 STORED_BATCHES, STORED_ROUNDS = (1, SMALL_BATCH), 500
@@ -105,11 +107,7 @@ def time_stored(model: SeqRecModel, codec: str, batch: int, rounds: int) -> dict
                 t0 = time.perf_counter()
                 fn()
                 times[k].append(1e3 * (time.perf_counter() - t0))
-    out = {}
-    for k, ts in times.items():
-        ms = sorted(ts[20:])  # the first 20 rounds warm both up
-        out[k] = {"median_ms": statistics.median(ms), "p10_ms": ms[len(ms) // 10], "p90_ms": ms[(9 * len(ms)) // 10]}
-    return out
+    return {k: _spread(ts[20:]) for k, ts in times.items()}  # the first 20 rounds warm both up
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], stored: dict[str, Any]) -> str:
