@@ -50,8 +50,9 @@ class Applier:
 
     def __init__(self, records: Records) -> None:
         self.records, self.ckpt, self.store, self.s = records, records.ckpt, records.store, records.s
-        self.step = serving_step(records.model)  # a frozen trace where it is exact (model/fast_step.py), else model.step
-        self.packed = packed_step(records.model, self.s.state_codec)  # one event per user: unpack, step and pack in one call
+        cache = self.s.graph_cache_dir
+        self.step = serving_step(records.model, cache)  # ONNX Runtime or a frozen trace where exact (model/fast_step.py), else model.step
+        self.packed = packed_step(records.model, self.s.state_codec, cache)  # one event per user: unpack, step and pack in one call
 
     # --- events -----------------------------------------------------------------------
     def apply(self, requests: list[list[Event]]) -> list[EventsResult]:

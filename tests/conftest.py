@@ -16,6 +16,8 @@ from model.checkpoint import Checkpoint, save
 
 torch.set_num_threads(1)  # the test machine has 2 cores, shared with the uvicorn servers the tests start
 REDIS_URL = os.environ.get("HOLOREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# the services and CLIs the tests start keep their compiled steps here, not in the user's ~/.cache (Settings.graph_cache_dir)
+os.environ.setdefault("HOLOREC_GRAPH_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "holorec-graphs"))
 
 
 def tiny_sequences(n_users: int = 60, n_items: int = 40, length: int = 20, seed: int = 0) -> list[list[int]]:

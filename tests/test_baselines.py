@@ -114,6 +114,27 @@ def test_packed_step_is_unpack_step_pack(codec: str, kw: dict) -> None:
         assert got_h.shape == (b, m.config.d_model) and torch.allclose(torch.from_numpy(got_h), want_h, atol=1e-5, rtol=0)
 
 
+def test_a_cached_graph_is_used_once_it_proves_exact(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first start exports and keeps both graphs; the next one with the same weights exports nothing; a damaged
+    file is exported again (and replaced); other weights get their own files."""
+    from model import fast_step
+
+    cache, m = str(tmp_path), make("holomamba")
+    items, state = torch.tensor([3]), m.init_state(1)
+    assert onnx_step(m, cache) is not None and packed_step(m, "int8", cache) is not None
+    files = sorted(tmp_path.glob("*.onnx"))
+    assert [f.name.split("-")[0] for f in files] == ["packed", "step"]
+    exports = []
+    monkeypatch.setattr(fast_step, "_onnx", lambda *a: exports.append(a) or None)  # an export now would return nothing
+    step, packed = onnx_step(m, cache), packed_step(m, "int8", cache)
+    assert step is not None and packed is not None and exports == []
+    assert torch.allclose(step(items, state)[0], m.step(items, state)[0], atol=1e-5, rtol=0)
+    monkeypatch.undo()
+    files[1].write_bytes(b"not a graph")
+    assert onnx_step(m, cache) is not None and files[1].read_bytes() != b"not a graph"
+    assert packed_step(make("holomamba", seed=1), "int8", cache) is not None and len(list(tmp_path.glob("*.onnx"))) == 3
+
+
 def test_packed_step_only_where_the_serving_step_is_compiled() -> None:
     assert packed_step(make("holomamba", bundle=3), "int8") is None and packed_step(make("sasrec"), "int8") is None
 
