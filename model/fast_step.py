@@ -12,6 +12,8 @@ the data (`SeqRecModel.traceable_step`), and each only after it reproduces the e
 at two batch sizes; anything else, or a failed export, serves the eager `step`.
 For one event per user (the usual request), `packed_step` runs unpack, the step and pack as one ONNX Runtime call on
 the stored bytes, so the state never passes through torch between them (README: Serving over HTTP).
+Given a cache directory, a process reads the graphs an earlier one exported for the same weights and code instead of
+exporting them again (_graphs): the export and the `onnx` import it needs were a third of a service start.
 """
 from __future__ import annotations
 
