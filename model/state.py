@@ -58,6 +58,8 @@ class Plan:
     ints: tuple[tuple[str, tuple[int, ...], torch.dtype, int, int], ...]  # (name, shape, dtype, first byte, n)
     seg_start: np.ndarray  # (S,) where each scale's segment starts among the float values of all tensors, in blob order (`flat`)
     seg_len: np.ndarray  # (S,) its values
+    parts: tuple[tuple[int, int, str, tuple[int, ...]], ...]  # split's parts in blob order: (first byte, end byte, stored dtype, shape per user)
+    order: tuple[tuple[str, int], ...]  # every tensor in blob order: (name, scale segments; -1 for an integer tensor)
 
 
 _PLANS: dict[tuple, Plan] = {}  # (codec, (name, shape, dtype) per tensor as given) -> plan: one lookup per call
@@ -75,21 +77,28 @@ def _plan(template: State, codec: str) -> Plan:
 
 
 def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: str) -> Plan:
-    floats, ints, starts = [], [], []
+    floats, ints, starts, parts, order = [], [], [], [], []
     off = flat = 0  # byte offset in the blob; float values so far
     for name, shape, dtype in spec:
         t = torch.empty(1, *shape, dtype=dtype)
         n, nbytes = t[0].numel(), _tensor_bytes(t, codec)
         if not dtype.is_floating_point:
             ints.append((name, shape, dtype, off, n))
+            parts.append((off, off + 4 * n, "<i4", shape))
+            order.append((name, -1))
         else:
             segs = 0 if codec not in SCALE else 1 if codec == "int8" else _rows(t)
-            floats.append((name, shape, off, segs, off + segs * _width(SCALE.get(codec)), flat, len(starts)))
+            v_at = off + segs * _width(SCALE.get(codec))
+            floats.append((name, shape, off, segs, v_at, flat, len(starts)))
+            if segs:  # shaped to broadcast over the values it scales: a row's scale over its row, a tensor's over all
+                parts.append((off, v_at, SCALE[codec], (segs, *[1] * (len(shape) - 1)) if segs > 1 else (1,) * len(shape)))
+            parts.append((v_at, off + nbytes, VALUE[codec], shape))
+            order.append((name, segs))
             starts += [flat + i * (n // segs) for i in range(segs)]
             flat += n
         off += nbytes
     seg_start = np.array(starts, np.intp)
-    return Plan(off, tuple(floats), tuple(ints), seg_start, np.diff(np.append(seg_start, flat)))
+    return Plan(off, tuple(floats), tuple(ints), seg_start, np.diff(np.append(seg_start, flat)), tuple(parts), tuple(order))
 
 
 def _width(dtype: str | None) -> int:
@@ -154,8 +163,9 @@ def _pack_floats_torch(state: State, codec: str, plan: Plan, out: np.ndarray) ->
         out[:, v_at : v_at + vals.shape[1]] = vals
 
 
-def _quantise_torch(x: Tensor, codec: str) -> tuple[Tensor, Tensor]:  # (b, segments, n) -> scales (b, segments, 1), int8 (b, segments, n)
-    peak = x.abs().amax(2, keepdim=True)  # (b, segments, 1)
+def _quantise_torch(x: Tensor, codec: str, dims: tuple[int, ...] = (2,)) -> tuple[Tensor, Tensor]:
+    """x (b, segments, n) -> scales (b, segments, 1), int8 (b, segments, n); or each segment's values along `dims`."""
+    peak = x.abs().amax(dims, keepdim=True)  # (b, segments, 1)
     if codec == "int8":
         scale = div = peak.clamp_min(1e-30) / 127.0
     else:
@@ -196,60 +206,47 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
 # (b, segments) where the codec has them, then its stored values (b, *shape). split and join move bytes only;
 # parts_to_state and state_to_parts are unpack's and pack's arithmetic in torch, so they can be exported with the step.
 def split(blobs: Sequence[bytes], template: State, codec: str) -> list[np.ndarray]:
-    """b blobs -> their parts (views into one buffer where b == 1). Raises ValueError on a wrong size."""
+    """b blobs -> their parts (views into one buffer where b == 1), a scale shaped to broadcast over its values.
+    Raises ValueError on a wrong size."""
     plan = _plan(template, codec)
-    b, raw, parts = len(blobs), _raw(blobs, plan, codec), []
-    for _, shape, _, at, n in plan.ints:
-        parts.append(np.ascontiguousarray(raw[:, at : at + 4 * n]).view("<i4").reshape(b, *shape))
-    w = _width(VALUE[codec])
-    for _, shape, s_at, segs, v_at, _, _ in plan.floats:
-        if segs:
-            parts.append(np.ascontiguousarray(raw[:, s_at:v_at]).view(SCALE[codec]).reshape(b, segs))
-        parts.append(np.ascontiguousarray(raw[:, v_at : v_at + w * math.prod(shape)]).view(VALUE[codec]).reshape(b, *shape))
-    return parts
+    b, raw = len(blobs), _raw(blobs, plan, codec)
+    return [np.ascontiguousarray(raw[:, a:z]).view(dt).reshape(b, *shape) for a, z, dt, shape in plan.parts]
 
 
 def join(parts: Sequence[np.ndarray], template: State, codec: str) -> list[bytes]:
     """split's inverse: parts -> b blobs."""
     plan = _plan(template, codec)
     b = parts[0].shape[0]
-    out, it = np.empty((b, plan.size), np.uint8), iter(parts)
-    for _, _, _, at, n in plan.ints:
-        out[:, at : at + 4 * n] = next(it).astype("<i4", copy=False).reshape(b, -1).view(np.uint8)
-    for _, _, s_at, segs, v_at, _, _ in plan.floats:
-        if segs:
-            out[:, s_at:v_at] = next(it).astype(SCALE[codec], copy=False).reshape(b, -1).view(np.uint8)
-        vals = next(it).astype(VALUE[codec], copy=False).reshape(b, -1).view(np.uint8)
-        out[:, v_at : v_at + vals.shape[1]] = vals
-    return [r.tobytes() for r in out]
+    stored = [p.astype(dt, copy=False) for p, (_, _, dt, _) in zip(parts, plan.parts)]
+    if b == 1:  # one event at a time, the usual call: the parts' bytes one after another
+        return [b"".join(p.tobytes() for p in stored)]
+    return [r.tobytes() for r in np.concatenate([p.reshape(b, -1).view(np.uint8) for p in stored], axis=1)]
 
 
 def parts_to_state(parts: Sequence[Tensor], template: State, codec: str) -> State:
-    """split's parts as tensors -> the state, as unpack gives it."""
-    plan, it, state = _plan(template, codec), iter(parts), {}
-    for name, _, dtype, _, _ in plan.ints:
-        state[name] = next(it).to(dtype)
-    for name, shape, _, segs, _, _, _ in plan.floats:
-        scale = next(it) if segs else None
+    """split's parts as tensors -> the state, as unpack gives it. No reshapes: each is an op in the exported graph."""
+    it, state = iter(parts), {}
+    for name, segs in _plan(template, codec).order:
+        if segs < 0:
+            state[name] = next(it).to(template[name].dtype)
+            continue
+        scale = next(it).float() if segs else None  # broadcasts over the values it scales
         x = next(it).float()  # (b, *shape)
-        if scale is not None:
-            x = (x.reshape(x.shape[0], segs, -1) * scale.float()[:, :, None]).reshape(x.shape)
-        state[name] = x
+        state[name] = x if scale is None else x * scale
     return state
 
 
 def state_to_parts(state: State, template: State, codec: str) -> list[Tensor]:
-    """The state -> split's parts as tensors, holding what pack would write."""
-    plan, parts = _plan(template, codec), []
-    for name, _, _, _, _ in plan.ints:
-        parts.append(state[name].to(torch.int32))
-    for name, _, _, segs, _, _, _ in plan.floats:
-        x = state[name].float()  # (b, *shape)
-        if segs:
-            scale, q = _quantise_torch(x.reshape(x.shape[0], segs, -1), codec)
-            parts += [scale[:, :, 0], q.reshape(x.shape)]
+    """The state -> split's parts as tensors, holding what pack would write (the same peaks, so the same bytes)."""
+    parts: list[Tensor] = []
+    for name, segs in _plan(template, codec).order:
+        x = state[name]  # (b, *shape)
+        if segs < 0:
+            parts.append(x.to(torch.int32))
+        elif segs:  # a row's peak over the row, a tensor's over all of it
+            parts += _quantise_torch(x.float(), codec, tuple(range(2 if segs > 1 else 1, x.dim())))
         else:
-            parts.append(x.half() if codec == "float16" else x)
+            parts.append(x.half() if codec == "float16" else x.float())
     return parts
 
 
