@@ -203,7 +203,8 @@ def unpack(blobs: Sequence[bytes], template: State, codec: str = "float32") -> S
 
 # --- the blob as arrays, for a step that runs on the stored form (model/fast_step.py packed_step) ------------------
 # A blob's parts in blob order: per integer tensor its int32 values (b, *shape); per float tensor its scales
-# (b, segments) where the codec has them, then its stored values (b, *shape). split and join move bytes only;
+# where the codec has them, shaped to broadcast over its values ((b, 1, ..) for a tensor's, (b, rows, 1, ..) for rows'),
+# then its stored values (b, *shape). split and join move bytes only;
 # parts_to_state and state_to_parts are unpack's and pack's arithmetic in torch, so they can be exported with the step.
 def split(blobs: Sequence[bytes], template: State, codec: str) -> list[np.ndarray]:
     """b blobs -> their parts (views into one buffer where b == 1), a scale shaped to broadcast over its values.
