@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dropout", type=float, help="`bench accuracy`: dropout (default per model and dataset)")
     b.add_argument("--patience", type=int, default=10, help="`bench accuracy`: early stopping on validation NDCG@10")
     b.add_argument("--patience-steps", type=int, default=500, help="`bench accuracy`: ... and at least this many optimizer steps")
+    b.add_argument("--unfitted-valid", action="store_true",
+                   help="`bench accuracy`, a diagnostic: train without each user's last training item too, so validation's newest input item is, as test's, never fitted (model/split.py)")
     b.add_argument("--grid", action="store_true", help="`bench accuracy`: choose lr and dropout per model on validation NDCG@10")
     b.add_argument("--codecs", help="`bench accuracy`: also NDCG@10 served through these state codecs (comma-separated)")
     b.add_argument("--device", default="cpu")

@@ -155,6 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "batch_size": batch_size}  # d_model, weight_decay and ema as the row name may set them
         if name.startswith("holomamba"):  # a changed default state size or item dropout is another model, never a finished run of this one
             settings |= {"d_state": cfg.d_state, "item_dropout": cfg.item_dropout}
+        unfitted = getattr(args, "unfitted_valid", False)
+        settings |= {"unfitted_valid": True} if unfitted else {}  # recorded only when on: earlier runs stay finished runs
         settings_of[name] = settings
         for seed in range(seeds) if getattr(args, "seed", None) is None else [args.seed]:
             done = [r for r in runs.get(name, []) if r["seed"] == seed and _settings(name, r) == settings]
@@ -163,7 +165,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             partial = _partial(out, ds.name, f"{name} seed {seed}")
             ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience,
-                              patience_steps=patience_steps, device=args.device, progress=not quick, progress_file=partial)
+                              patience_steps=patience_steps, device=args.device, progress=not quick, progress_file=partial,
+                              unfitted_valid=unfitted)
             print(f"  {name} seed {seed}: test NDCG@10 {rep['test']['NDCG@10']:.4f} HR@10 {rep['test']['HR@10']:.4f} "
                   f"(valid {rep['valid']['NDCG@10']:.4f}; best epoch {rep['best_epoch']}/{rep['epochs_run']}, {rep['train_seconds']:.0f} s)", flush=True)
             runs[name] = [r for r in runs.get(name, []) if r["seed"] != seed] + [{

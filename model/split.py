@@ -20,6 +20,8 @@ class Split:
     row covers every training position inside the window (SASRec's protocol; older positions of
     users with more than max_len + 1 training items are not trained on; `prefixes` holds them, for burn-in).
     Evaluation: full histories (models see the last max_len items; exclude_seen uses them all).
+    `unfitted_valid` (a diagnostic): training also leaves out each user's last training item, so the validation
+    input's newest item is, like the test input's, one the model never fitted as a target after that user's items.
     """
 
     max_len: int
@@ -47,13 +49,13 @@ def left_pad(seqs: list[list[int]], length: int) -> Tensor:  # -> (len(seqs), le
     return out
 
 
-def split(ds: Dataset, max_len: int) -> Split:
+def split(ds: Dataset, max_len: int, unfitted_valid: bool = False) -> Split:
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     rows_in, rows_out = [], []
     vh, vt, th, tt = [], [], [], []
     for seq in ds.sequences:
-        train = train_part(seq)
+        train = train_part(seq)[: -1 if unfitted_valid and len(seq) >= 3 else None]  # a user without validation keeps all
         if len(train) >= 2:
             rows_in.append(train[:-1])
             rows_out.append(train[1:])

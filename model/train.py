@@ -120,15 +120,17 @@ def train(
     out: Path | None = None,
     progress: bool = True,
     progress_file: Path | None = None,
+    unfitted_valid: bool = False,
 ) -> tuple[Checkpoint, dict[str, Any]]:
     """Train `config.model` on ds; returns the best-validation checkpoint and a report (metrics, history).
     `progress_file`: carry on from the epoch saved there by the same run (same data, model, seed, lr, batch and
-    patience; the epoch budget may differ), and save there after every epoch; the caller deletes it when done."""
+    patience; the epoch budget may differ), and save there after every epoch; the caller deletes it when done.
+    `unfitted_valid`: see model/split.py (validation then reads test's condition; a diagnostic, off by default)."""
     set_threads()
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     shuffle = torch.Generator().manual_seed(seed)
-    sp = split(ds, config.max_len)
+    sp = split(ds, config.max_len, unfitted_valid)
     config = replace(config, n_items=ds.n_items, n_attrs=ds.n_attrs, max_attrs=ds.max_attrs)
     if config.burn_in and (config.model != "holomamba" or config.bundle > 1):
         raise ValueError("burn_in needs a carried state: HoloMambaRec without bundling")
@@ -154,7 +156,7 @@ def train(
             model.load_state_dict(weights)
 
     run_key = {"data": ds.summary(), "config": config.to_dict(), "seed": seed, "lr": lr, "batch_size": batch_size,
-               "patience": patience, "patience_steps": patience_steps}  # what makes a saved epoch this run's
+               "patience": patience, "patience_steps": patience_steps} | ({"unfitted_valid": True} if unfitted_valid else {})  # what makes a saved epoch this run's
     ema = _copy_state(model) if config.ema > 0 else None  # the averaged weights, float tensors updated in place
     saved = _load_progress(progress_file, run_key, model, opt, shuffle, ema) if progress_file else None
     if saved is None:

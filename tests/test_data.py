@@ -174,6 +174,17 @@ def test_split_by_hand() -> None:
     assert ds.popularity()[:3] == [1, 2, 3] and ds.train_counts()[4:6] == [0, 0]  # 4 and 5 are not training items
 
 
+def test_unfitted_valid_leaves_the_last_training_item_out_of_training_only() -> None:
+    ds = Dataset("t", ["u", "short"], [[1, 2, 3, 4, 5, 6], [6, 7]], [str(i) for i in range(1, 8)])
+    sp = split(ds, max_len=4, unfitted_valid=True)
+    # user u: training would be [1, 2, 3, 4]; 4 is left out, so validation's newest input item (4) was never a target
+    assert sp.inputs.tolist() == [[0, 0, 1, 2], [0, 0, 0, 6]] and sp.targets.tolist() == [[0, 0, 2, 3], [0, 0, 0, 7]]
+    plain = split(ds, max_len=4)
+    assert sp.eval_set("valid") == plain.eval_set("valid") == ([[1, 2, 3, 4]], [5])
+    assert sp.eval_set("test") == plain.eval_set("test")
+    assert 4 in plain.targets[0].tolist() and 4 not in sp.targets[0].tolist()
+
+
 def test_split_truncates_to_most_recent() -> None:
     seq = list(range(1, 13))  # train = 1..10
     sp = split(Dataset("t", ["u"], [seq], [str(i) for i in range(1, 13)]), max_len=3)

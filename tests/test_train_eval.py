@@ -194,6 +194,9 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
     md = (tmp_path / "accuracy_synthetic_2ep.md").read_text()
     assert "| gru4rec |" in md and "ELASTIC-style" in md
     assert not list((tmp_path / "partial").glob("*"))  # a finished run's saved epoch is gone
+    args.unfitted_valid = True  # the diagnostic trains on less: another run, recorded as such
+    (u,) = run(args)["runs"]["gru4rec"]
+    assert u["settings"] == r["settings"] | {"unfitted_valid": True} and u["valid_curve"][1:] != r["valid_curve"][1:]
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])
