@@ -199,6 +199,21 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
     assert u["settings"] == r["settings"] | {"unfitted_valid": True} and u["valid_curve"][1:] != r["valid_curve"][1:]
 
 
+def test_valid_test_ratios_count_a_run_that_two_tables_hold_once(tmp_path: Path) -> None:
+    from bench.valid_test import ratios
+
+    def run(seed: int, valid: float, test: float) -> dict:
+        return {"seed": seed, "valid": {"NDCG@10": valid}, "test": {"NDCG@10": test}}
+
+    table = {"dataset": "d", "data": str(tmp_path / "nowhere"), "runs": {"sasrec": [run(0, 0.5, 0.4)], "holomamba:d_model=128": [run(0, 0.5, 0.3)]}}
+    for folder in ("a", "b"):  # a merged table holds the same runs again
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "accuracy_d_200ep.json").write_text(json.dumps(table))
+    (tmp_path / "a" / "accuracy_d_10ep.json").write_text(json.dumps(table | {"runs": {"sasrec": [run(1, 0.5, 0.1)]}}))  # not converged
+    got, data = ratios(tmp_path)
+    assert got == {("d", "sasrec"): [pytest.approx(0.8)], ("d", "holomamba"): [pytest.approx(0.6)]} and data == {}
+
+
 @pytest.mark.parametrize("ema", [0.0, 0.9])
 def test_a_run_cut_off_carries_on_from_its_last_epoch_bit_for_bit(tmp_path: Path, ema: float) -> None:
     """A CPU run longer than a working session: saved after every epoch, started again it carries on and ends
