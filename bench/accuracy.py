@@ -243,7 +243,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['summary_line']}. {r['protocol']}.",
         f"Test split; mean ± std over the seeds run; up to {r['epochs']} epochs, early stopping after {r.get('patience', 5)} epochs "
-        f"and {r.get('patience_steps', 0)} optimizer steps without a better validation NDCG@10 (the best epoch's weights kept); max_len {r['max_len']}, d_model {r['d_model']}, "
+        f"and {r.get('patience_steps', 0)} optimizer steps without a better validation NDCG@10 (the best epoch's weights kept); max_len {r['max_len']}, d_model {r['d_model']} (unless the row's name sets it), "
         f"AdamW, batch {r['batch_size']}; lr and dropout per model (columns).",
         "",
         "| model | " + " | ".join(METRICS) + " | valid NDCG@10 | NDCG@10, seen excluded | NDCG@10, full history | lr | dropout | train s | step ms (b=1) | seeds | best epoch / run |",
@@ -260,6 +260,9 @@ def _markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {st['lr']} | {st['dropout']} | {s['train_seconds'][0]:.0f} ± {s['train_seconds'][1]:.0f} "
                      f"| {step} | {len(rs)} | {epochs} |")
     lines.append("| popularity | " + " | ".join(f"{r['popularity'][m]:.4f}" for m in METRICS) + " | - | - | - | - | - | - | - | - | - |")
+    if unfitted := [name for name, rs in r["runs"].items() if rs and rs[0].get("settings", {}).get("unfitted_valid")]:
+        lines += ["", f"Trained with --unfitted-valid ({', '.join(unfitted)}): without each user's last training item as well, so the "
+                  "validation input's newest item, like the test input's, was never a training target (a diagnostic; model/split.py)."]
     commands = r.get("commands") or [r.get("command", "")]
     lines += [
         "",

@@ -197,6 +197,7 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
     args.unfitted_valid = True  # the diagnostic trains on less: another run, recorded as such
     (u,) = run(args)["runs"]["gru4rec"]
     assert u["settings"] == r["settings"] | {"unfitted_valid": True} and u["valid_curve"][1:] != r["valid_curve"][1:]
+    assert "Trained with --unfitted-valid (gru4rec)" in (tmp_path / "accuracy_synthetic_2ep.md").read_text()
 
 
 def test_valid_test_ratios_count_a_run_that_two_tables_hold_once(tmp_path: Path) -> None:
