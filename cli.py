@@ -30,8 +30,9 @@ def _train(a: argparse.Namespace) -> None:
                          **({k: h[k] for k in CONFIG_FIELDS} | given),
                          max_len=a.max_len or DEFAULT_MAX_LEN[ds.kind], **({"d_state": a.d_state} if a.d_state else {}))
     progress = Path(a.out) / "progress.safetensors"  # the last epoch: the same command, interrupted, carries on from it
-    ckpt, report = train(ds, config, epochs=a.epochs, lr=a.lr if a.lr is not None else h["lr"], batch_size=a.batch_size, seed=a.seed,
-                         device=a.device, patience=a.patience, patience_steps=a.patience_steps, out=Path(a.out), progress_file=progress)
+    budget = {k: getattr(a, k) for k in ("epochs", "patience") if getattr(a, k) is not None}  # else train()'s defaults
+    ckpt, report = train(ds, config, lr=a.lr if a.lr is not None else h["lr"], batch_size=a.batch_size, seed=a.seed, device=a.device,
+                         patience_steps=a.patience_steps, out=Path(a.out), progress_file=progress, **budget)
     progress.unlink(missing_ok=True)
     print(f"checkpoint: {a.out} (version {ckpt.version}; best epoch {report['best_epoch']} of {report['epochs_run']}, "
           f"{report['train_seconds']:.1f} s)")
@@ -208,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="MovieLens folder, S3-Rec NAME.txt, CSV/Parquet file, or 'synthetic'")
     t.add_argument("--attributes", help="item -> attributes file for a CSV/Parquet dataset")
     t.add_argument("--model", default="holomamba", help="holomamba, sasrec, gru4rec or elastic (model.MODELS)")
-    t.add_argument("--epochs", type=int, default=10, help="passes over every training position (default: 10, the paper's budget)")
-    t.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation NDCG@10 ...")
+    t.add_argument("--epochs", type=int, help="at most this many passes over every training position (default: model/train.py's "
+                   "EPOCHS, 200, to convergence, where the defaults were chosen; 10 is the paper's budget)")
+    t.add_argument("--patience", type=int, help="stop after this many epochs without a better validation NDCG@10 (default: PATIENCE, 10) ...")
     t.add_argument("--patience-steps", type=int, default=500, help="... that also hold this many optimizer steps")
     t.add_argument("--out", required=True, help="checkpoint directory to write")
     t.add_argument("--max-len", type=int, help="most recent items kept per user (default per dataset)")

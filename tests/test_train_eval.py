@@ -146,6 +146,23 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     assert got["metrics"] == pytest.approx(test, abs=1e-9)
 
 
+def test_cli_train_defaults_to_the_converged_budget(tmp_path: Path) -> None:
+    """Without --epochs and --patience a user gets the budget every default was tuned at (up to 200 epochs, patience 10),
+    not the paper's 10 epochs; early stopping still ends it (no step floor here, so on this tiny log it stops early)."""
+    from cli import build_parser
+    from model.train import EPOCHS, PATIENCE
+
+    out = tmp_path / "ckpt"
+    a = build_parser().parse_args(["train", "--data", "synthetic:n_users=40,n_items=20,n_attrs=2,seed=1,min_len=5,max_len=8",
+                                   "--d-model", "8", "--layers", "1", "--max-len", "8", "--patience-steps", "0", "--lr", "0.05",
+                                   "--out", str(out)])
+    a.func(a)
+    report = load_checkpoint(out).provenance
+    assert (EPOCHS, PATIENCE) == (200, 10)
+    assert report["hyper"]["epochs"] == EPOCHS and report["hyper"]["patience"] == PATIENCE
+    assert report["stopped"] == "early stopping" and report["epochs_run"] == report["best_epoch"] + PATIENCE
+
+
 def test_non_finite_loss_stops_training_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     import model.train as train_module
 
