@@ -10,6 +10,7 @@ all averaged over users. Shape letters: b batch, l max_len, v n_items + 1.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,21 +55,25 @@ def _mask_seen(scores: Tensor, histories: list[list[int]], targets: Tensor, seen
     scores.scatter_(1, targets[:, None], keep)  # the target stays a candidate
 
 
+def evaluate(model: SeqRecModel, histories: list[list[int]], targets: list[int], *, ks: tuple[int, ...] = KS, **kw: Any) -> dict[str, float]:
+    """HR@k, NDCG@k for k in ks, and MRR; the model sees each history's last max_len items, or with
+    full_history (recurrent models only) the whole history, as the service's stored state does (see user_ranks)."""
+    return metrics_from_ranks(user_ranks(model, histories, targets, **kw), ks)
+
+
 @torch.no_grad()
-def evaluate(
+def user_ranks(
     model: SeqRecModel,
     histories: list[list[int]],
     targets: list[int],
     *,
-    ks: tuple[int, ...] = KS,
     exclude_seen: bool = False,
     seen_filter: SeenFilter | None = None,
     full_history: bool = False,
     batch_size: int = 256,
     device: str = "cpu",
-) -> dict[str, float]:
-    """HR@k, NDCG@k for k in ks, and MRR; the model sees each history's last max_len items, or with
-    full_history (recurrent models only) the whole history, as the service's stored state does."""
+) -> Tensor:  # -> (users,) each target's 1-based rank, in the order given
+    """Per-user ranks, for metrics over any subset of users (bench/buckets.py)."""
     if len(histories) != len(targets) or not targets:
         raise ValueError(f"need one target per history and at least one user, got {len(histories)} and {len(targets)}")
     was_training = model.training
@@ -88,7 +93,9 @@ def evaluate(
             _mask_seen(scores, hist, tgt, seen_filter)
         all_ranks.append(ranks(scores, tgt.to(scores.device)).cpu())  # ranked where scored: a GPU copies back b ranks, not b x v scores
     model.train(was_training)
-    return metrics_from_ranks(torch.cat(all_ranks), ks)
+    out = torch.empty(len(order), dtype=torch.long)
+    out[torch.tensor(order)] = torch.cat(all_ranks)  # back to the order given
+    return out
 
 
 @torch.no_grad()

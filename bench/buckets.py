@@ -1,0 +1,88 @@
+"""Where validation and test part: NDCG@10 of checkpoints on both splits, per bucket of users.
+
+The converged tables show test keeping less of validation's NDCG@10 for the recurrent models than for SASRec
+(bench/results/valid_test.md). This splits both evaluations of each checkpoint by the target's training count
+(how cold the item is) and by the user's history length, so the loss can be located: the same users, the same
+checkpoints, only the bucket varies.
+
+    python -m bench.buckets CKPT [CKPT ...] [--data PATH] > FILE.md
+
+Every checkpoint must be trained on the same dataset (the one it records, or --data).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+import torch
+from torch import Tensor
+
+from model.checkpoint import load as load_checkpoint
+from model.data import load
+from model.evaluate import metrics_from_ranks, user_ranks
+from model.split import split
+from model.train import set_threads
+
+COLD = ((0, 0), (1, 4), (5, 19), (20, 99), (100, None))  # training occurrences of the target
+LENGTH = ((1, 4), (5, 9), (10, 19), (20, 49), (50, 199), (200, None))  # items in the history the model reads
+
+
+def _bucket(x: int, edges: tuple[tuple[int, int | None], ...]) -> int:
+    return next(i for i, (lo, hi) in enumerate(edges) if x >= lo and (hi is None or x <= hi))
+
+
+def _label(lo: int, hi: int | None) -> str:
+    return f"{lo}+" if hi is None else str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def table(names: list[str], ranks: dict[str, dict[str, Tensor]], ids: dict[str, Tensor],
+          edges: tuple[tuple[int, int | None], ...], title: str) -> str:
+    """One markdown table: per bucket, the users' share and each checkpoint's valid and test NDCG@10 and their ratio.
+    ids[split]: (users,) each user's bucket on that split."""
+    head = f"| {title} | valid users | test users | " + " | ".join(f"{n}: valid / test (ratio)" for n in names) + " |"
+    lines = [head, "|" + "---|" * (3 + len(names))]
+    for b, (lo, hi) in enumerate(edges):
+        rows = {s: ids[s] == b for s in ids}
+        if not any(r.any() for r in rows.values()):
+            continue
+        cells = []
+        for n in names:
+            v, t = (metrics_from_ranks(ranks[n][s][rows[s]])["NDCG@10"] if rows[s].any() else float("nan") for s in ("valid", "test"))
+            cells.append(f"{v:.4f} / {t:.4f} ({t / v:.2f})" if v > 0 else f"{v:.4f} / {t:.4f}")
+        share = " | ".join(f"{rows[s].float().mean().item():.1%}" for s in ("valid", "test"))
+        lines.append(f"| {_label(lo, hi)} | {share} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.buckets", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--data", help="dataset path (default: the one the first checkpoint records)")
+    a = p.parse_args()
+    set_threads()
+    ckpts = [load_checkpoint(c) for c in a.checkpoints]
+    ds = load(a.data or ckpts[0].provenance["data"], None if a.data else ckpts[0].provenance.get("attributes"))
+    names, ranks = [], {}
+    for path, ck in zip(a.checkpoints, ckpts):
+        if ck.items != ds.items:
+            raise SystemExit(f"{path}: trained on another item vocabulary than {ds.name}")
+        name = f"{ck.model.config.model} ({Path(path).name})"
+        names.append(name)
+        sp = split(ds, ck.model.config.max_len)
+        ranks[name] = {s: user_ranks(ck.model, *sp.eval_set(s)) for s in ("valid", "test")}
+    counts = ds.train_counts()
+    sp = split(ds, 1)
+    print(f"# Validation against test, per bucket: {ds.summary()}\n")
+    print("Command: `python -m bench.buckets " + " ".join(a.checkpoints) + (f" --data {a.data}" if a.data else "") + "`\n")
+    print("Overall NDCG@10, valid / test (ratio): " + "; ".join(
+        f"{n} {metrics_from_ranks(r['valid'])['NDCG@10']:.4f} / {metrics_from_ranks(r['test'])['NDCG@10']:.4f}" for n, r in ranks.items()) + "\n")
+    print("## By the target's training occurrences (colder first)\n")
+    cold = {s: torch.tensor([_bucket(counts[t], COLD) for t in sp.eval_set(s)[1]]) for s in ("valid", "test")}
+    print(table(names, ranks, cold, COLD, "target's training count") + "\n")
+    max_len = min(ck.model.config.max_len for ck in ckpts)
+    print(f"## By the history's length (capped at max_len {max_len}, what the model reads)\n")
+    length = {s: torch.tensor([_bucket(min(len(h), max_len), LENGTH) for h in sp.eval_set(s)[0]]) for s in ("valid", "test")}
+    print(table(names, ranks, length, LENGTH, "history length"))
+
+
+if __name__ == "__main__":
+    main()
