@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--unfitted-valid", action="store_true",
                    help="`bench accuracy`, a diagnostic: train without each user's last training item too, so validation's newest input item is, as test's, never fitted (model/split.py)")
     b.add_argument("--grid", action="store_true", help="`bench accuracy`: choose lr and dropout per model on validation NDCG@10")
+    b.add_argument("--checkpoints", action="store_true", help="`bench accuracy`: also save each run's checkpoint under OUT/checkpoints/ "
+                   "(for `python -m bench.buckets`)")
     b.add_argument("--codecs", help="`bench accuracy`: also NDCG@10 served through these state codecs (comma-separated)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")

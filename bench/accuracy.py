@@ -5,7 +5,8 @@ training wall time, next to the popularity baseline) and .json (every run), with
 command, the hardware and the total wall time. Protocol: leave-one-out, full ranking over all
 items, history items kept as candidates, pessimistic ties (model/evaluate.py).
 Resumable: a finished run is written at once and skipped by a rerun; an unfinished one saves its last epoch
-under OUT/partial/ and a rerun carries it on from there (model/train.py: progress_file).
+under OUT/partial/ and a rerun carries it on from there (model/train.py: progress_file). With --checkpoints each
+finished run's best weights go to OUT/checkpoints/ too (untracked), for bench/buckets.py.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from model import MODELS, ModelConfig
 from model.data import DEFAULT_MAX_LEN, load
+from model.checkpoint import save
 from model.split import split
 from bench.harness import command, hardware
 from model.evaluate import evaluate, evaluate_popularity, evaluate_served
@@ -175,6 +177,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "valid_curve": [round(e["valid"]["NDCG@10"], 5) for e in rep["history"]]}]
             _write(stem, result | {"runs": runs}, t0, settings_of)  # the run is safe on disk before the extra evaluations
             partial.unlink(missing_ok=True)
+            if getattr(args, "checkpoints", False):  # for per-user analyses (bench/buckets.py); untracked, like partial/
+                save(ckpt, out / "checkpoints" / _run_name(ds.name, f"{name} seed {seed}"))
             model = ckpt.model.to(args.device)  # train() hands the checkpoint back on the CPU
             runs[name][-1].update({
                 "test_seen_excluded": evaluate(model, test_h, test_t, exclude_seen=True, device=args.device),
@@ -189,7 +193,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _partial(out: Path, dataset: str, run: str) -> Path:
     """Where an unfinished run keeps its last epoch (model/train.py: progress_file): a run cut off carries on from
     there when the command is run again; deleted once the run is in the results."""
-    return out / "partial" / (re.sub(r"[^\w.=-]+", "_", f"{dataset}_{run}") + ".safetensors")
+    return out / "partial" / (_run_name(dataset, run) + ".safetensors")
+
+
+def _run_name(dataset: str, run: str) -> str:
+    """A run as a file name: its partial epoch's, and its checkpoint's folder with --checkpoints."""
+    return re.sub(r"[^\w.=-]+", "_", f"{dataset}_{run}")
 
 
 def _settings(name: str, run: dict[str, Any]) -> dict[str, Any]:

@@ -220,9 +220,11 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
     from bench.accuracy import run
 
     args = argparse.Namespace(out=str(tmp_path), quick=True, data="synthetic", epochs=2, seeds=1, models="gru4rec",
-                              patience=3, device="cpu")
+                              patience=3, device="cpu", checkpoints=True)
     first = run(args)
     (r,) = first["runs"]["gru4rec"]
+    saved = load_checkpoint(tmp_path / "checkpoints" / "synthetic_gru4rec_seed_0")  # --checkpoints: the run's best weights
+    assert evaluate(saved.model, *split(synthetic(), 50).eval_set("test")) == r["test"]
     assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "weight_decay": 0.01, "ema": 0.0, "label_smoothing": 0.0, "epochs": 2, "patience": 3, "patience_steps": 0, "max_len": 50, "d_model": 32,
                              "batch_size": 128}
     assert 0 <= r["best_epoch"] <= r["epochs_run"] == 2 and len(r["valid_curve"]) == 3
