@@ -36,9 +36,10 @@ def _label(lo: int, hi: int | None) -> str:
 
 def table(names: list[str], ranks: dict[str, dict[str, Tensor]], ids: dict[str, Tensor],
           edges: tuple[tuple[int, int | None], ...], title: str) -> str:
-    """One markdown table: per bucket, the users' share and each checkpoint's valid and test NDCG@10 and their ratio.
+    """One markdown table: per bucket, the users' share and each checkpoint's valid and test NDCG@10, their ratio and
+    how many targets made the top 10 (few hits: a ratio within chance).
     ids[split]: (users,) each user's bucket on that split."""
-    head = f"| {title} | valid users | test users | " + " | ".join(f"{n}: valid / test (ratio)" for n in names) + " |"
+    head = f"| {title} | valid users | test users | " + " | ".join(f"{n}: valid / test (ratio; hits@10)" for n in names) + " |"
     lines = [head, "|" + "---|" * (3 + len(names))]
     for b, (lo, hi) in enumerate(edges):
         rows = {s: ids[s] == b for s in ids}
@@ -47,7 +48,8 @@ def table(names: list[str], ranks: dict[str, dict[str, Tensor]], ids: dict[str, 
         cells = []
         for n in names:
             v, t = (metrics_from_ranks(ranks[n][s][rows[s]])["NDCG@10"] if rows[s].any() else float("nan") for s in ("valid", "test"))
-            cells.append(f"{v:.4f} / {t:.4f} ({t / v:.2f})" if v > 0 else f"{v:.4f} / {t:.4f}")
+            hv, ht = ((ranks[n][s][rows[s]] <= 10).sum().item() for s in ("valid", "test"))
+            cells.append((f"{v:.4f} / {t:.4f} ({t / v:.2f}" if v > 0 else f"{v:.4f} / {t:.4f} (-") + f"; {hv} / {ht} hits)")
         share = " | ".join(f"{rows[s].float().mean().item():.1%}" for s in ("valid", "test"))
         lines.append(f"| {_label(lo, hi)} | {share} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

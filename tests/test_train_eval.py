@@ -85,8 +85,8 @@ def test_bucket_table_splits_users_and_keeps_the_ratio() -> None:
     ranks_ = {"m": {"valid": torch.tensor([1, 1, 100]), "test": torch.tensor([1, 3, 100, 100])}}
     ids = {"valid": torch.tensor([0, 0, 1]), "test": torch.tensor([0, 0, 1, 1])}
     lines = table(["m"], ranks_, ids, ((0, 4), (5, None)), "bucket").splitlines()
-    assert lines[2] == f"| 0-4 | 66.7% | 50.0% | 1.0000 / {(1 + 1 / math.log2(4)) / 2:.4f} ({(1 + 1 / math.log2(4)) / 2:.2f}) |"
-    assert lines[3] == "| 5+ | 33.3% | 50.0% | 0.0000 / 0.0000 |"
+    assert lines[2] == f"| 0-4 | 66.7% | 50.0% | 1.0000 / {(1 + 1 / math.log2(4)) / 2:.4f} ({(1 + 1 / math.log2(4)) / 2:.2f}; 2 / 2 hits) |"
+    assert lines[3] == "| 5+ | 33.3% | 50.0% | 0.0000 / 0.0000 (-; 0 / 0 hits) |"
 
 
 def test_popularity_baseline_uses_the_same_rules() -> None:
