@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -63,16 +64,15 @@ def main() -> None:
     set_threads()
     ckpts = [load_checkpoint(c) for c in a.checkpoints]
     ds = load(a.data or ckpts[0].provenance["data"], None if a.data else ckpts[0].provenance.get("attributes"))
+    sp = split(ds, 1)  # evaluation histories are whole whatever the window: user_ranks cuts each model's own
     names, ranks = [], {}
     for path, ck in zip(a.checkpoints, ckpts):
         if ck.items != ds.items:
             raise SystemExit(f"{path}: trained on another item vocabulary than {ds.name}")
         name = f"{ck.model.config.model} ({Path(path).name})"
         names.append(name)
-        sp = split(ds, ck.model.config.max_len)
         ranks[name] = {s: user_ranks(ck.model, *sp.eval_set(s)) for s in ("valid", "test")}
     counts = ds.train_counts()
-    sp = split(ds, 1)
     print(f"# Validation against test, per bucket: {ds.summary()}\n")
     print("Command: `python -m bench.buckets " + " ".join(a.checkpoints) + (f" --data {a.data}" if a.data else "") + "`\n")
     print("Overall NDCG@10, valid / test (ratio): " + "; ".join(
