@@ -65,18 +65,24 @@ def main() -> None:
     ckpts = [load_checkpoint(c) for c in a.checkpoints]
     ds = load(a.data or ckpts[0].provenance["data"], None if a.data else ckpts[0].provenance.get("attributes"))
     sp = split(ds, 1)  # evaluation histories are whole whatever the window: user_ranks cuts each model's own
-    names, ranks = [], {}
+    names, ranks, unseen = [], {}, {}  # unseen: the same ranks with the user's history removed from the ranking
     for path, ck in zip(a.checkpoints, ckpts):
         if ck.items != ds.items:
             raise SystemExit(f"{path}: trained on another item vocabulary than {ds.name}")
         name = f"{ck.model.config.model} ({Path(path).name})"
         names.append(name)
         ranks[name] = {s: user_ranks(ck.model, *sp.eval_set(s)) for s in ("valid", "test")}
+        unseen[name] = {s: user_ranks(ck.model, *sp.eval_set(s), exclude_seen=True) for s in ("valid", "test")}
     counts = ds.train_counts()
     print(f"# Validation against test, per bucket: {ds.summary()}\n")
     print("Command: `python -m bench.buckets " + " ".join(a.checkpoints) + (f" --data {a.data}" if a.data else "") + "`\n")
     print("Overall NDCG@10, valid / test (ratio): " + "; ".join(
         f"{n} {metrics_from_ranks(r['valid'])['NDCG@10']:.4f} / {metrics_from_ranks(r['test'])['NDCG@10']:.4f}" for n, r in ranks.items()) + "\n")
+    print("With the history excluded, NDCG@10 valid / test, and how many of the user's own items rank above the target (mean; "
+          "no target is in its history, so each is a slot a seen item takes): " + "; ".join(
+        f"{n} {metrics_from_ranks(u['valid'])['NDCG@10']:.4f} / {metrics_from_ranks(u['test'])['NDCG@10']:.4f}, "
+        f"{(ranks[n]['valid'] - u['valid']).float().mean().item():.2f} / {(ranks[n]['test'] - u['test']).float().mean().item():.2f}"
+        for n, u in unseen.items()) + "\n")
     print("## By the target's training occurrences (colder first)\n")
     cold = {s: torch.tensor([_bucket(counts[t], COLD) for t in sp.eval_set(s)[1]]) for s in ("valid", "test")}
     print(table(names, ranks, cold, COLD, "target's training count") + "\n")

@@ -213,7 +213,8 @@ def test_bench_helpers() -> None:
     assert (cfg.cl_weight, cfg.d_state, cfg.d_model) == (0.1, 8, 16) and isinstance(cfg.d_state, int)
 
 
-def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Each finished run is in the JSON with its settings and best epoch; the same command again skips it."""
     import argparse
 
@@ -225,6 +226,12 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
     (r,) = first["runs"]["gru4rec"]
     saved = load_checkpoint(tmp_path / "checkpoints" / "synthetic_gru4rec_seed_0")  # --checkpoints: the run's best weights
     assert evaluate(saved.model, *split(synthetic(), 50).eval_set("test")) == r["test"]
+    from bench import buckets  # the per-bucket report reads that checkpoint: its overall and seen-excluded test match the run's
+
+    monkeypatch.setattr(sys, "argv", ["bench.buckets", str(tmp_path / "checkpoints" / "synthetic_gru4rec_seed_0")])
+    buckets.main()
+    report = capsys.readouterr().out
+    assert f"/ {r['test']['NDCG@10']:.4f}\n" in report and f"/ {r['test_seen_excluded']['NDCG@10']:.4f}, " in report
     assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "weight_decay": 0.01, "ema": 0.0, "label_smoothing": 0.0, "epochs": 2, "patience": 3, "patience_steps": 0, "max_len": 50, "d_model": 32,
                              "batch_size": 128}
     assert 0 <= r["best_epoch"] <= r["epochs_run"] == 2 and len(r["valid_curve"]) == 3
