@@ -78,14 +78,24 @@ def main() -> None:
     print("Command: `python -m bench.buckets " + " ".join(a.checkpoints) + (f" --data {a.data}" if a.data else "") + "`\n")
     print("Overall NDCG@10, valid / test (ratio): " + "; ".join(
         f"{n} {metrics_from_ranks(r['valid'])['NDCG@10']:.4f} / {metrics_from_ranks(r['test'])['NDCG@10']:.4f}" for n, r in ranks.items()) + "\n")
-    print("With the history excluded, NDCG@10 valid / test, and how many of the user's own items rank above the target (mean; "
-          "no target is in its history, so each is a slot a seen item takes): " + "; ".join(
+    print("With the history excluded, NDCG@10 valid / test, and how many targets the user's own items push out of the top 10 "
+          "(hits@10 without the history minus with it; no target is in its history): " + "; ".join(
         f"{n} {metrics_from_ranks(u['valid'])['NDCG@10']:.4f} / {metrics_from_ranks(u['test'])['NDCG@10']:.4f}, "
-        f"{(ranks[n]['valid'] - u['valid']).float().mean().item():.2f} / {(ranks[n]['test'] - u['test']).float().mean().item():.2f}"
+        + " / ".join(str(((u[s] <= 10).sum() - (ranks[n][s] <= 10).sum()).item()) for s in ("valid", "test"))
         for n, u in unseen.items()) + "\n")
     print("## By the target's training occurrences (colder first)\n")
     cold = {s: torch.tensor([_bucket(counts[t], COLD) for t in sp.eval_set(s)[1]]) for s in ("valid", "test")}
     print(table(names, ranks, cold, COLD, "target's training count") + "\n")
+    item_bucket = torch.tensor([_bucket(c, COLD) for c in counts[1:]])  # (n_items,) padding row 0 left out
+    print("## Items by training count: each model's mean scoring-vector norm (a popularity bias shows as norm rising with count)\n")
+    print("| item's training count | items | " + " | ".join(names) + " |\n|" + "---|" * (2 + len(names)))
+    with torch.no_grad():
+        norms = {n: ck.model.eval().table()[1:].norm(dim=-1) for n, ck in zip(names, ckpts)}  # (n_items,) each
+    for b, (lo, hi) in enumerate(COLD):
+        rows = item_bucket == b
+        if rows.any():
+            print(f"| {_label(lo, hi)} | {rows.sum().item()} | " + " | ".join(f"{norms[n][rows].mean().item():.2f}" for n in names) + " |")
+    print()
     max_len = min(ck.model.config.max_len for ck in ckpts)
     print(f"## By the history's length (capped at max_len {max_len}, what the model reads)\n")
     length = {s: torch.tensor([_bucket(min(len(h), max_len), LENGTH) for h in sp.eval_set(s)[0]]) for s in ("valid", "test")}
