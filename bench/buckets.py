@@ -20,7 +20,8 @@ from torch import Tensor
 from model.checkpoint import load as load_checkpoint
 from model.data import load
 from model.evaluate import metrics_from_ranks, user_ranks
-from model.split import split
+from model.protocol import SeqRecModel
+from model.split import left_pad, split
 from model.train import set_threads
 
 COLD = ((0, 0), (1, 4), (5, 19), (20, 99), (100, None))  # training occurrences of the target
@@ -56,6 +57,19 @@ def table(names: list[str], ranks: dict[str, dict[str, Tensor]], ids: dict[str, 
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def top10(model: SeqRecModel, histories: list[list[int]], batch_size: int = 512) -> Tensor:  # -> (users, 10) item indices
+    """Each user's ten best-scored items, padding excluded, from the last max_len items (as evaluation reads them)."""
+    model.eval()
+    out = []
+    for s in range(0, len(histories), batch_size):
+        x = left_pad(histories[s : s + batch_size], model.config.max_len)  # (b, max_len)
+        scores = model.score(model.user_vector(x))  # (b, v)
+        scores[:, 0] = float("-inf")
+        out.append(scores.topk(10, dim=-1).indices)
+    return torch.cat(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.buckets", description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+")
@@ -83,6 +97,12 @@ def main() -> None:
         f"{n} {metrics_from_ranks(u['valid'])['NDCG@10']:.4f} / {metrics_from_ranks(u['test'])['NDCG@10']:.4f}, "
         + " / ".join(str(((u[s] <= 10).sum() - (ranks[n][s] <= 10).sum()).item()) for s in ("valid", "test"))
         for n, u in unseen.items()) + "\n")
+    count_of = torch.tensor(counts, dtype=torch.float)  # (v,)
+    test_hist, test_tgt = sp.eval_set("test")
+    recs = {n: count_of[top10(ck.model, test_hist)] for n, ck in zip(names, ckpts)}  # (users, 10) each
+    recs["test targets"] = count_of[torch.tensor(test_tgt)]
+    print("Training count of what each model puts in its top 10 on test, median / mean (a popularity bias shows as higher "
+          "counts), and of the test targets: " + "; ".join(f"{n} {r.median().item():.0f} / {r.mean().item():.1f}" for n, r in recs.items()) + "\n")
     print("## By the target's training occurrences (colder first)\n")
     cold = {s: torch.tensor([_bucket(counts[t], COLD) for t in sp.eval_set(s)[1]]) for s in ("valid", "test")}
     print(table(names, ranks, cold, COLD, "target's training count") + "\n")

@@ -89,6 +89,18 @@ def test_bucket_table_splits_users_and_keeps_the_ratio() -> None:
     assert lines[3] == "| 5+ | 33.3% | 50.0% | 0.0000 / 0.0000 (-; 0 / 0 hits) |"
 
 
+def test_bucket_top10_is_what_user_ranks_ranks_first() -> None:
+    from bench.buckets import top10
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_items=30, d_model=16, max_len=8))
+    hist = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [7], [8, 9, 10]]
+    best = top10(model, hist, batch_size=2)
+    assert best.shape == (3, 10) and (best > 0).all() and all(len(set(r.tolist())) == 10 for r in best)
+    assert user_ranks(model, hist, best[:, 0].tolist()).tolist() == [1, 1, 1]
+    assert user_ranks(model, hist, best[:, 9].tolist()).tolist() == [10, 10, 10]
+
+
 def test_popularity_baseline_uses_the_same_rules() -> None:
     counts = [0, 5, 3, 3, 1, 0]
     m = evaluate_popularity(counts, [[1], [1]], [2, 1], ks=(1, 3))
