@@ -3,7 +3,8 @@
 The converged tables show test keeping less of validation's NDCG@10 for the recurrent models than for SASRec
 (bench/results/valid_test.md). This splits both evaluations of each checkpoint by the target's training count
 (how cold the item is) and by the user's history length, so the loss can be located: the same users, the same
-checkpoints, only the bucket varies.
+checkpoints, only the bucket varies. Beside the buckets: each checkpoint's NDCG@10 with the user's history excluded,
+how popular the items it recommends are (training count of its top 10), and its scoring vectors' norm per item bucket.
 
     python -m bench.buckets CKPT [CKPT ...] [--data PATH] > FILE.md
 
