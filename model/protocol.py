@@ -61,6 +61,7 @@ class ModelConfig:
     burn_in: int = 0  # holomamba: train each window from the state after up to this many earlier items (model/train.py); 0 = off
     attr_loss: float = 0.0  # holomamba, training only: weight of a second cross-entropy, the next item's attributes from the user vector (SeqRecModel.loss); 0 = off
     label_smoothing: float = 0.0  # training only: the cross-entropy's target puts this much mass uniformly over all items (Szegedy et al. 2016); 0 = off
+    confidence_penalty: float = 0.0  # training only: minus this times the entropy of each position's softmax is added to the loss (Pereyra et al. 2017); 0 = off
     item_bias: bool = False  # a learned per-item offset added to every item's score (what the dot product need not spend dimensions on)
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +161,9 @@ class SeqRecModel(nn.Module):
         smooth = self.config.label_smoothing if self.training else 0.0
         loss = F.cross_entropy(logits, targets[mask] - 1, label_smoothing=smooth)  # the same loss as masking padding's logit to -inf, without
         # writing into the (n, v) logits in place, which made autograd copy them (3-8% of a training step, measured)
+        if self.training and self.config.confidence_penalty > 0:  # sum_j p_j log p_j: its pull on a logit scales with p_j, so
+            logp = F.log_softmax(logits, dim=-1)  # unlike label smoothing it tempers the head without lifting the tail
+            loss = loss + self.config.confidence_penalty * (logp.exp() * logp).sum(-1).mean()
         if self.training and self.config.attr_loss > 0:
             loss = loss + self.config.attr_loss * self.attribute_loss(h[mask], targets[mask])
         if self.training and self.config.cl_weight > 0:

@@ -607,3 +607,20 @@ def test_label_smoothing_mixes_the_target_with_a_uniform_one_in_training_only() 
     assert torch.allclose(model.loss(items, targets), 0.8 * ce + 0.2 * uniform, atol=1e-6)
     model.eval()
     assert torch.allclose(model.loss(items, targets), ce, atol=1e-6)
+
+
+def test_confidence_penalty_subtracts_the_softmax_entropy_in_training_only() -> None:
+    """confidence_penalty beta: the training loss is CE - beta * H(p), averaged over positions (Pereyra et al. 2017)."""
+    from model import build_model
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="sasrec", n_items=5, d_model=8, max_len=4, dropout=0.0, confidence_penalty=0.3))
+    items, targets = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 2, 3, 5]])
+    model.train()
+    logp = F.log_softmax(model.forward(items)[0, 1:] @ model.item_table()[1:].T, -1)  # (3, 5): positions with a target
+    ce, entropy = -logp[torch.arange(3), targets[0, 1:] - 1].mean(), -(logp.exp() * logp).sum(-1).mean()
+    assert entropy > 0.1
+    assert torch.allclose(model.loss(items, targets), ce - 0.3 * entropy, atol=1e-6)
+    model.eval()
+    assert torch.allclose(model.loss(items, targets), ce, atol=1e-6)
