@@ -16,7 +16,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the PyTorch CPU index, so no resolver ever pulls a multi-GB CUDA build.
-# Keep the version equal to pyproject.toml's pin (tests/test_deploy.py checks).
+# Keep the version equal to pyproject.toml's pin (tests/test_dockerfile.py checks).
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 # Then the other dependencies, from PyPI, in their own layer: a code change does not reinstall them.

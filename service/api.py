@@ -175,10 +175,14 @@ def parse_body(raw: bytes) -> Any:
         raise HTTPException(400, "There was an error parsing the body") from e
 
 
+class NotReady(RuntimeError):
+    """A request before the lifespan has loaded the model (service/app.py answers 503 + Retry-After)."""
+
+
 def loaded_engine(state: State) -> Engine:
     engine = getattr(state, "engine", None)
     if engine is None:
-        raise HTTPException(503, "model not loaded", headers={"Retry-After": "1"})
+        raise NotReady("model not loaded; retry later")
     return engine
 
 
@@ -236,14 +240,14 @@ async def post_events(request: Request) -> Response:
     return Response(await apply_events(request.app.state, h.get("x-api-key"), h.get("content-type"), raw), media_type="application/json")
 
 
-@router.get("/recommend/{user_id}", response_model=RecommendOut, responses=REFUSALS,
+@router.get("/recommend/{user_id:path}", response_model=RecommendOut, responses=REFUSALS,
             openapi_extra={"parameters": [USER_PARAM, *query_params(), API_KEY_PARAM]})
 async def recommend(request: Request) -> Response:
     body = await recommendations(request.app.state, request.headers.get("x-api-key"), request.path_params["user_id"], request.query_params)
     return Response(body, media_type="application/json")
 
 
-@router.get("/users/{user_id}", dependencies=secured)
+@router.get("/users/{user_id:path}", dependencies=secured)
 def get_user(user_id: Annotated[str, Depends(user_id_param)], engine: Annotated[Engine, Depends(get_engine)]) -> dict:
     """Metadata only: never the state itself."""
     meta = engine.user_meta(user_id)
@@ -252,7 +256,7 @@ def get_user(user_id: Annotated[str, Depends(user_id_param)], engine: Annotated[
     return meta
 
 
-@router.delete("/users/{user_id}", dependencies=secured)
+@router.delete("/users/{user_id:path}", dependencies=secured)
 def delete_user(user_id: Annotated[str, Depends(user_id_param)], engine: Annotated[Engine, Depends(get_engine)]) -> dict:
     """Erase the user's state (privacy requests). Idempotent."""
     return {"user_id": user_id, "deleted": engine.delete(user_id)}

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from model.checkpoint import Checkpoint, CheckpointError, load
-from service.api import router, schemas
+from service.api import NotReady, router, schemas
 from service.batcher import Batcher
 from service.engine import Conflict, Engine
 from service.metrics import ERRORS, MODEL_INFO
@@ -105,6 +105,10 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
         log.warning("state store unavailable: %s", exc)
         return JSONResponse({"detail": "state store unavailable; retry later", "error": "store_unavailable"}, 503,
                             headers={"Retry-After": str(s.retry_after_s)})
+
+    @app.exception_handler(NotReady)
+    async def not_ready(request: Request, exc: NotReady) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "error": "not_ready"}, 503, headers={"Retry-After": str(s.retry_after_s)})
 
     @app.exception_handler(Conflict)
     async def conflict(request: Request, exc: Conflict) -> JSONResponse:

@@ -47,7 +47,7 @@ class HotRoutes:
             route, answer = "/livez", _livez
         elif method == "POST" and path == "/events" and self._body_fits(scope):
             route, answer = "/events", self._events
-        elif method == "GET" and path.startswith(PREFIX) and len(path) > len(PREFIX) and "/" not in path[len(PREFIX):]:
+        elif method == "GET" and path.startswith(PREFIX) and len(path) > len(PREFIX):  # the rest is the id, '/' included
             route, answer = "/recommend/{user_id}", self._recommend
         else:
             return await self.app(scope, receive, send)

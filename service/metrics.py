@@ -23,9 +23,9 @@ EVENTS = Counter("holorec_events_total", "Events by outcome", ["outcome"])  # ap
 RECOMMENDATIONS = Counter("holorec_recommendations_total", "Recommendations served by source", ["source"])  # state | popular
 CAS_CONFLICTS = Counter("holorec_cas_conflicts_total", "Compare-and-set write conflicts (each one is retried)")
 STATE_REBUILDS = Counter("holorec_state_rebuilds_total", "User states rebuilt from their ring buffer", ["reason"])  # model_change | corrupt
-ERRORS = Counter("holorec_errors_total", "Errors by kind", ["kind"])  # store_unavailable | corrupt_record | internal | ...
+ERRORS = Counter("holorec_errors_total", "Errors by kind", ["kind"])  # store_unavailable | cas_exhausted | corrupt_record | internal | stream_retry
 MODEL_INFO = Gauge("holorec_model_info", "Loaded model (value 1)", ["version", "model"], multiprocess_mode="max")
-RECORD_CACHE = Counter("holorec_record_cache_total", "User records GET /recommend read, from the client-side cache or Redis", ["result"])  # hit | miss
+RECORD_CACHE = Counter("holorec_record_cache_total", "User records read for GET /recommend and events, from the client-side cache or Redis", ["result"])  # hit | miss
 USERS_SEEN = Gauge("holorec_users_seen", "Users with a state record", multiprocess_mode="max")
 # holorec consume (its own process, on --metrics-port)
 STREAM_ENTRIES = Counter("holorec_stream_entries_total", "Stream entries by outcome", ["outcome"])  # applied | duplicate | dead_letter

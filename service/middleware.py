@@ -31,7 +31,7 @@ class Timing:
             await self.app(scope, receive, send_status)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.own_pages else "unmatched")
+            path = getattr(route, "path_format", None) or (scope["path"] if scope["path"] in self.own_pages else "unmatched")
             labelled(HTTP_LATENCY, path, scope["method"], str(status)).observe(time.perf_counter() - t0)
 
 

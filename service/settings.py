@@ -21,7 +21,7 @@ class Settings(BaseSettings):
 
     redis_cluster: bool = Field(False, description="treat redis_url as a Redis Cluster seed node")
     namespace: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="key prefix part: holorec:<ns>:...")
-    api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required on all but /livez, /readyz, /metrics")
+    api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required on /events, /recommend and /users (health, metrics and the docs stay open)")
     state_ttl_s: int | None = Field(None, ge=1, description="expire a user's state after this many idle seconds; unset = never")
     state_codec: Literal["float32", "float16", "int8", "int8-rows"] = Field("int8", description="how the recurrent state is packed")
     history_slots: int = Field(50, ge=1, le=65535, description="most recent item ids kept per user: replayed by a new checkpoint, "

@@ -98,7 +98,8 @@ def test_ids(live: Live) -> None:
             refused(events(c, {"user_id": "u", "item_id": "item-1", **{field: ""}}), 422, field, "at least 1")
         refused(c.post("/events", json={"events": []}), 422, "at least 1")
         refused(c.post("/events", json={}), 422, "events", "missing")
-        assert c.get("/recommend/").status_code == 404
+        for path in ("/recommend/", "/users/"):  # the rest of the path is the id ('/' included), here empty
+            refused(c.get(path), 422, "user_id")
         # unicode ids work, end to end, and stay distinct
         for uid in ("ユーザー🙂", "Ωmega user", "عربي", "e\u0301", "é", "a{b}c", "{u:x}"):
             assert events(c, {"user_id": uid, "item_id": "item-3", "event_id": "e1"}).json()["applied"] == 1, uid

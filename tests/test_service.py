@@ -165,6 +165,34 @@ def test_duplicates_popularity_attributes_and_delete(ckpt_dir: Path, shared: tup
         assert c.get("/recommend/d").json()["source"] == "popular"
 
 
+def test_user_ids_with_slashes_are_readable(shared: tuple[Service, str]) -> None:
+    """Ids are any text: a user written as "tenant/42" is read back at /recommend/tenant/42 and /users/tenant%2F42
+    alike, by the hot route and the framework's routes, and the metric keeps the route's template."""
+    srv, _ = shared
+    with httpx.Client(base_url=srv.url) as c:
+        before = srv.metric("holorec_http_request_duration_seconds_count", route="/recommend/{user_id}", method="GET", status="200")
+        assert post(c, [{"user_id": "tenant/42", "item_id": "item-1"}]).json()["applied"] == 1
+        for path in ("/recommend/tenant/42", "/recommend/tenant%2F42"):
+            r = c.get(path)
+            assert r.status_code == 200 and r.json()["user_id"] == "tenant/42" and r.json()["source"] == "state"
+        assert srv.metric("holorec_http_request_duration_seconds_count", route="/recommend/{user_id}", method="GET", status="200") == before + 2
+        assert c.get("/users/tenant%2F42").json()["events_applied"] == 1
+        assert c.delete("/users/tenant/42").json() == {"user_id": "tenant/42", "deleted": True}
+        assert c.get("/users/tenant/42").status_code == 404
+
+
+def test_a_request_before_the_model_is_loaded_gets_503(ckpt_dir: Path) -> None:
+    """No lifespan has run (TestClient outside `with`): a hot route answers 503, Retry-After and an error kind."""
+    from fastapi.testclient import TestClient
+    from service.app import create_app
+    from service.hot import HotRoutes
+    from service.settings import Settings
+
+    c = TestClient(HotRoutes(create_app(Settings(checkpoint=str(ckpt_dir), retry_after_s=7))))
+    for r in (c.get("/recommend/u"), c.post("/events", json={"events": [{"user_id": "u", "item_id": "item-1"}]}), c.get("/users/u")):
+        assert r.status_code == 503 and r.headers["Retry-After"] == "7" and r.json()["error"] == "not_ready"
+
+
 def test_model_swap_rewarms_from_ring_buffer(ckpt_dir: Path, ckpt_b_dir: Path, server_factory) -> None:
     history = tiny_sequences(1, length=25, seed=3)[0]
     a = server_factory(ckpt_dir)
