@@ -277,6 +277,25 @@ def test_valid_test_ratios_count_a_run_that_two_tables_hold_once(tmp_path: Path)
                    ("d", "gru4rec (--unfitted-valid)"): [pytest.approx(0.9)]} and data == {}
 
 
+def test_grid_table_chooses_on_validation_from_seed_0(tmp_path: Path) -> None:
+    from bench.grid_table import points, table
+
+    def res(row: str, lr: float, dropout: float, *valid_test: tuple[int, float, float]) -> Path:
+        runs = [{"seed": s, "settings": {"lr": lr, "dropout": dropout, "epochs": 200}, "valid": {"NDCG@10": v},
+                 "test": {"NDCG@10": t}, "best_epoch": 5, "epochs_run": 15} for s, v, t in valid_test]
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps({"runs": {row: runs}}))
+        return path
+
+    a = res("sasrec", 1e-3, 0.2, (0, 0.05, 0.9), (1, 0.09, 0.9))  # seed 1 and test are never looked at
+    b = res("sasrec:d_model=64", 2e-3, 0.5, (0, 0.06, 0.1))
+    c = res("gru4rec", 1e-3, 0.2, (0, 0.04, 0.1))
+    got = points([str(a), str(b), str(c), f"{res('gru4rec', 1e-3, 0.2, (0, 0.03, 0.1))}@gru4rec"])  # a later point replaces
+    assert {m: {k: p["valid"] for k, p in pts.items()} for m, pts in got.items()} == {
+        "sasrec": {(1e-3, 0.2): 0.05, (2e-3, 0.5): 0.06}, "gru4rec": {(1e-3, 0.2): 0.03}}
+    assert table(got).endswith("sasrec: lr 0.002, dropout 0.5 (of 2 points); gru4rec: lr 0.001, dropout 0.2 (of 1 points)")
+
+
 @pytest.mark.parametrize("ema", [0.0, 0.9])
 def test_a_run_cut_off_carries_on_from_its_last_epoch_bit_for_bit(tmp_path: Path, ema: float) -> None:
     """A CPU run longer than a working session: saved after every epoch, started again it carries on and ends
