@@ -454,6 +454,7 @@ def test_weight_decay_defaults_per_model_and_dataset_kind() -> None:
     assert hyper("holomamba", "s3rec")["dropout"] == 0.3 and hyper("holomamba", "s3rec")["lr"] == 2e-3
     assert hyper("sasrec", "s3rec")["dropout"] == hyper("gru4rec", "s3rec")["dropout"] == 0.5  # Amazon's, as their papers
     assert hyper("sasrec", "s3rec")["lr"] == hyper("holomamba", "movielens")["lr"] == 1e-3
+    assert hyper("sasrec", "movielens")["lr"] == 2e-3 and hyper("sasrec", "movielens")["dropout"] == 0.5  # the ML-100K grid's choice
     assert hyper("holomamba", "s3rec")["label_smoothing"] == 0.1 and hyper("holomamba", "movielens")["label_smoothing"] == 0.0
     assert hyper("holomamba", "s3rec")["ema"] == hyper("sasrec", "s3rec")["ema"] == 0.999  # a moving average of the weights
     assert hyper("gru4rec", "s3rec")["ema"] == hyper("sasrec", "movielens")["ema"] == 0.0
