@@ -235,6 +235,9 @@ def bench_stream(work: Path, n_events: int, n_users: int = 1000) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from model.train import set_threads
+
+    set_threads()  # the in-process warm runs torch as a service worker would (HOLOREC_THREADS)
     out = Path(getattr(args, "out", "bench/results"))
     out.mkdir(parents=True, exist_ok=True)
     quick = getattr(args, "quick", False)

@@ -29,6 +29,7 @@ from bench.harness import RedisServer, Service, make_checkpoint
 from model import ModelConfig
 from model.checkpoint import Checkpoint, load
 from model.state import CODECS, packed_size
+from model.train import set_threads
 from service import record as rec
 from service.engine import Engine, Event
 from service.settings import Settings
@@ -86,6 +87,7 @@ def http_writer(svc: Service):  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    set_threads()  # the in-process warm runs torch as a service worker would (HOLOREC_THREADS)
     quick = getattr(args, "quick", False)
     n_defaults, n_each = (500, 200) if quick else (100_000, 20_000)
     out = Path(args.out)

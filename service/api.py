@@ -218,7 +218,7 @@ async def recommendations(state: State, api_key: str | None, user_id: str, query
     except ValidationError as e:
         raise _invalid(e, "query") from None
     if q.attribute is not None and engine.attribute_mask(q.attribute) is None:
-        raise HTTPException(422, [{"loc": ["query", "attribute"], "msg": f"unknown attribute {q.attribute!r}", "type": "value_error"}])
+        raise HTTPException(422, [{"loc": ["query", "attribute"], "msg": "unknown attribute: not one this checkpoint's items carry", "type": "value_error"}])
     ids = [x for x in (q.exclude or "").split(",") if x]
     res = await state.rec_batcher.submit(RecQuery(user_id, q.k, q.exclude_seen, ids, q.attribute))
     return recommendation_json(user_id, res.items, engine.version, res.source)

@@ -6,16 +6,22 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from model.state import CODECS
 
 
-def test_quick_memory_bench_measures_every_codec_and_joins_the_frontier(tmp_path: Path) -> None:
+def test_quick_memory_bench_measures_every_codec_and_joins_the_frontier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import accuracy, memory
     from bench.plots import write_all
 
     accuracy.run(argparse.Namespace(out=str(tmp_path / "frontier"), quick=True, data=None, epochs=1, seeds=1,
                                     models="holomamba:d_state=4", codecs=",".join(CODECS), device="cpu"))
+    monkeypatch.delenv("HOLOREC_THREADS", raising=False)
+    torch.set_num_threads(2)  # torch's own default on this machine: the bench must put HOLOREC_THREADS's (1) in its place
     res = memory.run(argparse.Namespace(out=str(tmp_path), quick=True))
+    assert torch.get_num_threads() == 1
     rows = res["rows"]
     assert [r["written_by"] for r in rows[:2]] == ["POST /events (service over HTTP)", "holorec warm (engine)"]
     assert [(r["model"], r["codec"]) for r in rows[2:]] == [("holomamba:d_state=4", c) for c in CODECS]
