@@ -55,13 +55,15 @@ def test_service_starts_while_cluster_is_unreachable(tmp_path: Path) -> None:
                   log=tmp_path / "svc.log")
     try:
         with httpx.Client(base_url=svc.url, timeout=10) as c:
-            for _ in range(600):  # up to 60 s for the import
+            for _ in range(1200):  # up to 120 s for the import and, on a clean checkout, the first ONNX export
                 try:
                     ready = c.get("/readyz")
                     break
                 except httpx.HTTPError:
                     assert svc.proc.poll() is None, (tmp_path / "svc.log").read_text()
                     time.sleep(0.1)
+            else:
+                pytest.fail("the service did not answer /readyz within 120 s: " + (tmp_path / "svc.log").read_text())
             assert ready.status_code == 503 and ready.headers["Retry-After"]
             r = c.post("/events", json={"events": [{"user_id": "u", "item_id": "item-1"}]})
             assert r.status_code == 503 and r.json()["error"] == "store_unavailable"
