@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema", type=float, help="validate, keep and serve a moving average of the weights with this decay per step "
                                              "(0 = off); default per model and dataset")
     t.add_argument("--item-dropout", type=float, help="holomamba, training only: drop each item's own vector with this probability, "
-                                                      "its attributes kept; default per dataset (0.2 on MovieLens and Amazon formats, 0 on plain tables "
-                                                      "and synthetic data)")
+                                                      "its attributes kept (none dropped without attributes); default per dataset (0.2 on MovieLens, "
+                                                      "Amazon and table data, 0 on synthetic data)")
     t.add_argument("--label-smoothing", type=float, help="training only: put this much of the cross-entropy's target uniformly "
                                                          "over all items; default per model and dataset (0 unless tuned)")
     t.add_argument("--batch-size", type=int, default=128)

@@ -100,9 +100,10 @@ class HoloMambaRec(SeqRecModel):
         return self.encoder.encode(self.drop_ids(self.encoder.item.weight), self.item_attrs)
 
     def drop_ids(self, v: Tensor) -> Tensor:  # (..., d) item vectors -> the same, some rows zeroed in training
-        """config.item_dropout: an item then reads as its attributes alone, as a rare item nearly does."""
+        """config.item_dropout: an item then reads as its attributes alone, as a rare item nearly does. Data without
+        attributes is left alone: dropping an item's vector would leave nothing of it."""
         p = self.config.item_dropout
-        if not (self.training and p > 0):
+        if not (self.training and p > 0 and self.config.n_attrs > 0):
             return v
         return v * (torch.rand(v.shape[:-1] + (1,), device=v.device) >= p)
 

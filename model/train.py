@@ -47,9 +47,9 @@ from model.evaluate import evaluate, evaluate_popularity, format_metrics
 from model.protocol import ModelConfig, SeqRecModel, State
 
 # Dropout by dataset kind: dense MovieLens-like logs (and synthetic) 0.2; sparse ones, where a
-# user has a handful of items (Amazon Beauty in S3-Rec format, and generic tables, which are most
-# often such logs), 0.5, as SASRec found for its sparse Amazon sets.
-DEFAULT_DROPOUT = {"movielens": 0.2, "synthetic": 0.2, "s3rec": 0.5, "table": 0.5}
+# user has a handful of items (Amazon Beauty in S3-Rec format, and plain tables as sparse: model/data.py
+# table_kind), 0.5, as SASRec found for its sparse Amazon sets.
+DEFAULT_DROPOUT = {"movielens": 0.2, "synthetic": 0.2, "s3rec": 0.5}
 DEFAULT_LR = 1e-3  # SASRec's published learning rate, with batch 128
 # Train to convergence by default: every tuned value below was chosen on runs of up to 200 epochs with this early
 # stopping (README: Accuracy to convergence); at 10 epochs (the paper's budget) most models are still learning.
@@ -68,7 +68,7 @@ EPOCHS, PATIENCE = 200, 10
 # Item dropout 0.2 for HoloMambaRec (2026-12-04), validation NDCG@10 against 0.0 to convergence: ML-100K, 5 seeds on a GPU,
 # 0.0721 ± 0.0035 vs 0.0696 ± 0.0024, higher on every seed (bench/results/gpu-2026-12-04); Beauty, 3 seeds, 0.0520 ± 0.0011
 # vs 0.0512 ± 0.0008, higher on every seed (bench/results/cpu-2026-12-04, gpu-2026-12-04); test, not used to choose, level.
-# Plain tables (kind "table") keep 0.0: untried, and one without attributes would drop items to nothing.
+# A plain table takes the kind its density says (model/data.py table_kind); without attributes no item is dropped (model/holomamba.py).
 # HoloMambaRec on S3-Rec (Amazon) logs since the end of 2026-12-04: lr 2e-3, weight decay 0.2 and label smoothing 0.1 together.
 # Each alone raised Beauty's seed 0 validation NDCG@10 (0.0534, 0.0537, 0.0536 against 0.0524; bench/results/gpu-2026-12-04-beauty);
 # together, higher on every seed (seeds 0, 1 finished; seed 2 cut off at epoch 98, already higher; bench/results/cpu-2026-12-04-beauty).

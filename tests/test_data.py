@@ -123,6 +123,18 @@ def test_csv_aliases_iso_times_and_attribute_csv(tmp_path: Path) -> None:
     assert ds.attributes_source and ds.attributes_source.endswith("attrs.csv")
 
 
+def test_a_plain_table_takes_the_defaults_of_the_logs_it_resembles(tmp_path: Path) -> None:
+    """Defaults were tuned on ML-100K (dense) and Amazon Beauty (sparse): a table with DENSE_PER_USER or more
+    interactions a user on average takes MovieLens's (max_len 200, ...), a sparser one Amazon's."""
+    from model.data import DEFAULT_MAX_LEN, DENSE_PER_USER
+
+    for per_user, kind in ((DENSE_PER_USER, "movielens"), (DENSE_PER_USER - 1, "s3rec"), (3, "s3rec")):
+        rows = "".join(f"u{u},i{(u + t) % 50},{t}\n" for u in range(4) for t in range(per_user))
+        (tmp_path / "log.csv").write_text("user,item,timestamp\n" + rows)
+        ds = load(str(tmp_path / "log.csv"))
+        assert ds.kind == kind and ds.kind in DEFAULT_MAX_LEN, (per_user, ds.kind)
+
+
 def test_csv_malformed_lines(tmp_path: Path) -> None:
     f = tmp_path / "bad.csv"
     f.write_text("user,item,timestamp\n1,2,3\n1,2\n")
