@@ -17,6 +17,7 @@ Shape letters: b batch, l sequence length, d model dim, v vocabulary (n_items + 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -63,6 +64,7 @@ class ModelConfig:
     label_smoothing: float = 0.0  # training only: the cross-entropy's target puts this much mass uniformly over all items (Szegedy et al. 2016); 0 = off
     confidence_penalty: float = 0.0  # training only: minus this times the entropy of each position's softmax is added to the loss (Pereyra et al. 2017); 0 = off
     item_bias: bool = False  # a learned per-item offset added to every item's score (what the dot product need not spend dimensions on)
+    cosine: bool = False  # score cos(user, item) times a learned scale instead of the dot product (SeqRecModel.scoring_rows)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +104,8 @@ class SeqRecModel(nn.Module):
         self.register_buffer("item_attrs", attrs.long(), persistent=False)  # (v, max_attrs); saved in the JSON
         if config.item_bias:
             self.item_bias = nn.Parameter(torch.zeros(config.n_items + 1))  # (v,)
+        if config.cosine:
+            self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # (): the softmax temperature's inverse, learned
 
     # --- what subclasses implement ---------------------------------------------------
     def forward(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
@@ -137,8 +141,19 @@ class SeqRecModel(nn.Module):
     def embed(self, items: Tensor) -> Tensor:  # (...) -> (..., d): rows of item_table
         return F.embedding(items, self.table())
 
+    def query(self, h: Tensor) -> Tensor:  # (..., d) -> (..., d)
+        """A user vector as it meets the item rows: with config.cosine, unit length."""
+        return F.normalize(h, dim=-1) if self.config.cosine else h
+
+    def scoring_rows(self, table: Tensor) -> Tensor:  # (m, d) -> (m, d)
+        """Item vectors as a user vector meets them: with config.cosine, unit length times a learned scale (at most
+        100), so score = cos(user, item) / temperature and a norm carries no popularity."""
+        if not self.config.cosine:
+            return table
+        return F.normalize(table, dim=-1) * self.log_scale.clamp(max=math.log(100.0)).exp()
+
     def score(self, h: Tensor) -> Tensor:  # (b, d) -> (b, v)
-        s = h @ self.table().T
+        s = self.query(h) @ self.scoring_rows(self.table()).T
         return s + self.item_bias if self.config.item_bias else s
 
     def user_vector(self, items: Tensor) -> Tensor:  # (b, l) left-padded -> (b, d)
@@ -155,7 +170,7 @@ class SeqRecModel(nn.Module):
         run = (lambda: self.forward(items)) if state is None else (lambda: self.forward(items, state))  # type: ignore[call-arg]
         h = run()  # (b, l, d)
         mask = targets > 0  # (b, l)
-        logits = h[mask] @ self.item_table()[1:].T  # (n, v - 1): real items only, so padding is never predicted
+        logits = self.query(h[mask]) @ self.scoring_rows(self.item_table()[1:]).T  # (n, v - 1): real items only, so padding is never predicted
         if self.config.item_bias:
             logits = logits + self.item_bias[1:]
         smooth = self.config.label_smoothing if self.training else 0.0

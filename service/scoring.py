@@ -37,7 +37,7 @@ class Scorer:
     def __init__(self, records: Records) -> None:
         self.records, self.ckpt, self.model, self.s, self.seen = records, records.ckpt, records.model, records.s, records.seen
         with torch.inference_mode():
-            table = self.model.item_table().detach().clone()  # (v, d)
+            table = self.model.scoring_rows(self.model.item_table()).detach().clone()  # (v, d)
             self.biased = self.model.config.item_bias  # scored as [h, 1] . [e_i, b_i] = h . e_i + b_i, as model.score does
             table = torch.cat([table, self.model.item_bias.detach()[:, None]], 1) if self.biased else table  # (v, d or d + 1)
         # kept transposed: h @ table_t is one contiguous product (h @ table.T took longer for one user)
@@ -63,7 +63,7 @@ class Scorer:
         if with_state:
             t0 = time.perf_counter()
             with torch.inference_mode():  # the product in torch: numpy's BLAS keeps threads HOLOREC_THREADS does not reach (README)
-                h = torch.from_numpy(np.stack([loaded[i].record.vector for i in with_state]))  # (n, d)
+                h = self.model.query(torch.from_numpy(np.stack([loaded[i].record.vector for i in with_state])))  # (n, d)
                 if self.biased:
                     h = torch.cat([h, torch.ones(len(h), 1)], 1)  # (n, d + 1)
                 exact = (h @ self.table_t).numpy() if self.index is None else None  # (n, v): one product for the batch

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from model.checkpoint import load
 from service.engine import Engine, Event, RecQuery
@@ -60,17 +62,25 @@ def test_engine_with_a_full_probe_index_recommends_what_exact_scoring_does(ckpt_
     assert 0 < len(items) <= 3 and not {"item-3", "item-4", "item-5", "item-6", "item-7"} & set(items)
 
 
-def test_a_per_item_bias_is_served_as_the_model_scores_it(tmp_path: Path) -> None:
-    """item_bias: the service scores [h, 1] against [e_i, b_i], exactly and through a full-probe index, which must
-    give model.score's top-k (and differ from the dot product alone, or the test would prove nothing)."""
+@pytest.mark.parametrize("head", ["item_bias", "cosine"])
+def test_a_scoring_head_is_served_as_the_model_scores_it(tmp_path: Path, head: str) -> None:
+    """item_bias (the service scores [h, 1] against [e_i, b_i]) and cosine (cos(h, e_i) times the learned scale): served
+    exactly and through a full-probe index, each must give model.score's top-k and scores (and differ from the dot
+    product alone, or the test would prove nothing)."""
     from bench.harness import make_checkpoint
 
-    path = make_checkpoint(tmp_path / "c", n_items=60, item_bias=True)
+    path = make_checkpoint(tmp_path / "c", n_items=60, **{head: True})
     ckpt = load(path)
+    m = ckpt.model
     with torch.no_grad():
-        ckpt.model.item_bias.normal_(0, 3, generator=torch.Generator().manual_seed(0))
-        scores = ckpt.model.score(ckpt.model.user_vector(torch.tensor([[3, 4, 5, 6, 7]])))[0]  # (v,)
-        plain = ckpt.model.user_vector(torch.tensor([[3, 4, 5, 6, 7]]))[0] @ ckpt.model.item_table().T
+        if head == "item_bias":
+            m.item_bias.normal_(0, 3, generator=torch.Generator().manual_seed(0))
+        h = m.user_vector(torch.tensor([[3, 4, 5, 6, 7]]))[0]  # (d,)
+        scores = m.score(h[None])[0]  # (v,)
+        plain = h @ m.item_table().T
+        if head == "cosine":
+            cos = F.cosine_similarity(h[None], m.item_table(), dim=-1)  # (v,)
+            assert torch.allclose(scores[1:], cos[1:] * m.log_scale.exp(), atol=1e-5)
     scores[0] = plain[0] = float("-inf")
     want = [f"item-{i}" for i in torch.topk(scores, 10).indices.tolist()]
     assert want != [f"item-{i}" for i in torch.topk(plain, 10).indices.tolist()]

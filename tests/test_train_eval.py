@@ -542,17 +542,17 @@ def test_ema_validates_keeps_and_saves_the_moving_average_of_the_weights() -> No
     assert report["valid"] == evaluate(ckpt.model, *split(ds, cfg.max_len).eval_set("valid"))
 
 
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("head", ["dot", "item_bias", "cosine"])
 @pytest.mark.parametrize("name", ["holomamba", "sasrec", "gru4rec", "elastic"])
-def test_loss_is_full_softmax_cross_entropy_with_padding_never_predicted(name: str, bias: bool) -> None:
+def test_loss_is_full_softmax_cross_entropy_with_padding_never_predicted(name: str, head: str) -> None:
     """The loss scores real items only; it must equal (value and gradients) cross-entropy over `score`'s logits
-    (with a per-item bias where configured) with padding's logit at -inf, at the non-padding positions."""
+    (with a per-item bias or cosine scoring where configured) with padding's logit at -inf, at the non-padding positions."""
     from model import build_model
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(model=name, n_items=30, d_model=16, max_len=6, dropout=0.0, item_bias=bias)).eval()
-    if bias:
+    model = build_model(ModelConfig(model=name, n_items=30, d_model=16, max_len=6, dropout=0.0, **({} if head == "dot" else {head: True}))).eval()
+    if head == "item_bias":
         with torch.no_grad():
             model.item_bias.normal_()
     items = torch.tensor([[0, 0, 3, 7, 1, 30], [5, 9, 2, 2, 8, 4]])  # (b, l), left padding in the first row
