@@ -96,6 +96,11 @@ class HoloMambaRec(SeqRecModel):
         if self.g > 1:  # slot roles, random HRR vectors N(0, 1/d) to start, learned jointly
             self.roles = nn.Parameter(torch.randn(self.g, c.d_model) * c.d_model**-0.5)  # (g, d)
 
+    def inp(self, e: Tensor) -> Tensor:  # (..., d) item vectors -> the encoder's input
+        """config.embed_scale: sqrt(d) times the item vector, so the item's own signal in the residual stream is not
+        small against the sublayers' outputs while the tied scoring table keeps norm ~1 vectors."""
+        return self.drop(e * self.config.d_model**0.5 if self.config.embed_scale else e)
+
     def item_table(self) -> Tensor:  # (v, d)
         return self.encoder.encode(self.drop_ids(self.encoder.item.weight), self.item_attrs)
 
@@ -137,7 +142,7 @@ class HoloMambaRec(SeqRecModel):
             raise ValueError("a carried state is not supported with recent_attn")
         mask = items > 0  # (b, l)
         e = self.embed(items)  # (b, l, d)
-        x = self.drop(e)
+        x = self.inp(e)
         for i, (layer, ffn) in enumerate(zip(self.layers, self.ffns)):
             x = ffn(layer(x, mask, None if state is None else (state[f"conv{i}"], state[f"ssm{i}"])))  # (b, l, d)
         if self.k:  # position t reads items t-K+1 .. t
@@ -158,7 +163,7 @@ class HoloMambaRec(SeqRecModel):
     def step(self, items: Tensor, state: State) -> tuple[Tensor, State]:  # (b,) -> (b, d)
         if self.g > 1:
             return self._step_bundled(items, state)
-        x = self.drop(self.embed(items))  # (b, d)
+        x = self.inp(self.embed(items))  # (b, d)
         new: State = {}
         for i, (layer, ffn) in enumerate(zip(self.layers, self.ffns)):
             x, new[f"conv{i}"], new[f"ssm{i}"] = layer.step(x, state[f"conv{i}"], state[f"ssm{i}"])
@@ -174,7 +179,7 @@ class HoloMambaRec(SeqRecModel):
             return super().forward_state(items)
         mask = items > 0  # (b, l)
         e = self.embed(items)  # (b, l, d)
-        x = self.drop(e)
+        x = self.inp(e)
         state: State = {}
         for i, (layer, ffn) in enumerate(zip(self.layers, self.ffns)):
             x, state[f"conv{i}"], state[f"ssm{i}"] = layer.forward_state(x, mask)
@@ -188,7 +193,7 @@ class HoloMambaRec(SeqRecModel):
     # --- temporal bundling (g > 1) -----------------------------------------------------
     def _group_input(self, slots: Tensor) -> Tensor:  # (..., g) item per slot, 0 = empty -> (..., g, d)
         """Prefix bundles: [..., p, :] = sum_{i <= p} bind(r_i, e_i) / sqrt(g), the input after p + 1 items."""
-        bound = bind(self.roles, self.drop(self.embed(slots)))  # (..., g, d); empty slots bind a zero vector
+        bound = bind(self.roles, self.inp(self.embed(slots)))  # (..., g, d); empty slots bind a zero vector
         return bound.cumsum(-2) / self.g**0.5
 
     def _forward_bundled(self, items: Tensor) -> Tensor:  # (b, l) -> (b, l, d)
@@ -213,7 +218,7 @@ class HoloMambaRec(SeqRecModel):
         pending = state["pending"]  # (b, g - 1)
         p = (pending > 0).sum(1, keepdim=True)  # (b, 1): items already in the partial group
         slots = torch.cat([pending, torch.zeros_like(pending[:, :1])], 1).scatter(1, p, items[:, None])  # (b, g)
-        x = bind(self.roles, self.drop(self.embed(slots))).sum(-2) / self.g**0.5  # (b, d): slots past p are empty
+        x = bind(self.roles, self.inp(self.embed(slots))).sum(-2) / self.g**0.5  # (b, d): slots past p are empty
         peek: State = {}
         for i, (layer, ffn) in enumerate(zip(self.layers, self.ffns)):
             x, peek[f"conv{i}"], peek[f"ssm{i}"] = layer.step(x, state[f"conv{i}"], state[f"ssm{i}"])

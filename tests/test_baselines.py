@@ -65,7 +65,23 @@ def test_recent_attention_step_reproduces_forward(batch: int, length: int) -> No
     assert m.recent.q.weight.grad.abs().sum() > 0 and m.recent.recency.grad.abs().sum() > 0
 
 
+def test_embed_scale_feeds_the_encoder_sqrt_d_times_the_item_vector_and_scores_the_plain_one() -> None:
+    """embed_scale is the same model as one whose input item vectors are sqrt(d) longer (no attributes here, so an
+    item's vector is its row), while the scoring table stays the unscaled rows."""
+    on, plain = make("holomamba", embed_scale=True), make("holomamba")
+    plain.load_state_dict(on.state_dict())
+    longer = make("holomamba")
+    longer.load_state_dict(on.state_dict())
+    with torch.no_grad():
+        longer.encoder.item.weight.mul_(32**0.5)
+        items = left_padded(3, 9)
+        assert torch.allclose(on(items), longer(items), atol=1e-5)
+        assert not torch.allclose(on(items), plain(items), atol=1e-2)
+        assert torch.equal(on.item_table(), plain.item_table())
+
+
 @pytest.mark.parametrize("name,kw,traced", [("holomamba", {}, True), ("holomamba", {"recent_attn": 4}, True),
+                                            ("holomamba", {"embed_scale": True}, True),
                                             ("gru4rec", {}, False), ("holomamba", {"bundle": 3}, False),
                                             ("sasrec", {}, False), ("elastic", {}, False)])
 def test_serving_step_is_compiled_where_exact_and_reproduces_forward(name: str, kw: dict, traced: bool) -> None:
