@@ -31,7 +31,7 @@ def _train(a: argparse.Namespace) -> None:
                          max_len=a.max_len or DEFAULT_MAX_LEN[ds.kind], **({"d_state": a.d_state} if a.d_state else {}))
     progress = Path(a.out) / "progress.safetensors"  # the last epoch: the same command, interrupted, carries on from it
     budget = {k: getattr(a, k) for k in ("epochs", "patience") if getattr(a, k) is not None}  # else train()'s defaults
-    ckpt, report = train(ds, config, lr=a.lr if a.lr is not None else h["lr"], batch_size=a.batch_size, seed=a.seed, device=a.device,
+    ckpt, report = train(ds, config, lr=a.lr if a.lr is not None else h["lr"], batch_size=a.batch_size or h["batch_size"], seed=a.seed, device=a.device,
                          patience_steps=a.patience_steps, out=Path(a.out), progress_file=progress, **budget)
     progress.unlink(missing_ok=True)
     print(f"checkpoint: {a.out} (version {ckpt.version}; best epoch {report['best_epoch']} of {report['epochs_run']}, "
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "Amazon and table data, 0 on synthetic data)")
     t.add_argument("--label-smoothing", type=float, help="training only: put this much of the cross-entropy's target uniformly "
                                                          "over all items; default per model and dataset (0 unless tuned)")
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--batch-size", type=int, help="default per model and dataset (128 unless tuned)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.set_defaults(func=_train)
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, help="`bench accuracy`: run only this one of the seeds (processes can fill one table side by side)")
     b.add_argument("--models", help="comma-separated models for `bench accuracy`/`train` (default: all registered)")
     b.add_argument("--max-len", type=int, help="`bench accuracy`: training window (default per dataset)")
-    b.add_argument("--batch-size", type=int, default=128, help="`bench accuracy`: training batch size")
+    b.add_argument("--batch-size", type=int, help="`bench accuracy`: training batch size (default per model and dataset: 128 unless tuned)")
     b.add_argument("--lr", type=float, help="`bench accuracy`: learning rate (default per model and dataset)")
     b.add_argument("--dropout", type=float, help="`bench accuracy`: dropout (default per model and dataset)")
     b.add_argument("--patience", type=int, default=10, help="`bench accuracy`: early stopping on validation NDCG@10")

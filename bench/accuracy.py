@@ -87,7 +87,7 @@ def tune(args: argparse.Namespace) -> dict[str, Any]:
                 h = hyper(name.partition(":")[0], ds.kind)
                 cfg = model_config(name, d_model=64, max_len=max_len, dropout=dropout, **{k: h[k] for k in CONFIG_FIELDS})
                 partial = _partial(path.parent, ds.name, key)
-                _, rep = train(ds, cfg, epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=0, patience=args.patience,
+                _, rep = train(ds, cfg, epochs=args.epochs, lr=lr, batch_size=getattr(args, "batch_size", None) or h["batch_size"], seed=0, patience=args.patience,
                                patience_steps=getattr(args, "patience_steps", 500), device=args.device, progress=True,
                                progress_file=partial)
                 res["runs"][key] = {"model": name, "lr": lr, "dropout": dropout, "valid NDCG@10": rep["valid"]["NDCG@10"],
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         models = [m for m in models.split(",") if m]
     codecs = [c for c in (getattr(args, "codecs", None) or "").split(",") if c]  # served NDCG through each state codec
     d_model = 32 if quick else 64
-    batch_size, patience = getattr(args, "batch_size", 128), getattr(args, "patience", 10)
+    batch_size, patience = getattr(args, "batch_size", None), getattr(args, "patience", 10)  # batch None: each model's default
     patience_steps = 0 if quick else getattr(args, "patience_steps", 500)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,25 +136,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result.update({
         "bench": "accuracy", "dataset": ds.name, "data": ds.source, "summary_line": ds.summary(),
         "protocol": "leave-one-out; full ranking over all items; history items kept; ties count against the target",
-        "epochs": epochs, "patience": patience, "patience_steps": patience_steps, "seeds": seeds, "max_len": max_len, "d_model": d_model, "batch_size": batch_size,
+        "epochs": epochs, "patience": patience, "patience_steps": patience_steps, "seeds": seeds, "max_len": max_len, "d_model": d_model, "batch_size": batch_size or "per model",
         "hardware": hardware(args.device), "popularity": result.get("popularity") or evaluate_popularity(ds.train_counts(), *split(ds, max_len).eval_set("test")),
     })
     result.setdefault("commands", [])
     if command() not in result["commands"]:
         result["commands"].append(command())
-    print(f"bench accuracy: {ds.summary()}; models {models}, {seeds} seed(s), up to {epochs} epochs (patience {patience}), max_len {max_len}, batch {batch_size}")
+    print(f"bench accuracy: {ds.summary()}; models {models}, {seeds} seed(s), up to {epochs} epochs (patience {patience}), max_len {max_len}, batch {batch_size or 'per model'}")
 
     test_h, test_t = split(ds, max_len).eval_set("test")
     settings_of: dict[str, dict[str, Any]] = {}  # this command's settings per row: runs at other settings are dropped
     for name in models:
         h = hyper(name.partition(":")[0], ds.kind)
         lr = args.lr if getattr(args, "lr", None) is not None else h["lr"]
+        batch = batch_size or h["batch_size"]
         dropout = args.dropout if getattr(args, "dropout", None) is not None else h["dropout"]
         cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout, **{k: h[k] for k in CONFIG_FIELDS})
         settings = {"lr": lr, "dropout": dropout, "weight_decay": cfg.weight_decay, "ema": cfg.ema, "label_smoothing": cfg.label_smoothing,
                     "epochs": epochs, "patience": patience,
                     "patience_steps": patience_steps, "max_len": max_len, "d_model": cfg.d_model,
-                    "batch_size": batch_size}  # d_model, weight_decay and ema as the row name may set them
+                    "batch_size": batch}  # d_model, weight_decay and ema as the row name may set them
         if name.startswith("holomamba"):  # a changed default state size or item dropout is another model, never a finished run of this one
             settings |= {"d_state": cfg.d_state, "item_dropout": cfg.item_dropout}
         unfitted = getattr(args, "unfitted_valid", False)
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {name} seed {seed}: already in {stem}.json, skipped")
                 continue
             partial = _partial(out, ds.name, f"{name} seed {seed}")
-            ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience,
+            ckpt, rep = train(ds, cfg, epochs=epochs, lr=lr, batch_size=batch, seed=seed, patience=patience,
                               patience_steps=patience_steps, device=args.device, progress=not quick, progress_file=partial,
                               unfitted_valid=unfitted)
             print(f"  {name} seed {seed}: test NDCG@10 {rep['test']['NDCG@10']:.4f} HR@10 {rep['test']['HR@10']:.4f} "
@@ -253,10 +254,10 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{r['summary_line']}. {r['protocol']}.",
         f"Test split; mean ± std over the seeds run; up to {r['epochs']} epochs, early stopping after {r.get('patience', 5)} epochs "
         f"and {r.get('patience_steps', 0)} optimizer steps without a better validation NDCG@10 (the best epoch's weights kept); max_len {r['max_len']}, d_model {r['d_model']} (unless the row's name sets it), "
-        f"AdamW, batch {r['batch_size']}; lr and dropout per model (columns).",
+        "AdamW; lr, dropout and batch size per model (columns).",
         "",
-        "| model | " + " | ".join(METRICS) + " | valid NDCG@10 | NDCG@10, seen excluded | NDCG@10, full history | lr | dropout | train s | step ms (b=1) | seeds | best epoch / run |",
-        "|---|" + "---|" * (len(METRICS) + 9),
+        "| model | " + " | ".join(METRICS) + " | valid NDCG@10 | NDCG@10, seen excluded | NDCG@10, full history | lr | dropout | batch | train s | step ms (b=1) | seeds | best epoch / run |",
+        "|---|" + "---|" * (len(METRICS) + 10),
     ]
     for name, s in r["summary"].items():
         rs = r["runs"][name]
@@ -266,9 +267,9 @@ def _markdown(r: dict[str, Any]) -> str:
         st = rs[0].get("settings", {"lr": r.get("lr", "-"), "dropout": r.get("dropout", "-")})
         epochs = ", ".join(f"{x['best_epoch']}/{x['epochs_run']}" for x in rs)
         step = f"{s['step_ms_b1'][0]:.2f}" if "step_ms_b1" in s else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {st['lr']} | {st['dropout']} | {s['train_seconds'][0]:.0f} ± {s['train_seconds'][1]:.0f} "
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {st['lr']} | {st['dropout']} | {st.get('batch_size', r.get('batch_size', '-'))} | {s['train_seconds'][0]:.0f} ± {s['train_seconds'][1]:.0f} "
                      f"| {step} | {len(rs)} | {epochs} |")
-    lines.append("| popularity | " + " | ".join(f"{r['popularity'][m]:.4f}" for m in METRICS) + " | - | - | - | - | - | - | - | - | - |")
+    lines.append("| popularity | " + " | ".join(f"{r['popularity'][m]:.4f}" for m in METRICS) + " | - | - | - | - | - | - | - | - | - | - |")
     if unfitted := [name for name, rs in r["runs"].items() if rs and rs[0].get("settings", {}).get("unfitted_valid")]:
         lines += ["", f"Trained with --unfitted-valid ({', '.join(unfitted)}): without each user's last training item as well, so the "
                   "validation input's newest item, like the test input's, was never a training target (a diagnostic; model/split.py)."]

@@ -346,7 +346,7 @@ def section_codec(tmp: Path, quick: bool, epochs: int, data: str) -> dict[str, A
             path = str(tmp / "ml100k")
             h = hyper("holomamba", ds.kind)
             cfg = ModelConfig(model="holomamba", max_len=DEFAULT_MAX_LEN[ds.kind], dropout=h["dropout"], **{k: h[k] for k in CONFIG_FIELDS})
-            train(ds, cfg, epochs=epochs, lr=h["lr"], out=Path(path))
+            train(ds, cfg, epochs=epochs, lr=h["lr"], batch_size=h["batch_size"], out=Path(path))
         ckpt = load(path)
         net, source = ckpt.model, f"{path} (provenance: {json.dumps(ckpt.provenance)[:400]})"
     from service.settings import Settings

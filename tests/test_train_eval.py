@@ -194,6 +194,22 @@ def test_cli_train_defaults_to_the_converged_budget(tmp_path: Path) -> None:
     assert (EPOCHS, PATIENCE) == (200, 10)
     assert report["hyper"]["epochs"] == EPOCHS and report["hyper"]["patience"] == PATIENCE
     assert report["stopped"] == "early stopping" and report["epochs_run"] == report["best_epoch"] + PATIENCE
+    assert report["hyper"]["batch_size"] == 128  # no batch size tuned for this kind of log: SASRec's published one
+
+
+@pytest.mark.parametrize("given", [None, 32])
+def test_cli_train_takes_the_batch_size_tuned_for_the_model_and_kind_of_log(tmp_path: Path, given: int | None) -> None:
+    """HoloMambaRec on an Amazon (S3-Rec format) log trains at batch 64, what validation chose on Beauty; --batch-size wins."""
+    from cli import build_parser
+
+    rng = torch.Generator().manual_seed(0)
+    lines = [" ".join(str(i) for i in [u, *torch.randint(1, 30, (6,), generator=rng).tolist()]) for u in range(1, 41)]
+    (tmp_path / "Toy.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "ckpt"
+    a = build_parser().parse_args(["train", "--data", str(tmp_path / "Toy.txt"), "--epochs", "1", "--d-model", "8", "--layers", "1",
+                                   "--out", str(out), *(["--batch-size", str(given)] if given else [])])
+    a.func(a)
+    assert load_checkpoint(out).provenance["hyper"]["batch_size"] == (given or 64)
 
 
 def test_non_finite_loss_stops_training_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -445,7 +461,7 @@ def test_weight_decay_hits_matrices_and_embeddings_only_at_the_configured_rate()
 
 def test_weight_decay_defaults_per_model_and_dataset_kind() -> None:
     """Where validation chose it on Amazon's S3-Rec format (HoloMambaRec 0.2, GRU4Rec 0.1, SASRec 0.3), 0.01 wherever it was not
-    tried; and the other values validation chose (HoloMambaRec on Amazon: lr 2e-3, dropout 0.3, label smoothing 0.1)."""
+    tried; and the other values validation chose (HoloMambaRec on Amazon: lr 2e-3, dropout 0.3, label smoothing 0.1, batch 64)."""
     from model.train import hyper
 
     assert hyper("holomamba", "s3rec")["weight_decay"] == 0.2 and hyper("gru4rec", "s3rec")["weight_decay"] == 0.1
@@ -461,6 +477,8 @@ def test_weight_decay_defaults_per_model_and_dataset_kind() -> None:
     assert hyper("gru4rec", "s3rec")["ema"] == hyper("sasrec", "movielens")["ema"] == 0.0
     assert hyper("holomamba", "s3rec")["item_dropout"] == hyper("holomamba", "movielens")["item_dropout"] == 0.2
     assert hyper("sasrec", "s3rec")["item_dropout"] == hyper("holomamba", "synthetic")["item_dropout"] == 0.0
+    assert hyper("holomamba", "s3rec")["batch_size"] == 64  # SASRec's published 128 for every other pair
+    assert hyper("sasrec", "s3rec")["batch_size"] == hyper("holomamba", "movielens")["batch_size"] == hyper("gru4rec", "synthetic")["batch_size"] == 128
 
 
 def test_a_run_recorded_before_item_dropout_was_a_default_is_not_a_run_of_the_new_default() -> None:
