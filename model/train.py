@@ -78,7 +78,7 @@ EPOCHS, PATIENCE = 200, 10
 # Batch 64 for HoloMambaRec on S3-Rec (Amazon) logs since 2026-12-06 (all other values as above): validation NDCG@10 0.0569,
 # 0.0568, 0.0564 against 0.0562, 0.0558, 0.0546 at batch 128, seeds 0-2, higher on every seed (bench/results/cpu-2026-12-06c-beauty).
 # SASRec given the same, for fairness: 0.0501, 0.0505, 0.0501 against 0.0497, 0.0502, 0.0488, higher on every seed too, so
-# it trains at 64 on those logs as well (same folder).
+# it trains at 64 on those logs as well (same folder). Seeds 3-4 agree for both models (bench/results/cpu-2026-12-06d-beauty).
 # SASRec on MovieLens since 2026-12-05: lr 2e-3 and dropout 0.5, chosen by issue #13's grid (lr 5e-4, 1e-3, 2e-3 x dropout
 # 0.2, 0.5) on ML-100K, seed 0, up to 400 epochs: validation NDCG@10 0.0632 against 0.0584 at the paper's lr 1e-3 and
 # dropout 0.2, the next best 0.0611 (lr 1e-3, dropout 0.5; bench/results/cpu-2026-12-05i-ml100k-grid, `python -m bench.grid_table`).
