@@ -101,7 +101,18 @@ def test_bucket_top10_is_what_user_ranks_ranks_first() -> None:
     assert user_ranks(model, hist, best[:, 9].tolist()).tolist() == [10, 10, 10]
 
 
-def test_popularity_baseline_uses_the_same_rules() -> None:
+def test_pop_adjust_is_the_evaluation_at_tau_0_and_ranks_the_rarest_first_at_a_large_tau() -> None:
+    from bench.pop_adjust import ndcg_by_tau
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_items=30, d_model=16, max_len=8))
+    hist, targets = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [7], [8, 9, 10]], [11, 11, 11]
+    log_count = torch.log1p(torch.tensor([0.0] + [5.0] * 30))  # (v,) every item seen 5 times ...
+    log_count[11] = 0.0  # ... but the target, never
+    at0, huge = ndcg_by_tau(model, hist, targets, log_count, [0.0, 1e6], batch_size=2)
+    assert at0 == pytest.approx(evaluate(model, hist, targets)["NDCG@10"]) and at0 < 1
+    assert huge == 1.0  # the never-seen item first for everyone
+
     counts = [0, 5, 3, 3, 1, 0]
     m = evaluate_popularity(counts, [[1], [1]], [2, 1], ks=(1, 3))
     assert m["MRR"] == pytest.approx((1 / 3 + 1) / 2)  # target 2 ties with 3 -> rank 3
