@@ -113,6 +113,8 @@ def test_pop_adjust_is_the_evaluation_at_tau_0_and_ranks_the_rarest_first_at_a_l
     assert at0 == pytest.approx(evaluate(model, hist, targets)["NDCG@10"]) and at0 < 1
     assert huge == 1.0  # the never-seen item first for everyone
 
+
+def test_popularity_baseline_uses_the_same_rules() -> None:
     counts = [0, 5, 3, 3, 1, 0]
     m = evaluate_popularity(counts, [[1], [1]], [2, 1], ks=(1, 3))
     assert m["MRR"] == pytest.approx((1 / 3 + 1) / 2)  # target 2 ties with 3 -> rank 3
