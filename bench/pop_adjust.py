@@ -16,12 +16,13 @@ import torch
 from model.checkpoint import load as load_checkpoint
 from model.data import load
 from model.evaluate import metrics_from_ranks, ranks
+from model.protocol import SeqRecModel
 from model.split import left_pad, split
 from model.train import set_threads
 
 
 @torch.no_grad()
-def ndcg_by_tau(model: torch.nn.Module, histories: list[list[int]], targets: list[int], log_count: torch.Tensor,
+def ndcg_by_tau(model: SeqRecModel, histories: list[list[int]], targets: list[int], log_count: torch.Tensor,
                 taus: list[float], batch_size: int = 512) -> list[float]:
     """NDCG@10 at each tau; the user vectors are computed once, the adjustment is applied to their scores."""
     model.eval()
