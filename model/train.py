@@ -82,6 +82,9 @@ EPOCHS, PATIENCE = 200, 10
 # Batch 32 for both, tried (2026-12-06): higher on validation NDCG@10 at seeds 0-2 for both, then lower at seeds 3-4 for both;
 # over five seeds, paired against 64, HoloMambaRec +0.0003 ± 0.0008 and SASRec +0.0004 ± 0.0005, inside the noise, so both keep
 # 64 (bench/results/cpu-2026-12-06f-beauty).
+# HoloMambaRec's dropout 0.2 at batch 64, tried (2026-12-06): higher than 0.3 at seeds 0-2, lower at 3-4; over five seeds,
+# paired, +0.0006 ± 0.0010, short of the rule written before its last seed (4 of 5 higher and t > 2), so 0.3 stays
+# (bench/results/cpu-2026-12-06g-beauty).
 # SASRec on MovieLens since 2026-12-05: lr 2e-3 and dropout 0.5, chosen by issue #13's grid (lr 5e-4, 1e-3, 2e-3 x dropout
 # 0.2, 0.5) on ML-100K, seed 0, up to 400 epochs: validation NDCG@10 0.0632 against 0.0584 at the paper's lr 1e-3 and
 # dropout 0.2, the next best 0.0611 (lr 1e-3, dropout 0.5; bench/results/cpu-2026-12-05i-ml100k-grid, `python -m bench.grid_table`).
