@@ -56,6 +56,7 @@ class ModelConfig:
     top_k_memory: int = 8  # memory entries retrieved per expert
     # training (every model)
     cl_weight: float = 0.0  # weight of a contrastive term between two dropout views of each user vector (SeqRecModel.loss); 0 = off
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (torch's default); SASRec's reference code trains with 0.98
     weight_decay: float = 0.01  # AdamW's decoupled decay on weight matrices and embeddings (model/train.py: optimizer)
     lr_halve_after: int = 0  # halve the learning rate after this many epochs without a better validation NDCG@10 (again after each such run); 0 = off
     ema: float = 0.0  # validate, keep and serve an exponential moving average of the weights with this decay per step (model/train.py); 0 = off

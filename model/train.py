@@ -122,7 +122,8 @@ def optimizer(model: SeqRecModel, lr: float) -> torch.optim.AdamW:
     decay, keep = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and not name.endswith("A_log") else keep).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": model.config.weight_decay}, {"params": keep, "weight_decay": 0.0}], lr=lr)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": model.config.weight_decay}, {"params": keep, "weight_decay": 0.0}], lr=lr,
+                             betas=(0.9, model.config.adam_beta2))
 
 
 def set_threads() -> None:

@@ -472,6 +472,17 @@ def test_weight_decay_hits_matrices_and_embeddings_only_at_the_configured_rate()
     assert rate[id(model.encoder.item.weight)] == 0.1
 
 
+def test_adam_beta2_is_a_row_setting_with_torchs_default() -> None:
+    """SASRec's reference code trains with Adam's beta2 0.98; a row name sets it (`sasrec:adam_beta2=0.98`)."""
+    from bench.accuracy import model_config
+    from model import build_model
+    from model.train import optimizer
+
+    for row, beta2 in (("sasrec", 0.999), ("sasrec:adam_beta2=0.98", 0.98)):
+        opt = optimizer(build_model(model_config(row, n_items=20, max_len=8)), 1e-3)
+        assert all(g["betas"] == (0.9, beta2) for g in opt.param_groups), row
+
+
 def test_weight_decay_defaults_per_model_and_dataset_kind() -> None:
     """Where validation chose it on Amazon's S3-Rec format (HoloMambaRec 0.2, GRU4Rec 0.1, SASRec 0.3), 0.01 wherever it was not
     tried; and the other values validation chose (HoloMambaRec on Amazon: lr 2e-3, dropout 0.3, label smoothing 0.1, batch 64; SASRec there: batch 64, dropout 0.3)."""
