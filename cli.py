@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("evaluate", help="full-ranking HR/NDCG/MRR of a checkpoint on its dataset's test split")
+    e = sub.add_parser("evaluate", help="full-ranking HR/NDCG/MRR of a checkpoint on its dataset's test (or validation) split")
     e.add_argument("checkpoint")
     e.add_argument("--data", help="dataset path (default: the one recorded in the checkpoint)")
     e.add_argument("--split", default="test", choices=["valid", "test"])
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dead-letter", help="stream for entries that cannot be applied (default: STREAM:dead)")
     c.add_argument("--new-only", action="store_true", help="a new group starts at entries added from now, not the first")
     c.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    c.add_argument("--metrics-host", default="127.0.0.1")
+    c.add_argument("--metrics-host", default="127.0.0.1", help="address of the /metrics listener (0.0.0.0 to let Prometheus in another container scrape it)")
     c.set_defaults(func=_consume)
 
     b = sub.add_parser("bench", help="benchmarks; results go to bench/results/")
