@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "Amazon and table data, 0 on synthetic data)")
     t.add_argument("--label-smoothing", type=float, help="training only: put this much of the cross-entropy's target uniformly "
                                                          "over all items; default per model and dataset (0 unless tuned)")
+    t.add_argument("--adam-beta2", type=float, help="AdamW's second-moment decay; default per model and dataset (torch's 0.999 unless tuned)")
     t.add_argument("--batch-size", type=int, help="default per model and dataset (128 unless tuned)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -107,14 +107,14 @@ TUNED: dict[tuple[str, str], dict[str, float]] = {("holomamba", "s3rec"): {"lr":
                                                   ("gru4rec", "movielens"): {"lr": 2e-3}}
 
 
-CONFIG_FIELDS = ("weight_decay", "ema", "item_dropout", "label_smoothing")  # the ones of hyper()'s values that live in ModelConfig
+CONFIG_FIELDS = ("weight_decay", "ema", "item_dropout", "label_smoothing", "adam_beta2")  # the ones of hyper()'s values that live in ModelConfig
 
 
 def hyper(model: str, kind: str) -> dict[str, float]:
-    """The learning rate, batch size, dropout, weight decay, weight averaging, item dropout and label smoothing `model`
-    trains with on a dataset of this kind by default."""
+    """The learning rate, batch size, dropout, weight decay, weight averaging, item dropout, label smoothing and Adam's
+    beta2 `model` trains with on a dataset of this kind by default."""
     return ({"lr": DEFAULT_LR, "batch_size": DEFAULT_BATCH, "dropout": DEFAULT_DROPOUT[kind], "weight_decay": ModelConfig.weight_decay, "ema": ModelConfig.ema,
-             "item_dropout": ModelConfig.item_dropout, "label_smoothing": ModelConfig.label_smoothing} | TUNED.get((model, kind), {}))
+             "item_dropout": ModelConfig.item_dropout, "label_smoothing": ModelConfig.label_smoothing, "adam_beta2": ModelConfig.adam_beta2} | TUNED.get((model, kind), {}))
 
 
 def optimizer(model: SeqRecModel, lr: float) -> torch.optim.AdamW:

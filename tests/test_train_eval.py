@@ -174,13 +174,14 @@ def test_cli_train_then_evaluate(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "holorec"
     out = tmp_path / "ckpt"
     run = subprocess.run([str(exe), "train", "--data", data, "--epochs", "1", "--d-model", "16", "--max-len", "10",
-                          "--weight-decay", "0.05", "--label-smoothing", "0.1", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+                          "--weight-decay", "0.05", "--label-smoothing", "0.1", "--adam-beta2", "0.98", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
                          preexec_fn=lambda: os.umask(0o022))  # the common umask, whatever the test runner's
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"checkpoint: {out}" in run.stdout
     assert load_checkpoint(out).provenance["threads"] == 1
     assert load_checkpoint(out).model.config.weight_decay == 0.05
     assert load_checkpoint(out).model.config.label_smoothing == 0.1 and load_checkpoint(out).model.config.ema == 0.0  # given; default
+    assert load_checkpoint(out).model.config.adam_beta2 == 0.98
     modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
     assert set(modes) == {"model.safetensors", "checkpoint.json"}  # the epoch saved for an interrupted run is gone
     assert modes["model.safetensors"] == modes["checkpoint.json"] and modes["model.safetensors"] & 0o004  # readable by another uid
@@ -533,9 +534,9 @@ def test_learning_rate_halves_after_each_run_of_epochs_without_a_better_validati
     assert [h["lr"] for h in plain["history"][1:]] == [1e-3, 1e-3]
 
 
-@pytest.mark.parametrize("setting", ["weight_decay", "ema"])
+@pytest.mark.parametrize("setting", ["weight_decay", "ema", "adam_beta2"])
 def test_bench_accuracy_reads_runs_recorded_before_a_setting_was(tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str) -> None:
-    """A table written before settings held weight_decay (or ema) resumes: its runs trained at the row's value."""
+    """A table written before settings held weight_decay (ema, adam_beta2) resumes: its runs trained at the row's value."""
     import argparse
 
     from bench.accuracy import run
