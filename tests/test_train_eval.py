@@ -274,8 +274,8 @@ def test_bench_accuracy_resumes_and_records_each_run(tmp_path: Path, capsys: pyt
     buckets.main()
     report = capsys.readouterr().out
     assert f"/ {r['test']['NDCG@10']:.4f}\n" in report and f"/ {r['test_seen_excluded']['NDCG@10']:.4f}, " in report
-    assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "weight_decay": 0.01, "ema": 0.0, "label_smoothing": 0.0, "epochs": 2, "patience": 3, "patience_steps": 0, "max_len": 50, "d_model": 32,
-                             "batch_size": 128}
+    assert r["settings"] == {"lr": 1e-3, "dropout": 0.2, "weight_decay": 0.01, "ema": 0.0, "label_smoothing": 0.0, "adam_beta2": 0.999, "epochs": 2, "patience": 3, "patience_steps": 0,
+                             "max_len": 50, "d_model": 32, "batch_size": 128}
     assert 0 <= r["best_epoch"] <= r["epochs_run"] == 2 and len(r["valid_curve"]) == 3
     again = run(args)
     assert "gru4rec seed 0: already in" in capsys.readouterr().out
