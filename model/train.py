@@ -92,7 +92,7 @@ EPOCHS, PATIENCE = 200, 10
 # Adam's beta2 0.98 for SASRec on S3-Rec (Amazon) logs since 2026-12-07, its reference code's (kang205/SASRec): validation
 # NDCG@10 0.0527, 0.0524, 0.0518, 0.0522, 0.0521 against torch's 0.999's 0.0501, 0.0505, 0.0501, 0.0511, 0.0508 at seeds 0-4,
 # higher on every seed (paired +0.0017 ± 0.0006), the rule written before the runs (bench/results/cpu-2026-12-07-beauty).
-# On ML-100K lower at seeds 0-1 (0.0598, 0.0601 against 0.0632, 0.0623), so MovieLens keeps 0.999
+# On ML-100K lower at seeds 0-1 and level at 2 (0.0598, 0.0601, 0.0600 against 0.0632, 0.0623, 0.0599), so MovieLens keeps 0.999
 # (bench/results/cpu-2026-12-07-ml100k). HoloMambaRec at 0.98 on Beauty, seed 0: level (0.0571 against 0.0569), so it keeps 0.999.
 # SASRec on MovieLens since 2026-12-05: lr 2e-3 and dropout 0.5, chosen by issue #13's grid (lr 5e-4, 1e-3, 2e-3 x dropout
 # 0.2, 0.5) on ML-100K, seed 0, up to 400 epochs: validation NDCG@10 0.0632 against 0.0584 at the paper's lr 1e-3 and
