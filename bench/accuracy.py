@@ -152,8 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch = batch_size or h["batch_size"]
         dropout = args.dropout if getattr(args, "dropout", None) is not None else h["dropout"]
         cfg = model_config(name, d_model=d_model, max_len=max_len, dropout=dropout, **{k: h[k] for k in CONFIG_FIELDS})
-        settings = {"lr": lr, "dropout": dropout, "weight_decay": cfg.weight_decay, "ema": cfg.ema, "label_smoothing": cfg.label_smoothing,
-                    "adam_beta2": cfg.adam_beta2, "epochs": epochs, "patience": patience,
+        settings = {"lr": lr, "dropout": dropout, **_recorded(cfg), "epochs": epochs, "patience": patience,
                     "patience_steps": patience_steps, "max_len": max_len, "d_model": cfg.d_model,
                     "batch_size": batch}  # d_model, weight_decay and ema as the row name may set them
         if name.startswith("holomamba"):  # a changed default state size or item dropout is another model, never a finished run of this one
@@ -207,7 +206,12 @@ def _settings(name: str, run: dict[str, Any]) -> dict[str, Any]:
     dropout) was recorded trained at what its row name set, else at ModelConfig's default (then the only one)."""
     cfg = model_config(name)
     old = {"item_dropout": cfg.item_dropout} if name.startswith("holomamba") else {}
-    return {"weight_decay": cfg.weight_decay, "ema": cfg.ema, "label_smoothing": cfg.label_smoothing, "adam_beta2": cfg.adam_beta2} | old | run.get("settings", {})
+    return _recorded(cfg) | old | run.get("settings", {})
+
+
+def _recorded(cfg: ModelConfig) -> dict[str, float]:
+    """The config fields every run's settings record besides lr and dropout (a row name may set them)."""
+    return {k: getattr(cfg, k) for k in ("weight_decay", "ema", "label_smoothing", "adam_beta2")}
 
 
 def _write(stem: Path, result: dict[str, Any], t0: float, settings_of: dict[str, dict[str, Any]]) -> dict[str, Any]:
