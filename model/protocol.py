@@ -63,6 +63,7 @@ class ModelConfig:
     burn_in: int = 0  # holomamba: train each window from the state after up to this many earlier items (model/train.py); 0 = off
     attr_loss: float = 0.0  # holomamba, training only: weight of a second cross-entropy, the next item's attributes from the user vector (SeqRecModel.loss); 0 = off
     label_smoothing: float = 0.0  # training only: the cross-entropy's target puts this much mass uniformly over all items (Szegedy et al. 2016); 0 = off
+    ahead_loss: float = 0.0  # training only: weight of a second cross-entropy at each position, against the item after the next one (SeqRecModel.loss); 0 = off
     confidence_penalty: float = 0.0  # training only: minus this times the entropy of each position's softmax is added to the loss (Pereyra et al. 2017); 0 = off
     item_bias: bool = False  # a learned per-item offset added to every item's score (what the dot product need not spend dimensions on)
     cosine: bool = False  # score cos(user, item) times a learned scale instead of the dot product (SeqRecModel.scoring_rows)
@@ -181,6 +182,11 @@ class SeqRecModel(nn.Module):
         if self.training and self.config.confidence_penalty > 0:  # sum_j p_j log p_j: its pull on a logit scales with p_j, so
             logp = F.log_softmax(logits, dim=-1)  # unlike label smoothing it tempers the head without lifting the tail
             loss = loss + self.config.confidence_penalty * (logp.exp() * logp).sum(-1).mean()
+        if self.training and self.config.ahead_loss > 0:  # two steps ahead: more signal per position from sparse logs
+            after = torch.cat([targets[:, 1:], torch.zeros_like(targets[:, :1])], 1)[mask]  # (n,): 0 where the row ends
+            keep = after > 0
+            if keep.any():
+                loss = loss + self.config.ahead_loss * F.cross_entropy(logits[keep], after[keep] - 1, label_smoothing=smooth)
         if self.training and self.config.attr_loss > 0:
             loss = loss + self.config.attr_loss * self.attribute_loss(h[mask], targets[mask])
         if self.training and self.config.cl_weight > 0:

@@ -680,3 +680,21 @@ def test_output_regularisers_change_the_training_loss_only(field: str) -> None:
     assert torch.allclose(model.loss(items, targets), want, atol=1e-6)
     model.eval()
     assert torch.allclose(model.loss(items, targets), ce, atol=1e-6)
+
+
+def test_ahead_loss_adds_the_item_after_the_next_in_training_only() -> None:
+    """ahead_loss w: the training loss is CE(next item) + w * CE(the item after it), each averaged over the positions
+    that have one (the row's last target has none); evaluation's loss is plain CE."""
+    from model import build_model
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="sasrec", n_items=5, d_model=8, max_len=4, dropout=0.0, ahead_loss=0.5))
+    items, targets = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 2, 3, 5]])
+    model.train()
+    logp = F.log_softmax(model.forward(items)[0, 1:] @ model.item_table()[1:].T, -1)  # (3, 5): positions with a target
+    ce = -logp[torch.arange(3), targets[0, 1:] - 1].mean()
+    ahead = -logp[torch.arange(2), targets[0, 2:] - 1].mean()  # positions 1 and 2 have an item after the next: 3 and 5
+    assert torch.allclose(model.loss(items, targets), ce + 0.5 * ahead, atol=1e-6)
+    model.eval()
+    assert torch.allclose(model.loss(items, targets), ce, atol=1e-6)
