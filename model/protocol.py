@@ -58,6 +58,7 @@ class ModelConfig:
     cl_weight: float = 0.0  # weight of a contrastive term between two dropout views of each user vector (SeqRecModel.loss); 0 = off
     adam_beta2: float = 0.999  # AdamW's second-moment decay (torch's default); SASRec's reference code trains with 0.98
     weight_decay: float = 0.01  # AdamW's decoupled decay on weight matrices and embeddings (model/train.py: optimizer)
+    lr_cosine_epochs: int = 0  # the learning rate falls along a half cosine from its value to 0 over this many epochs, per step, and training ends there; 0 = off (constant)
     lr_halve_after: int = 0  # halve the learning rate after this many epochs without a better validation NDCG@10 (again after each such run); 0 = off
     ema: float = 0.0  # validate, keep and serve an exponential moving average of the weights with this decay per step (model/train.py); 0 = off
     burn_in: int = 0  # holomamba: train each window from the state after up to this many earlier items (model/train.py); 0 = off

@@ -8,7 +8,8 @@ Mamba exempts them), gradient norm clipped at 1; a non-finite loss stops trainin
 report). With `config.ema` > 0 an exponential moving average of the weights is kept beside them (Polyak averaging,
 decay min(ema, (1 + t) / (10 + t)) at step t so the early average is not the random start), and it is the average that
 is validated, kept as best and saved: the weights as served. After each epoch: validation NDCG@10 (full ranking), the learning rate halved after every
-`config.lr_halve_after` epochs without a better one when that is set; the best
+`config.lr_halve_after` epochs without a better one when that is set (or, with `config.lr_cosine_epochs`, the rate set
+at every step along a half cosine to 0 at the end of that epoch, where training ends); the best
 epoch's weights are kept and training stops after `patience` epochs without improvement that also
 hold at least `patience_steps` optimizer steps: on a small log an epoch is a handful of steps
 (MovieLens-100K at batch 128: 8), and ten of them is not long enough to tell a plateau from a
@@ -25,6 +26,7 @@ Shape letters: b batch, l max_len.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -166,6 +168,9 @@ def train(
     shuffle = torch.Generator().manual_seed(seed)
     sp = split(ds, config.max_len, unfitted_valid)
     config = replace(config, n_items=ds.n_items, n_attrs=ds.n_attrs, max_attrs=ds.max_attrs)
+    if config.lr_cosine_epochs and config.lr_halve_after:
+        raise ValueError("lr_cosine_epochs and lr_halve_after both set the learning rate: choose one")
+    epochs = min(epochs, config.lr_cosine_epochs or epochs)  # the decay's end is training's end
     if config.burn_in and (config.model != "holomamba" or config.bundle > 1):
         raise ValueError("burn_in needs a carried state: HoloMambaRec without bundling")
     model = build_model(config, ds.item_attr_tensor()).to(device)
@@ -217,6 +222,10 @@ def train(
             if not torch.isfinite(loss):  # diverged: keep the best weights so far and say so
                 stopped = f"non-finite loss ({loss.item()}) at epoch {epoch}, step {s + 1}"
                 break
+            if config.lr_cosine_epochs:  # from the step count alone, so a resumed run sets the same rates
+                t = ((epoch - 1) * len(batches) + s) / (config.lr_cosine_epochs * len(batches))  # [0, 1)
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * t))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

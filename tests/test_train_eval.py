@@ -536,6 +536,22 @@ def test_learning_rate_halves_after_each_run_of_epochs_without_a_better_validati
     assert [h["lr"] for h in plain["history"][1:]] == [1e-3, 1e-3]
 
 
+def test_cosine_learning_rate_falls_to_zero_per_step_and_ends_training() -> None:
+    """lr_cosine_epochs E: the rate at step t of E * n is lr * (1 + cos(pi * t / (E * n))) / 2, so an epoch ends on
+    the rate of its last step; training stops after E epochs whatever the budget; it and lr_halve_after exclude each other."""
+    import math
+
+    ds = synthetic(n_users=30, n_items=20, n_attrs=2, seed=0, seq_len=(5, 8))
+    _, report = train(ds, ModelConfig(d_model=16, max_len=8, lr_cosine_epochs=3), epochs=9, lr=1e-3, batch_size=8, patience=20,
+                      patience_steps=0, progress=False)
+    n = math.ceil(30 / 8)  # optimizer steps per epoch: one row per user
+    assert len(report["history"]) == 1 + 3
+    want = [1e-3 * (1 + math.cos(math.pi * (e * n - 1) / (3 * n))) / 2 for e in (1, 2, 3)]
+    assert [h["lr"] for h in report["history"][1:]] == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError, match="choose one"):
+        train(ds, ModelConfig(d_model=16, max_len=8, lr_cosine_epochs=3, lr_halve_after=2), epochs=1, progress=False)
+
+
 @pytest.mark.parametrize("setting", ["weight_decay", "ema", "adam_beta2"])
 def test_bench_accuracy_reads_runs_recorded_before_a_setting_was(tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str) -> None:
     """A table written before settings held weight_decay (ema, adam_beta2) resumes: its runs trained at the row's value."""
