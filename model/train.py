@@ -96,6 +96,8 @@ EPOCHS, PATIENCE = 200, 10
 # higher on every seed (paired +0.0017 ± 0.0006), the rule written before the runs (bench/results/cpu-2026-12-07-beauty).
 # On ML-100K lower at seeds 0-1 and level at 2 (0.0598, 0.0601, 0.0600 against 0.0632, 0.0623, 0.0599), so MovieLens keeps 0.999
 # (bench/results/cpu-2026-12-07-ml100k). HoloMambaRec at 0.98 on Beauty, seed 0: level (0.0571 against 0.0569), so it keeps 0.999.
+# GRU4Rec at 0.98: on ML-100K lower at every seed 0-2 (0.0662, 0.0646, 0.0698 against 0.0697, 0.0673, 0.0709), so it keeps 0.999
+# (bench/results/cpu-2026-12-07b-ml100k); on Beauty higher at seed 0 (0.0406 against 0.0390), seeds 1-4 not run (cpu-2026-12-07b-beauty).
 # SASRec on MovieLens since 2026-12-05: lr 2e-3 and dropout 0.5, chosen by issue #13's grid (lr 5e-4, 1e-3, 2e-3 x dropout
 # 0.2, 0.5) on ML-100K, seed 0, up to 400 epochs: validation NDCG@10 0.0632 against 0.0584 at the paper's lr 1e-3 and
 # dropout 0.2, the next best 0.0611 (lr 1e-3, dropout 0.5; bench/results/cpu-2026-12-05i-ml100k-grid, `python -m bench.grid_table`).
