@@ -210,8 +210,9 @@ def _settings(name: str, run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recorded(cfg: ModelConfig) -> dict[str, float]:
-    """The config fields every run's settings record besides lr and dropout (a row name may set them)."""
-    return {k: getattr(cfg, k) for k in ("weight_decay", "ema", "label_smoothing", "adam_beta2")}
+    """The config fields every run's settings record besides lr and dropout (a row name may set them): the tuned ones
+    (CONFIG_FIELDS) but item dropout, which only HoloMambaRec's runs record."""
+    return {k: getattr(cfg, k) for k in CONFIG_FIELDS if k != "item_dropout"}
 
 
 def _write(stem: Path, result: dict[str, Any], t0: float, settings_of: dict[str, dict[str, Any]]) -> dict[str, Any]:
