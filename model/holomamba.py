@@ -58,6 +58,21 @@ class FeedForward(nn.Module):
         return x + self.net(x)
 
 
+class SwiGLU(nn.Module):
+    """x + dropout(W2 dropout(SiLU(W1 LN(x)) * W3 LN(x))) (Shazeer 2020, "GLU Variants Improve Transformer"); hidden
+    2/3 of mult * d, so it has the GELU feed-forward's parameters. Point-wise, like FeedForward."""
+
+    def __init__(self, d: int, mult: int, dropout: float) -> None:
+        super().__init__()
+        h = round(2 * mult * d / 3)
+        self.norm, self.gate_up, self.down = nn.LayerNorm(d), nn.Linear(d, 2 * h), nn.Linear(h, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., d)
+        gate, up = self.gate_up(self.norm(x)).chunk(2, dim=-1)  # (..., h) each
+        return x + self.drop(self.down(self.drop(F.silu(gate) * up)))
+
+
 class RecentAttention(nn.Module):
     """x + dropout(W_o sum_j a_j W_v(e_j + r_j)),  a = softmax_j(W_q LN(x) . W_k(e_j + r_j) / sqrt d) over the last K items."""
 
@@ -78,10 +93,11 @@ class HoloMambaRec(SeqRecModel):
     def __init__(self, config: ModelConfig, item_attrs: Tensor | None = None) -> None:
         super().__init__(config, item_attrs)
         c = config
-        self.encoder = ItemEncoder(c.n_items, c.n_attrs, c.d_model)
+        self.encoder = ItemEncoder(c.n_items, c.n_attrs, c.d_model, mix=c.encoder_mix)
         self.drop = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList(SelectiveSSM(c.d_model, c.d_state, c.expand, c.d_conv, c.dropout) for _ in range(c.n_layers))
-        ffn = (lambda: FeedForward(c.d_model, c.ffn_mult, c.dropout)) if c.ffn_mult > 0 else nn.Identity
+        block = SwiGLU if c.ffn_glu else FeedForward
+        ffn = (lambda: block(c.d_model, c.ffn_mult, c.dropout)) if c.ffn_mult > 0 else nn.Identity
         self.ffns = nn.ModuleList(ffn() for _ in range(c.n_layers))
         self.norm = nn.LayerNorm(c.d_model)
         self.k = c.recent_attn

@@ -38,10 +38,15 @@ class ItemEncoder(nn.Module):
     bundling the plain a_j alongside lets items that share attributes share a component, so
     rare items borrow strength from their category or brand. Items without attributes reduce
     to v_i; the 1/sqrt(1 + 2 n_i) keeps every item at the scale of a plain embedding.
+    `mix`: the three terms are weighed by learned per-channel gains g_v, g_a, g_b (ones to start, so training starts
+    from the formula above), letting some channels carry an item's identity and others what it shares.
     """
 
-    def __init__(self, n_items: int, n_attrs: int, d: int) -> None:
+    def __init__(self, n_items: int, n_attrs: int, d: int, mix: bool = False) -> None:
         super().__init__()
+        if mix:  # (d,) each: 1-D, so AdamW leaves them undecayed as it does norm gains (model/train.py: optimizer)
+            self.g_item, self.g_attr, self.g_bind = (nn.Parameter(torch.ones(d)) for _ in range(3))
+        self.mix = mix
         self.item = nn.Embedding(n_items + 1, d, padding_idx=0)
         self.attr = nn.Embedding(n_attrs + 1, d, padding_idx=0)
         for emb in (self.item, self.attr):
@@ -60,4 +65,6 @@ class ItemEncoder(nn.Module):
         flat = item_attrs.reshape(-1, item_attrs.shape[-1])  # (N, m)
         s = F.embedding_bag(flat, self.attr.weight, mode="sum", padding_idx=0).view(v.shape)  # (..., d): sum_j a_j
         n = (item_attrs > 0).sum(-1, keepdim=True)  # (..., 1)
+        if self.mix:
+            return (self.g_item * v + self.g_attr * s + self.g_bind * bind(v, s)) / torch.sqrt(1 + 2 * n)
         return (v + s + bind(v, s)) / torch.sqrt(1 + 2 * n)

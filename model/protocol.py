@@ -68,6 +68,8 @@ class ModelConfig:
     confidence_penalty: float = 0.0  # training only: minus this times the entropy of each position's softmax is added to the loss (Pereyra et al. 2017); 0 = off
     item_bias: bool = False  # a learned per-item offset added to every item's score (what the dot product need not spend dimensions on)
     cosine: bool = False  # score cos(user, item) times a learned scale instead of the dot product (SeqRecModel.scoring_rows)
+    ffn_glu: bool = False  # holomamba: the feed-forward is SwiGLU (W2 (SiLU(W1 x) * W3 x), hidden 8d/3 at ffn_mult 4: the same parameters) instead of GELU
+    encoder_mix: bool = False  # holomamba: ItemEncoder weighs the item, attribute and bound terms by learned per-channel gains (ones to start) instead of equally
     embed_scale: bool = False  # holomamba: the encoder reads each item vector times sqrt(d_model), as SASRec does; the scoring table is unscaled
 
     def to_dict(self) -> dict[str, Any]:

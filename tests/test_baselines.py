@@ -81,7 +81,7 @@ def test_embed_scale_feeds_the_encoder_sqrt_d_times_the_item_vector_and_scores_t
 
 
 @pytest.mark.parametrize("name,kw,traced", [("holomamba", {}, True), ("holomamba", {"recent_attn": 4}, True),
-                                            ("holomamba", {"embed_scale": True}, True),
+                                            ("holomamba", {"embed_scale": True}, True), ("holomamba", {"ffn_glu": True}, True),
                                             ("gru4rec", {}, False), ("holomamba", {"bundle": 3}, False),
                                             ("sasrec", {}, False), ("elastic", {}, False)])
 def test_serving_step_is_compiled_where_exact_and_reproduces_forward(name: str, kw: dict, traced: bool) -> None:

@@ -50,6 +50,34 @@ def test_step_reproduces_forward_holomamba(batch: int, length: int) -> None:
     assert worst < 1e-4
 
 
+def test_swiglu_and_encoder_mix_keep_the_step_contract_start_from_the_formula_and_learn() -> None:
+    """ffn_glu (SwiGLU feed-forward, GELU's parameter count within 1%) and encoder_mix (per-channel gains on the item,
+    attribute and bound terms, ones to start: the plain encoder's table, and undecayed)."""
+    from model.train import optimizer
+
+    m, plain = make_model(ffn_glu=True, encoder_mix=True), make_model()
+    n_ffn = lambda model: sum(p.numel() for p in model.ffns.parameters())  # noqa: E731
+    assert abs(n_ffn(m) / n_ffn(plain) - 1) < 0.01
+    plain_enc = {k: v for k, v in m.state_dict().items() if k.startswith("encoder.") and not k.split(".")[1].startswith("g_")}
+    plain.load_state_dict(plain_enc, strict=False)
+    with torch.no_grad():
+        assert torch.allclose(m.item_table(), plain.item_table(), atol=1e-6)  # gains of one: the formula
+        m.encoder.g_bind.normal_()
+        assert not torch.allclose(m.item_table(), plain.item_table(), atol=1e-3)
+        items = left_padded(3, 20, 40)
+        full, state = m(items), m.init_state(3)
+        for t in range(20):  # the step path reproduces forward with both options on
+            h, new = m.step(items[:, t], state)
+            real = items[:, t] > 0
+            state = {k: torch.where(real.view(-1, *[1] * (v.dim() - 1)), new[k], v) for k, v in state.items()}
+            assert (h[real] - full[real, t]).abs().max().item() < 1e-4 if real.any() else True
+    m.train()
+    m.loss(items[:, :-1], items[:, 1:]).backward()
+    assert all(g.grad.abs().sum() > 0 for g in (m.encoder.g_item, m.encoder.g_attr, m.encoder.g_bind))
+    undecayed = {id(p) for group in optimizer(m, 1e-3).param_groups if group["weight_decay"] == 0 for p in group["params"]}
+    assert id(m.encoder.g_bind) in undecayed
+
+
 def test_padding_does_not_change_outputs() -> None:
     m = make_model()
     seq = torch.tensor([[5, 9, 2, 17]])
