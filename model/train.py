@@ -100,6 +100,8 @@ EPOCHS, PATIENCE = 200, 10
 # (bench/results/cpu-2026-12-07b-ml100k); on Beauty higher at every seed 0-2 (0.0406, 0.0387, 0.0408 against 0.0390, 0.0374,
 # 0.0373; paired +0.0022 ± 0.0012, the rule written before seeds 1-2 ran), so it takes 0.98 on S3-Rec (Amazon) logs since
 # 2026-12-07 (bench/results/cpu-2026-12-07b-beauty, cpu-2026-12-07d-beauty).
+# ELASTIC-style at 0.98 on Beauty: higher at seeds 0-1, lower at 2 (0.0498, 0.0501, 0.04945 against 0.0465, 0.0480, 0.04967;
+# paired +0.0017 ± 0.0018, short of the same rule), so it keeps 0.999 (cpu-2026-12-07d-beauty).
 # SASRec on MovieLens since 2026-12-05: lr 2e-3 and dropout 0.5, chosen by issue #13's grid (lr 5e-4, 1e-3, 2e-3 x dropout
 # 0.2, 0.5) on ML-100K, seed 0, up to 400 epochs: validation NDCG@10 0.0632 against 0.0584 at the paper's lr 1e-3 and
 # dropout 0.2, the next best 0.0611 (lr 1e-3, dropout 0.5; bench/results/cpu-2026-12-05i-ml100k-grid, `python -m bench.grid_table`).
