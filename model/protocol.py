@@ -70,6 +70,7 @@ class ModelConfig:
     cosine: bool = False  # score cos(user, item) times a learned scale instead of the dot product (SeqRecModel.scoring_rows)
     ffn_glu: bool = False  # holomamba: the feed-forward is SwiGLU (W2 (SiLU(W1 x) * W3 x), hidden 8d/3 at ffn_mult 4: the same parameters) instead of GELU
     encoder_mix: bool = False  # holomamba: ItemEncoder weighs the item, attribute and bound terms by learned per-channel gains (ones to start) instead of equally
+    emb_dropout: float = -1.0  # holomamba: dropout on the encoder's input alone (Mamba4Rec and SASRec drop the embedding too); -1 = `dropout`, as every sublayer
     embed_scale: bool = False  # holomamba: the encoder reads each item vector times sqrt(d_model), as SASRec does; the scoring table is unscaled
 
     def to_dict(self) -> dict[str, Any]:

@@ -80,6 +80,13 @@ def test_embed_scale_feeds_the_encoder_sqrt_d_times_the_item_vector_and_scores_t
         assert torch.equal(on.item_table(), plain.item_table())
 
 
+def test_emb_dropout_sets_the_input_dropout_alone() -> None:
+    """emb_dropout replaces `dropout` on the encoder's input only; unset (-1), the input drops what the sublayers do."""
+    split, same = make("holomamba", dropout=0.3, emb_dropout=0.5), make("holomamba", dropout=0.3)
+    rates = lambda m: sorted({mod.p for mod in m.modules() if isinstance(mod, torch.nn.Dropout) and mod is not m.drop})
+    assert (split.drop.p, same.drop.p) == (0.5, 0.3) and rates(split) == rates(same) == [0.3]
+
+
 @pytest.mark.parametrize("name,kw,traced", [("holomamba", {}, True), ("holomamba", {"recent_attn": 4}, True),
                                             ("holomamba", {"embed_scale": True}, True), ("holomamba", {"ffn_glu": True}, True),
                                             ("gru4rec", {}, False), ("holomamba", {"bundle": 3}, False),
