@@ -95,7 +95,7 @@ class HoloMambaRec(SeqRecModel):
         c = config
         self.encoder = ItemEncoder(c.n_items, c.n_attrs, c.d_model, mix=c.encoder_mix)
         self.drop = nn.Dropout(c.dropout if c.emb_dropout < 0 else c.emb_dropout)
-        self.layers = nn.ModuleList(SelectiveSSM(c.d_model, c.d_state, c.expand, c.d_conv, c.dropout) for _ in range(c.n_layers))
+        self.layers = nn.ModuleList(SelectiveSSM(c.d_model, c.d_state, c.expand, c.d_conv, c.dropout, (c.dt_min, c.dt_max)) for _ in range(c.n_layers))
         block = SwiGLU if c.ffn_glu else FeedForward
         ffn = (lambda: block(c.d_model, c.ffn_mult, c.dropout)) if c.ffn_mult > 0 else nn.Identity
         self.ffns = nn.ModuleList(ffn() for _ in range(c.n_layers))

@@ -225,7 +225,8 @@ def selective_scan_state(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor)
 class SelectiveSSM(nn.Module):
     """Pre-norm residual block: x + out(SSM(SiLU(conv(in_u(norm x)))) * SiLU(in_z(norm x)))."""
 
-    def __init__(self, d: int, d_state: int = 16, expand: int = 2, d_conv: int = 4, dropout: float = 0.0) -> None:
+    def __init__(self, d: int, d_state: int = 16, expand: int = 2, d_conv: int = 4, dropout: float = 0.0,
+                 dt_range: tuple[float, float] = (1e-3, 0.1)) -> None:
         super().__init__()
         self.drop = nn.Dropout(dropout)  # on the block's output, before the residual (Mamba4Rec's placement)
         e, r = expand * d, math.ceil(d / 16)
@@ -235,8 +236,9 @@ class SelectiveSSM(nn.Module):
         self.conv = nn.Conv1d(e, e, d_conv, groups=e)  # depthwise; causal by left padding
         self.x_proj = nn.Linear(e, r + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(r, e)
-        dt = torch.exp(torch.rand(e) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        with torch.no_grad():  # softplus(bias) = dt in [1e-3, 0.1], Mamba's initialisation
+        lo, hi = dt_range
+        dt = torch.exp(torch.rand(e) * (math.log(hi) - math.log(lo)) + math.log(lo))
+        with torch.no_grad():  # softplus(bias) = dt log-uniform in dt_range; [1e-3, 0.1] is Mamba's initialisation
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1).float()).repeat(e, 1))  # (e, n)
         self.D = nn.Parameter(torch.ones(e))

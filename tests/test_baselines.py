@@ -87,6 +87,13 @@ def test_emb_dropout_sets_the_input_dropout_alone() -> None:
     assert (split.drop.p, same.drop.p) == (0.5, 0.3) and rates(split) == rates(same) == [0.3]
 
 
+def test_dt_range_sets_where_the_ssm_step_sizes_start() -> None:
+    """softplus(dt bias) starts inside [dt_min, dt_max]: Mamba's [1e-3, 0.1] by default, and the range asked for."""
+    for kw, (lo, hi) in [({}, (1e-3, 0.1)), ({"dt_min": 0.01, "dt_max": 1.0}, (0.01, 1.0))]:
+        dt = torch.nn.functional.softplus(make("holomamba", **kw).layers[0].dt_proj.bias)
+        assert lo * 0.999 <= dt.min() and dt.max() <= hi * 1.001 and dt.max() > (lo * hi) ** 0.5
+
+
 @pytest.mark.parametrize("name,kw,traced", [("holomamba", {}, True), ("holomamba", {"recent_attn": 4}, True),
                                             ("holomamba", {"embed_scale": True}, True), ("holomamba", {"ffn_glu": True}, True),
                                             ("gru4rec", {}, False), ("holomamba", {"bundle": 3}, False),
