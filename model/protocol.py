@@ -45,7 +45,8 @@ class ModelConfig:
     expand: int = 2
     d_conv: int = 4
     dt_min: float = 1e-3  # holomamba: the SSM's step sizes start log-uniform in [dt_min, dt_max] (Mamba's range); a larger
-    dt_max: float = 0.1  # step lets each item write more into the state and decays older ones faster
+    dt_max: float = 0.1  # step lets each item write more into the state and decays older ones faster; training leaves
+    # them near where they start, and [0.01, 1] scored level on Beauty's validation (bench/results/cpu-2026-12-07e-beauty)
     ffn_mult: int = 4  # holomamba: a point-wise feed-forward sublayer (d -> ffn_mult d -> d) after each SSM block; 0 = none
     bundle: int = 1  # holomamba: items bound to slot roles and bundled per SSM step (temporal bundling)
     recent_attn: int = 0  # holomamba: the user vector also attends over its last this many items' embeddings (their ids are in the state); 0 = off
