@@ -64,6 +64,7 @@ class ModelConfig:
     lr_cosine_epochs: int = 0  # the learning rate falls along a half cosine from its value to 0 over this many epochs, per step, and training ends there; 0 = off (constant)
     lr_halve_after: int = 0  # halve the learning rate after this many epochs without a better validation NDCG@10 (again after each such run); 0 = off
     ema: float = 0.0  # validate, keep and serve an exponential moving average of the weights with this decay per step (model/train.py); 0 = off
+    ema_warmup: float = 10.0  # the average's decay at step t is min(ema, (1 + t) / (ema_warmup + t)), so it spans about the last t / (ema_warmup - 1) steps until ema caps it; 2 = the plain mean of the start and every step so far
     burn_in: int = 0  # holomamba: train each window from the state after up to this many earlier items (model/train.py); 0 = off
     attr_loss: float = 0.0  # holomamba, training only: weight of a second cross-entropy, the next item's attributes from the user vector (SeqRecModel.loss); 0 = off
     label_smoothing: float = 0.0  # training only: the cross-entropy's target puts this much mass uniformly over all items (Szegedy et al. 2016); 0 = off

@@ -6,7 +6,7 @@ inside the window. Loss: full-softmax cross-entropy over all items (SeqRecModel.
 weight decay on matrices and embeddings only (not biases, norms, or the SSM's A_log and D, as
 Mamba exempts them), gradient norm clipped at 1; a non-finite loss stops training (best weights kept, reason in the
 report). With `config.ema` > 0 an exponential moving average of the weights is kept beside them (Polyak averaging,
-decay min(ema, (1 + t) / (10 + t)) at step t so the early average is not the random start), and it is the average that
+decay min(ema, (1 + t) / (ema_warmup + t)) at step t, ema_warmup 10 by default, so the early average is not the random start), and it is the average that
 is validated, kept as best and saved: the weights as served. After each epoch: validation NDCG@10 (full ranking), the learning rate halved after every
 `config.lr_halve_after` epochs without a better one when that is set (or, with `config.lr_cosine_epochs`, the rate set
 at every step along a half cosine to 0 at the end of that epoch, where training ends); the best
@@ -238,7 +238,7 @@ def train(
             opt.step()
             if ema is not None:
                 t = (epoch - 1) * len(batches) + s  # optimizer steps before this one
-                _average(ema, model, min(config.ema, (1 + t) / (10 + t)))
+                _average(ema, model, min(config.ema, (1 + t) / (config.ema_warmup + t)))
             n = int((y > 0).sum())
             seen, total = seen + n, total + loss.item() * n
             bar.set_postfix(loss=f"{loss.item():.3f}", pos_s=f"{seen / (time.perf_counter() - t_epoch):,.0f}")

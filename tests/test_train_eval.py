@@ -574,13 +574,15 @@ def test_bench_accuracy_reads_runs_recorded_before_a_setting_was(tmp_path: Path,
     assert again["runs"].keys() == first["runs"].keys()
 
 
-def test_ema_validates_keeps_and_saves_the_moving_average_of_the_weights() -> None:
-    """config.ema: after each optimizer step avg <- d avg + (1 - d) weights with d = min(ema, (1 + t) / (10 + t));
-    the average, not the last weights, is what validation scores and the checkpoint holds."""
+@pytest.mark.parametrize("warmup", [10.0, 2.0])
+def test_ema_validates_keeps_and_saves_the_moving_average_of_the_weights(warmup: float) -> None:
+    """config.ema: after each optimizer step avg <- d avg + (1 - d) weights with d = min(ema, (1 + t) / (ema_warmup + t));
+    the average, not the last weights, is what validation scores and the checkpoint holds. ema_warmup 2 is the plain
+    mean of the starting weights and every step's until ema caps the decay."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     ds = synthetic(n_users=40, n_items=20, n_attrs=2, seed=1, seq_len=(5, 8))
-    cfg = ModelConfig(d_model=16, max_len=8, dropout=0.0, ema=0.9)
+    cfg = ModelConfig(d_model=16, max_len=8, dropout=0.0, ema=0.99 if warmup == 2.0 else 0.9, ema_warmup=warmup)
     snaps: list[dict[int, Tensor]] = []  # the weights before the first step, then after each step
 
     def snap(opt: torch.optim.Optimizer, *_: object) -> None:
@@ -595,8 +597,11 @@ def test_ema_validates_keeps_and_saves_the_moving_average_of_the_weights() -> No
     assert report["best_epoch"] == 1 and len(snaps) > 3
     avg = snaps[0]
     for t, w in enumerate(snaps[1:]):
-        d = min(0.9, (1 + t) / (10 + t))
+        d = min(cfg.ema, (1 + t) / (warmup + t))
         avg = {k: d * a + (1 - d) * w[k] for k, a in avg.items()}
+    if warmup == 2.0:  # at most 99 steps here, so the cap never binds: the mean of the start and every step's weights
+        assert len(snaps) < 100
+        avg = {k: torch.stack([w[k] for w in snaps]).mean(0) for k in avg}
     for name, p in ckpt.model.named_parameters():
         assert torch.allclose(p, avg[id(p)], atol=1e-6), name
         assert p.numel() == 1 or not torch.allclose(p, snaps[-1][id(p)], atol=1e-6), name  # not the last weights
