@@ -47,15 +47,19 @@ from model.ssm import SelectiveSSM
 
 
 class FeedForward(nn.Module):
-    """x + dropout(W2 dropout(GELU(W1 LN(x)))): point-wise, so the same on a sequence and on one step."""
+    """x + dropout(W2 dropout(GELU(W1 LN(x)))): point-wise, so the same on a sequence and on one step.
+    `post_norm`: LN(x + dropout(W2 dropout(GELU(W1 x)))), Mamba4Rec's placement."""
 
-    def __init__(self, d: int, mult: int, dropout: float) -> None:
+    def __init__(self, d: int, mult: int, dropout: float, post_norm: bool = False) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, mult * d), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(mult * d, d), nn.Dropout(dropout))
+        body = [nn.Linear(d, mult * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * d, d), nn.Dropout(dropout)]
+        self.post = post_norm
+        self.net = nn.Sequential(*body) if post_norm else nn.Sequential(nn.LayerNorm(d), *body)
+        if post_norm:
+            self.norm = nn.LayerNorm(d)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., d)
-        return x + self.net(x)
+        return self.norm(x + self.net(x)) if self.post else x + self.net(x)
 
 
 class SwiGLU(nn.Module):
@@ -95,11 +99,16 @@ class HoloMambaRec(SeqRecModel):
         c = config
         self.encoder = ItemEncoder(c.n_items, c.n_attrs, c.d_model, mix=c.encoder_mix)
         self.drop = nn.Dropout(c.dropout if c.emb_dropout < 0 else c.emb_dropout)
-        self.layers = nn.ModuleList(SelectiveSSM(c.d_model, c.d_state, c.expand, c.d_conv, c.dropout, (c.dt_min, c.dt_max)) for _ in range(c.n_layers))
-        block = SwiGLU if c.ffn_glu else FeedForward
-        ffn = (lambda: block(c.d_model, c.ffn_mult, c.dropout)) if c.ffn_mult > 0 else nn.Identity
+        self.layers = nn.ModuleList(SelectiveSSM(c.d_model, c.d_state, c.expand, c.d_conv, c.dropout, (c.dt_min, c.dt_max), c.post_norm)
+                                    for _ in range(c.n_layers))
+        if c.post_norm and (c.ffn_glu or c.recent_attn):
+            raise ValueError("post_norm is built for the GELU feed-forward without recent_attn")
+        block = (lambda: SwiGLU(c.d_model, c.ffn_mult, c.dropout)) if c.ffn_glu else (lambda: FeedForward(c.d_model, c.ffn_mult, c.dropout, c.post_norm))
+        ffn = block if c.ffn_mult > 0 else nn.Identity
         self.ffns = nn.ModuleList(ffn() for _ in range(c.n_layers))
-        self.norm = nn.LayerNorm(c.d_model)
+        # post_norm: the dropped input is normed (Mamba4Rec) and every sublayer ends in a norm, so none is added at the end
+        self.in_norm = nn.LayerNorm(c.d_model) if c.post_norm else nn.Identity()
+        self.norm = nn.Identity() if c.post_norm else nn.LayerNorm(c.d_model)
         self.k = c.recent_attn
         if self.k:
             if c.bundle > 1:
@@ -115,7 +124,7 @@ class HoloMambaRec(SeqRecModel):
     def inp(self, e: Tensor) -> Tensor:  # (..., d) item vectors -> the encoder's input
         """config.embed_scale: sqrt(d) times the item vector, so the item's own signal in the residual stream is not
         small against the sublayers' outputs while the tied scoring table keeps norm ~1 vectors."""
-        return self.drop(e * self.config.d_model**0.5 if self.config.embed_scale else e)
+        return self.in_norm(self.drop(e * self.config.d_model**0.5 if self.config.embed_scale else e))
 
     def item_table(self) -> Tensor:  # (v, d)
         return self.encoder.encode(self.drop_ids(self.encoder.item.weight), self.item_attrs)

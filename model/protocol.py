@@ -76,6 +76,7 @@ class ModelConfig:
     encoder_mix: bool = False  # holomamba: ItemEncoder weighs the item, attribute and bound terms by learned per-channel gains (ones to start) instead of equally
     emb_dropout: float = -1.0  # holomamba: dropout on the encoder's input alone (Mamba4Rec and SASRec drop the embedding too); -1 = `dropout`, as every sublayer
     embed_scale: bool = False  # holomamba: the encoder reads each item vector times sqrt(d_model), as SASRec does; the scoring table is unscaled
+    post_norm: bool = False  # holomamba: Mamba4Rec's placement, LN(x + dropout(f(x))) after each SSM and feed-forward sublayer and LN on the dropped input, instead of LN before each sublayer and at the end
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

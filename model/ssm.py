@@ -223,11 +223,13 @@ def selective_scan_state(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor)
 
 
 class SelectiveSSM(nn.Module):
-    """Pre-norm residual block: x + out(SSM(SiLU(conv(in_u(norm x)))) * SiLU(in_z(norm x)))."""
+    """Pre-norm residual block: x + out(SSM(SiLU(conv(in_u(norm x)))) * SiLU(in_z(norm x))).
+    `post_norm`: norm(x + out(SSM(SiLU(conv(in_u x))) * SiLU(in_z x))), Mamba4Rec's placement (its input arrives normed)."""
 
     def __init__(self, d: int, d_state: int = 16, expand: int = 2, d_conv: int = 4, dropout: float = 0.0,
-                 dt_range: tuple[float, float] = (1e-3, 0.1)) -> None:
+                 dt_range: tuple[float, float] = (1e-3, 0.1), post_norm: bool = False) -> None:
         super().__init__()
+        self.post = post_norm
         self.drop = nn.Dropout(dropout)  # on the block's output, before the residual (Mamba4Rec's placement)
         e, r = expand * d, math.ceil(d / 16)
         self.e, self.n, self.k, self.r = e, d_state, d_conv, r
@@ -244,6 +246,12 @@ class SelectiveSSM(nn.Module):
         self.D = nn.Parameter(torch.ones(e))
         self.out_proj = nn.Linear(e, d)
 
+    def _pre(self, x: Tensor) -> Tensor:  # (..., d): what in_proj reads
+        return x if self.post else self.norm(x)
+
+    def _res(self, x: Tensor, y: Tensor) -> Tensor:  # (..., d) input, (..., d) block output -> the residual sum
+        return self.norm(x + self.drop(y)) if self.post else x + self.drop(y)
+
     def _select(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # (..., e) -> dt (..., e), B, C (..., n)
         dt, B, C = self.x_proj(u).split([self.r, self.n, self.n], dim=-1)
         return F.softplus(self.dt_proj(dt)), B, C
@@ -252,7 +260,7 @@ class SelectiveSSM(nn.Module):
         """(b, l, d), (b, l), the conv state before the first position (b, e, k-1) or None for zeros ->
         the conv's padded input (b, e, k-1+l), u, z, dt (b, l, e), B, C (b, l, n)."""
         l = x.shape[1]
-        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # (b, l, e) each
+        u, z = self.in_proj(self._pre(x)).chunk(2, dim=-1)  # (b, l, e) each
         u = u * mask[..., None]  # padding feeds zeros to the conv window, as init_state does
         before = conv.detach() if conv is not None else u.new_zeros(u.shape[0], self.e, self.k - 1)
         padded = torch.cat([before, u.transpose(1, 2)], dim=-1)  # (b, e, k-1+l)
@@ -267,7 +275,7 @@ class SelectiveSSM(nn.Module):
         conv, h0 = state if state is not None else (None, None)
         _, u, z, dt, B, C = self._inputs(x, mask, conv)
         y = selective_scan(dt, u, -torch.exp(self.A_log), B, C, h0) + self.D * u  # (b, l, e)
-        return x + self.drop(self.out_proj(y * F.silu(z)))  # (b, l, d)
+        return self._res(x, self.out_proj(y * F.silu(z)))  # (b, l, d)
 
     def forward_state(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`forward`, plus the state `step` holds after the last position: conv (b, e, k-1), the last k-1 inputs
@@ -275,7 +283,7 @@ class SelectiveSSM(nn.Module):
         padded, u, z, dt, B, C = self._inputs(x, mask)
         y, h = selective_scan_state(dt, u, -torch.exp(self.A_log), B, C)  # (b, l, e), (b, e, n)
         y = y + self.D * u
-        return x + self.drop(self.out_proj(y * F.silu(z))), padded[..., x.shape[1] :], h
+        return self._res(x, self.out_proj(y * F.silu(z))), padded[..., x.shape[1] :], h
 
     def forward_peek(self, x: Tensor, mask: Tensor) -> Tensor:  # (b, L, g, d), (b, L) bool -> (b, L, g, d)
         """Temporal bundling's training path: at each group position j, g input streams x[:, j, p].
@@ -287,7 +295,7 @@ class SelectiveSSM(nn.Module):
         does for a partial group ("peek"), so training sees what serving produces.
         """
         L = x.shape[1]
-        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # (b, L, g, e) each
+        u, z = self.in_proj(self._pre(x)).chunk(2, dim=-1)  # (b, L, g, e) each
         u = u * mask[..., None, None]
         uc = u[:, :, -1]  # (b, L, e): the committed stream
         conv_c = self.conv(F.pad(uc.transpose(1, 2), (self.k - 1, 0)))[..., :L].transpose(1, 2)  # (b, L, e)
@@ -301,7 +309,7 @@ class SelectiveSSM(nn.Module):
         h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # (b, L, e, n): state before j
         h = dA * h_prev[:, :, None] + dBu  # (b, L, g, e, n): every stream read from the committed state
         y = torch.einsum("blgen,blgn->blge", h, C) + self.D * u  # (b, L, g, e)
-        return x + self.drop(self.out_proj(y * F.silu(z)))  # (b, L, g, d)
+        return self._res(x, self.out_proj(y * F.silu(z)))  # (b, L, g, d)
 
     def init_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
         """conv: the last k-1 inputs of the conv, (b, e, k-1); ssm: h, (b, e, n). Both start at zero."""
@@ -309,11 +317,11 @@ class SelectiveSSM(nn.Module):
 
     def step(self, x: Tensor, conv: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One position: x (b, d), conv (b, e, k-1), h (b, e, n) -> y (b, d), conv, h."""
-        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # (b, e)
+        u, z = self.in_proj(self._pre(x)).chunk(2, dim=-1)  # (b, e)
         window = torch.cat([conv, u[..., None]], dim=-1)  # (b, e, k)
         u = F.silu((window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias)  # (b, e)
         dt, B, C = self._select(u)  # (b, e), (b, n), (b, n)
         A = -torch.exp(self.A_log)  # (e, n)
         h = torch.exp(dt[..., None] * A) * h + (dt * u)[..., None] * B[:, None, :]  # (b, e, n)
         y = (h * C[:, None, :]).sum(-1) + self.D * u  # (b, e)
-        return x + self.drop(self.out_proj(y * F.silu(z))), window[..., 1:], h
+        return self._res(x, self.out_proj(y * F.silu(z))), window[..., 1:], h
