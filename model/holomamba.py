@@ -1,8 +1,10 @@
 """HoloMambaRec: HRR item+attribute encoder -> dropout -> N x (selective SSM block, feed-forward) -> norm, tied scoring.
 
-Each layer is two pre-norm residual sublayers, as Mamba4Rec (arXiv 2403.03900) wraps its Mamba
-layers: the selective SSM mixes along time, then a point-wise feed-forward network (GELU) mixes
-channels; dropout on each sublayer's output before the residual. The feed-forward has no state,
+Each layer is two residual sublayers, as Mamba4Rec (arXiv 2403.03900) wraps its Mamba layers: the
+selective SSM mixes along time, then a point-wise feed-forward network (GELU) mixes channels; dropout
+on each sublayer's output before the residual. The norms come first in each sublayer and once at the
+end (pre-norm); config.post_norm places them as Mamba4Rec's code does, after each residual sum and on
+the dropped input. The feed-forward has no state,
 so serving's `step` applies it to the one position as `forward` does to every position.
 
 Shape letters: b batch, l length, d model dim, v items + 1, e inner dim, n state dim, k conv width,
