@@ -97,7 +97,7 @@ def test_dt_range_sets_where_the_ssm_step_sizes_start() -> None:
 def test_post_norm_normalises_the_input_and_every_sublayer_output() -> None:
     """post_norm (Mamba4Rec's placement): the SSM and feed-forward sublayers each end in a LayerNorm and read an input
     that already is one (their gains start at 1, offsets at 0: per position mean 0, variance 1); the default places
-    the norms first, so its sublayer outputs stay at the item vectors' scale (norm ~1 over d = 32, variance ~1/32)."""
+    the norms inside the sublayers, so its first block reads the item vectors at their own scale (norm ~1 over d = 32)."""
     seen: dict[str, list[torch.Tensor]] = {}
     for post in (True, False):
         m = make("holomamba", post_norm=post)
