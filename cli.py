@@ -124,7 +124,7 @@ def _serve(a: argparse.Namespace) -> None:
     print(f"holorec serving {a.checkpoint} on {base}  (API docs: {base}/docs)")
     print(f"  try: curl -s -X POST {base}/events -H 'Content-Type: application/json' -d {shlex.quote(events)}")
     print(f"       curl -s '{base}/recommend/alice?k=5'")
-    uvicorn.run("service.app:app_from_env", factory=True, host=a.host, port=a.port, workers=workers, log_level="info")
+    uvicorn.run("service.app:app_from_env", factory=True, host=a.host, port=a.port, workers=workers, log_level="info", access_log=s.access_log)
 
 
 def _warm(a: argparse.Namespace) -> None:

@@ -7,6 +7,8 @@ checkout in its own format, 500 users warmed), and every round sends each servic
 order swapped every round), so drift over the run hits both alike. Separate runs of section 0 on this machine
 differed by more than the changes being judged (bench/results/cpu-2026-12-05b/floor_ab_packed/README.md). A checkout is a
 directory holding this repository at some revision (`git worktree add DIR REV`); its own service code runs.
+`--set a|b NAME=VALUE` gives one side a setting (HOLOREC_NAME) the other lacks: `. . --set a access_log=true` compares
+two settings of one checkout.
 """
 from __future__ import annotations
 
@@ -41,11 +43,17 @@ def main() -> None:
     ap.add_argument("dirs", nargs=2, type=Path)
     ap.add_argument("--rounds", type=int, default=3000)
     ap.add_argument("--out", type=Path, help="write the figures here as JSON too")
+    ap.add_argument("--set", nargs=2, action="append", default=[], metavar=("SIDE", "NAME=VALUE"), help="a setting for side a or b alone")
     args = ap.parse_args()
-    print(json.dumps(run(args.dirs, args.rounds, args.out), indent=1))
+    settings: list[dict[str, str]] = [{}, {}]
+    for side, pair in args.set:
+        if side not in ("a", "b") or "=" not in pair:
+            ap.error(f"--set takes a or b and NAME=VALUE, got {side} {pair}")
+        settings["ab".index(side)][pair.split("=", 1)[0]] = pair.split("=", 1)[1]
+    print(json.dumps(run(args.dirs, args.rounds, args.out, settings), indent=1))
 
 
-def run(dirs: list[Path], rounds: int, out: Path | None = None) -> dict[str, Any]:
+def run(dirs: list[Path], rounds: int, out: Path | None = None, settings: list[dict[str, str]] | None = None) -> dict[str, Any]:
     import httpx
     import redis
 
@@ -59,10 +67,10 @@ def run(dirs: list[Path], rounds: int, out: Path | None = None) -> dict[str, Any
     try:
         with ExitStack() as stack:
             clients = []
-            for d, ns in zip(dirs, names):
+            for d, ns, extra in zip(dirs, names, settings or [{}, {}]):
                 ckpt = tmp / ns
                 subprocess.run([sys.executable, "-c", CHECKPOINT, str(ckpt)], cwd=d, check=True)
-                srv = stack.enter_context(Service(ckpt, REDIS, ns, access_log=False, log=tmp / f"{ns}.log", root=d))
+                srv = stack.enter_context(Service(ckpt, REDIS, ns, log=tmp / f"{ns}.log", root=d, **extra))
                 with httpx.Client(base_url=srv.url, timeout=30) as c:
                     for u in range(USERS):
                         events = [{"user_id": f"f{u}", "item_id": f"item-{1 + j}"} for j in range(20)]
@@ -93,7 +101,7 @@ def run(dirs: list[Path], rounds: int, out: Path | None = None) -> dict[str, Any
     finally:
         for ns in names:
             clear_namespace(REDIS, ns)
-    result: dict[str, Any] = {"rounds": rounds, "record_bytes": len(record), "dirs": [str(d) for d in dirs]}
+    result: dict[str, Any] = {"rounds": rounds, "record_bytes": len(record), "dirs": [str(d) for d in dirs], "settings": settings or [{}, {}]}
     for label, t in times.items():
         p50 = {k: statistics.median(v) for k, v in t.items()}
         result[label] = {"p50_ms": p50, "event_adds_ms": p50["event"] - p50["livez"] - p50["redis_get"] - p50["redis_set"],

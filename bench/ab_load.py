@@ -26,7 +26,7 @@ from bench.harness import Service, make_checkpoint
 from bench.loadgen import loadgen
 tmp, ns, seconds = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 ckpt = make_checkpoint(tmp / "ckpt", n_items=%d, n_attrs=18, max_attrs=3, d_model=64, max_len=200)  # this checkout's format
-with Service(ckpt, "redis://127.0.0.1:6379/0", ns, workers=2, access_log=False, log=tmp / "service.log") as srv:
+with Service(ckpt, "redis://127.0.0.1:6379/0", ns, workers=2, log=tmp / "service.log") as srv:
     common = {"port": srv.port, "n_items": %d, "seconds": seconds}
     loadgen({**common, "kind": "batch", "batch": 100, "n_users": 2000, "concurrency": 4, "requests": 40, "seconds": 60})
     b = loadgen({**common, "kind": "batch", "batch": 100, "concurrency": 32, "requests": 800})

@@ -157,7 +157,7 @@ class Service:
     checkout whose service runs (bench/ab_floor.py runs two)."""
 
     def __init__(self, checkpoint: Path, redis_url: str | None, namespace: str, *, workers: int = 1, log: Path | None = None,
-                 wait: bool = True, access_log: bool = True, root: Path = ROOT, **settings: object) -> None:
+                 wait: bool = True, root: Path = ROOT, **settings: object) -> None:
         self.port, self.workers = free_port(), workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_dir = tempfile.mkdtemp(prefix="holorec-metrics-")
@@ -165,7 +165,8 @@ class Service:
                "HOLOREC_NAMESPACE": namespace, **({"HOLOREC_REDIS_URL": redis_url} if redis_url else {}),
                **{f"HOLOREC_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.items()}}
         cmd = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", str(workers), "--log-level", "warning", *([] if access_log else ["--no-access-log"])]
+               "--port", str(self.port), "--workers", str(workers), "--log-level", "warning",
+               *([] if str(settings.get("access_log")).lower() in ("true", "1") else ["--no-access-log"])]  # as `holorec serve` runs it (HOLOREC_ACCESS_LOG)
         self.log: IO[Any] | int = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         if wait:

@@ -77,7 +77,7 @@ def section_o1(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str
     rng = random.Random(1)
     r = redis.Redis.from_url(redis_url)
     out: dict[str, Any] = {"levels": {}, "rounds": rounds}
-    with Service(ckpt_dir, redis_url, ns, access_log=False) as srv, httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=600) as c:
+    with Service(ckpt_dir, redis_url, ns) as srv, httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=600) as c:
         t0 = time.perf_counter()
         for lvl in levels:  # 1000-event requests; the longest history dominates
             user, done = f"hist{lvl}", 0
@@ -208,7 +208,7 @@ def section_load(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[s
             env = {} if batching else {"max_batch": "1"}
             name = f"w{workers}_{'batch' if batching else 'nobatch'}"
             res: dict[str, Any] = {}
-            with Service(ckpt_dir, redis_url, ns, workers=workers, access_log=False, **env) as srv:
+            with Service(ckpt_dir, redis_url, ns, workers=workers, **env) as srv:
                 # users with some history, so /recommend scores from state
                 loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": N_ITEMS, "n_users": 2000,
                          "concurrency": 4, "requests": 10 if quick else 40, "seconds": 60})
@@ -284,7 +284,7 @@ def section_catalogue(tmp: Path, redis_url: str, ns: str, quick: bool) -> dict[s
 
         def timed(**env: str) -> dict[str, Any]:
             res: dict[str, Any] = {}
-            with Service(ckpt_dir, redis_url, f"{ns}-{size}", access_log=False, **env) as srv:  # each catalogue is another checkpoint
+            with Service(ckpt_dir, redis_url, f"{ns}-{size}", **env) as srv:  # each catalogue is another checkpoint
                 loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": size, "n_users": 500,
                          "concurrency": 2, "requests": 5 if quick else 20, "seconds": 60})
                 for conc in (1, 32):
@@ -385,7 +385,7 @@ def section_profile(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dic
         return {"skipped": "py-spy is not installed (pip install -e '.[dev]')"}
     seconds = 1 if quick else 8
     out: dict[str, Any] = {"sample_seconds": seconds, "rate_hz": 250, "cases": {}}
-    with Service(ckpt_dir, redis_url, ns, access_log=False) as srv, tempfile.TemporaryDirectory() as tmp:
+    with Service(ckpt_dir, redis_url, ns) as srv, tempfile.TemporaryDirectory() as tmp:
         loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": N_ITEMS, "n_users": 2000,
                  "concurrency": 4, "requests": 10 if quick else 40, "seconds": 60})
         for case, spec in [("recommend", {"kind": "recommend", "n_users": 2000}), ("event", {"kind": "event"})]:
@@ -483,7 +483,7 @@ def section_floor(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[
     rng = random.Random(0)
     r = redis.Redis.from_url(redis_url)
     times: dict[str, list[float]] = {k: [] for k in ("livez", "event", "recommend", "recommend_again", "redis_get", "redis_set")}
-    with Service(ckpt_dir, redis_url, ns, access_log=False) as srv:
+    with Service(ckpt_dir, redis_url, ns) as srv:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             for u in range(users):  # every user has a history, so a recommendation is scored from state
                 assert c.post("/events", json={"events": [{"user_id": f"f{u}", "item_id": f"item-{1 + j}"} for j in range(20)]}).status_code == 200

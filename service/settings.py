@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     cas_retries: int = Field(50, ge=1, description="compare-and-set attempts per user before giving up with 503")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503s")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (holorec serve --workers)")
+    access_log: bool = Field(False, description="holorec serve: uvicorn's line per request on stdout; off by default, as /metrics counts and times "
+                             "every request by route and status, and the line costs each request a formatted write")
     stream_batch: int = Field(500, ge=1, description="holorec consume: stream entries read and applied per batch")
     stream_block_ms: int = Field(1000, ge=1, description="holorec consume: how long one read waits for new entries")
     stream_claim_idle_ms: int = Field(30000, ge=1, description="holorec consume: entries unacknowledged this long by another consumer are claimed")

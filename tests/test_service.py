@@ -255,6 +255,8 @@ def test_serve_prints_curl_lines_that_work_as_printed(ckpt_dir: Path):
     finally:
         proc.terminate()
         proc.wait(10)
+    rest = proc.stdout.read()
+    assert "HTTP/1.1" not in rest, rest  # no access log by default (HOLOREC_ACCESS_LOG): /metrics counts the requests
 
 
 def test_startup_moves_long_lived_objects_out_of_the_collectors_reach(ckpt_dir: Path) -> None:

@@ -35,8 +35,10 @@ def test_a_taken_port_fails_in_one_line_before_the_banner(ckpt_dir: Path) -> Non
 
 
 def test_an_unreachable_redis_is_warned_about_at_start(ckpt_dir: Path, tmp_path: Path) -> None:
+    """And HOLOREC_ACCESS_LOG=true turns uvicorn's access log on (off by default: tests/test_service.py's curl test)."""
     port, log = free_port(), tmp_path / "serve.log"
-    env = {**os.environ, "HOLOREC_THREADS": "1", "HOLOREC_REDIS_URL": "redis://127.0.0.1:1/0", "HOLOREC_STORE_TIMEOUT_S": "0.2"}
+    env = {**os.environ, "HOLOREC_THREADS": "1", "HOLOREC_REDIS_URL": "redis://127.0.0.1:1/0", "HOLOREC_STORE_TIMEOUT_S": "0.2",
+           "HOLOREC_ACCESS_LOG": "true"}
     with open(log, "w") as out:
         proc = subprocess.Popen([HOLOREC, "serve", "--checkpoint", str(ckpt_dir), "--port", str(port)], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
@@ -47,6 +49,7 @@ def test_an_unreachable_redis_is_warned_about_at_start(ckpt_dir: Path, tmp_path:
         text = log.read_text()
         assert "127.0.0.1:1/0 is not answering (HOLOREC_REDIS_URL)" in text
         assert text.index("not answering") < text.index("holorec ready")
+        assert '"GET /readyz HTTP/1.1" 503' in text
     finally:
         proc.terminate()
         proc.wait(10)
