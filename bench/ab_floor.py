@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Service
+from bench.harness import Service, side_settings
 from bench.serve import N_ITEMS, RawHTTP, clear_namespace
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -45,12 +45,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the figures here as JSON too")
     ap.add_argument("--set", nargs=2, action="append", default=[], metavar=("SIDE", "NAME=VALUE"), help="a setting for side a or b alone")
     args = ap.parse_args()
-    settings: list[dict[str, str]] = [{}, {}]
-    for side, pair in args.set:
-        if side not in ("a", "b") or "=" not in pair:
-            ap.error(f"--set takes a or b and NAME=VALUE, got {side} {pair}")
-        settings["ab".index(side)][pair.split("=", 1)[0]] = pair.split("=", 1)[1]
-    print(json.dumps(run(args.dirs, args.rounds, args.out, settings), indent=1))
+    print(json.dumps(run(args.dirs, args.rounds, args.out, side_settings(args.set)), indent=1))
 
 
 def run(dirs: list[Path], rounds: int, out: Path | None = None, settings: list[dict[str, str]] | None = None) -> dict[str, Any]:

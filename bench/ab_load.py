@@ -5,6 +5,7 @@ starts the service of each checkout in turn (order swapped every round), 2 uvico
 measures 100-event batches, single events, GET /recommend and GET /livez at concurrency 32 as `holorec bench serve`'s load section does
 (random-weight HoloMambaRec, 3,706 items, built by each checkout in its own format; users warmed first). A checkout is a directory holding this repository
 at some revision (`git worktree add DIR REV`); its own service code runs, this file's load generator drives it.
+`--set a|b NAME=VALUE` gives one side a setting (HOLOREC_NAME) the other lacks, as in bench/ab_floor.py.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ import json, sys
 from pathlib import Path
 from bench.harness import Service, make_checkpoint
 from bench.loadgen import loadgen
-tmp, ns, seconds = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+tmp, ns, seconds, settings = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])
 ckpt = make_checkpoint(tmp / "ckpt", n_items=%d, n_attrs=18, max_attrs=3, d_model=64, max_len=200)  # this checkout's format
-with Service(ckpt, "redis://127.0.0.1:6379/0", ns, workers=2, log=tmp / "service.log") as srv:
+with Service(ckpt, "redis://127.0.0.1:6379/0", ns, workers=2, log=tmp / "service.log", **settings) as srv:
     common = {"port": srv.port, "n_items": %d, "seconds": seconds}
     loadgen({**common, "kind": "batch", "batch": 100, "n_users": 2000, "concurrency": 4, "requests": 40, "seconds": 60})
     b = loadgen({**common, "kind": "batch", "batch": 100, "concurrency": 32, "requests": 800})
@@ -43,25 +44,31 @@ def main() -> None:
     ap.add_argument("dirs", nargs=2, type=Path)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--set", nargs=2, action="append", default=[], metavar=("SIDE", "NAME=VALUE"), help="a setting for side a or b alone")
     args = ap.parse_args()
+    from bench.harness import side_settings
     from bench.serve import clear_namespace
 
-    got: dict[Path, list[dict[str, float]]] = {d: [] for d in args.dirs}
+    settings = dict(zip(("a", "b"), side_settings(args.set)))
+
+    sides = list(zip("ab", args.dirs))
+    got: dict[str, list[dict[str, float]]] = {side: [] for side, _ in sides}
     for rnd in range(args.rounds):
-        for d in args.dirs if rnd % 2 == 0 else args.dirs[::-1]:
+        for side, d in sides if rnd % 2 == 0 else sides[::-1]:
             ns, tmp = f"bench-ab-{uuid.uuid4().hex[:8]}", Path(tempfile.mkdtemp(prefix="holorec-ab-"))
             try:
-                run = subprocess.run([sys.executable, "-c", ONE, str(tmp), ns, str(args.seconds)], cwd=d, capture_output=True, text=True)
+                run = subprocess.run([sys.executable, "-c", ONE, str(tmp), ns, str(args.seconds), json.dumps(settings[side])], cwd=d,
+                                     capture_output=True, text=True)
             finally:
                 clear_namespace("redis://127.0.0.1:6379/0", ns)
             log = (tmp / "service.log").read_text()[-3000:] if (tmp / "service.log").exists() else ""
             shutil.rmtree(tmp, ignore_errors=True)
             if run.returncode:
                 raise SystemExit(f"{d}: the run failed:\n{run.stderr[-3000:]}\nthe service's log:\n{log}")
-            got[d].append(json.loads(run.stdout.strip().splitlines()[-1]))
-            print(f"round {rnd + 1}, {d}: {got[d][-1]}", flush=True)
-    for d, runs in got.items():
-        print(f"{d}: median of {len(runs)}: " + ", ".join(f"{k} {statistics.median(r[k] for r in runs):,.0f}" for k in runs[0]))
+            got[side].append(json.loads(run.stdout.strip().splitlines()[-1]))
+            print(f"round {rnd + 1}, {side} ({d}, {settings[side]}): {got[side][-1]}", flush=True)
+    for (side, d), runs in zip(sides, got.values()):
+        print(f"{side} ({d}, {settings[side]}): median of {len(runs)}: " + ", ".join(f"{k} {statistics.median(r[k] for r in runs):,.0f}" for k in runs[0]))
 
 
 if __name__ == "__main__":

@@ -151,6 +151,17 @@ def metric(url: str, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in metrics(url).items() if n == name and set(labels.items()) <= set(ls))
 
 
+def side_settings(pairs: list[list[str]]) -> list[dict[str, str]]:
+    """`--set a|b NAME=VALUE` pairs of bench/ab_floor.py and bench/ab_load.py -> the settings of side a and side b."""
+    sides: list[dict[str, str]] = [{}, {}]
+    for side, pair in pairs:
+        if side not in ("a", "b") or "=" not in pair:
+            raise SystemExit(f"--set takes a or b and NAME=VALUE, got {side} {pair}")
+        name, value = pair.split("=", 1)
+        sides["ab".index(side)][name] = value
+    return sides
+
+
 class Service:
     """holorec's app under real uvicorn in a subprocess (its own process group), configured by HOLOREC_*
     variables: `settings` become HOLOREC_<NAME>. /metrics sums every worker (PROMETHEUS_MULTIPROC_DIR). `root`: the
