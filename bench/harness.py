@@ -176,8 +176,8 @@ class Service:
                "HOLOREC_NAMESPACE": namespace, **({"HOLOREC_REDIS_URL": redis_url} if redis_url else {}),
                **{f"HOLOREC_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.items()}}
         cmd = [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", str(workers), "--log-level", "warning",
-               *([] if str(settings.get("access_log")).lower() in ("true", "1") else ["--no-access-log"])]  # as `holorec serve` runs it (HOLOREC_ACCESS_LOG)
+               "--port", str(self.port), "--workers", str(workers), "--log-level", "info",
+               *([] if str(settings.get("access_log")).lower() in ("true", "1") else ["--no-access-log"])]  # log level and access log as `holorec serve` runs them
         self.log: IO[Any] | int = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         if wait:
