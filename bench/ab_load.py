@@ -49,15 +49,13 @@ def main() -> None:
     from bench.harness import side_settings
     from bench.serve import clear_namespace
 
-    settings = dict(zip(("a", "b"), side_settings(args.set)))
-
-    sides = list(zip("ab", args.dirs))
-    got: dict[str, list[dict[str, float]]] = {side: [] for side, _ in sides}
+    sides = list(zip("ab", args.dirs, side_settings(args.set)))
+    got: dict[str, list[dict[str, float]]] = {side: [] for side, _, _ in sides}
     for rnd in range(args.rounds):
-        for side, d in sides if rnd % 2 == 0 else sides[::-1]:
+        for side, d, settings in sides if rnd % 2 == 0 else sides[::-1]:
             ns, tmp = f"bench-ab-{uuid.uuid4().hex[:8]}", Path(tempfile.mkdtemp(prefix="holorec-ab-"))
             try:
-                run = subprocess.run([sys.executable, "-c", ONE, str(tmp), ns, str(args.seconds), json.dumps(settings[side])], cwd=d,
+                run = subprocess.run([sys.executable, "-c", ONE, str(tmp), ns, str(args.seconds), json.dumps(settings)], cwd=d,
                                      capture_output=True, text=True)
             finally:
                 clear_namespace("redis://127.0.0.1:6379/0", ns)
@@ -66,9 +64,9 @@ def main() -> None:
             if run.returncode:
                 raise SystemExit(f"{d}: the run failed:\n{run.stderr[-3000:]}\nthe service's log:\n{log}")
             got[side].append(json.loads(run.stdout.strip().splitlines()[-1]))
-            print(f"round {rnd + 1}, {side} ({d}, {settings[side]}): {got[side][-1]}", flush=True)
-    for (side, d), runs in zip(sides, got.values()):
-        print(f"{side} ({d}, {settings[side]}): median of {len(runs)}: " + ", ".join(f"{k} {statistics.median(r[k] for r in runs):,.0f}" for k in runs[0]))
+            print(f"round {rnd + 1}, {side} ({d}, {settings}): {got[side][-1]}", flush=True)
+    for (side, d, settings), runs in zip(sides, got.values()):
+        print(f"{side} ({d}, {settings}): median of {len(runs)}: " + ", ".join(f"{k} {statistics.median(r[k] for r in runs):,.0f}" for k in runs[0]))
 
 
 if __name__ == "__main__":
