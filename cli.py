@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, help="AdamW's, on weight matrices and embeddings; default per model and dataset (0.01 unless tuned)")
     t.add_argument("--ema", type=float, help="validate, keep and serve a moving average of the weights with this decay per step "
                                              "(0 = off); default per model and dataset")
+    t.add_argument("--ema-warmup", type=float, help="the average's decay at step t is min(ema, (1 + t) / (ema_warmup + t)), so it spans "
+                                                    "about the last 1 / (ema_warmup - 1) of training until ema caps it; default per model and dataset (10 unless tuned)")
     t.add_argument("--item-dropout", type=float, help="holomamba, training only: drop each item's own vector with this probability, "
                                                       "its attributes kept (none dropped without attributes); default per dataset (0.2 on MovieLens, "
                                                       "Amazon and table data, 0 on synthetic data)")
