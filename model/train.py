@@ -114,8 +114,8 @@ EPOCHS, PATIENCE = 200, 10
 # HoloMambaRec on S3-Rec (Amazon) logs since 2026-12-07: dropout 0.2 with a longer moving average of the weights (ema 0.9999,
 # warm-up 5: about the last quarter of training), the two together; each alone had been higher on validation without meeting
 # the keep rule (bench/results/cpu-2026-12-06g-beauty, cpu-2026-12-07g-beauty). Together, validation NDCG@10 at seeds 0-4
-# 0.0583, 0.0589, 0.0571+, 0.0584, 0.0584 against 0.0569, 0.0568, 0.0564, 0.0586, 0.0576: higher on 4 of 5, paired mean
-# above 2 sd / sqrt(5), the rule written before the runs (bench/results/cpu-2026-12-07i-beauty).
+# 0.0583, 0.0589, 0.0574, 0.0584, 0.0584 against 0.0569, 0.0568, 0.0564, 0.0586, 0.0576: higher on 4 of 5, paired
+# +0.00105 ± 0.00084, above 2 sd / sqrt(5) = 0.00075, the rule written before the runs (bench/results/cpu-2026-12-07i-beauty).
 TUNED: dict[tuple[str, str], dict[str, float]] = {("holomamba", "s3rec"): {"lr": 2e-3, "dropout": 0.2, "weight_decay": 0.2, "ema": 0.9999,
                                                                            "ema_warmup": 5.0, "item_dropout": 0.2, "label_smoothing": 0.1, "batch_size": 64},
                                                   ("holomamba", "movielens"): {"lr": 2e-3, "dropout": 0.5, "item_dropout": 0.2},
