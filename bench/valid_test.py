@@ -3,7 +3,7 @@
 Early stopping and every tuning choice read validation; the comparison is made on test. If one kind of model keeps
 less of its validation score on test than another, choosing on validation favours it. Reads every
 `accuracy_*_{200,400}ep.json` under the folder (default bench/results); a run that several merged tables hold counts
-once (same dataset, row, seed and test score); runs trained with --unfitted-valid are their own rows. Beside them, the popularity baseline's ratio on each dataset (from the
+once (same dataset, model, seed and test and validation scores, under whatever row name); runs trained with --unfitted-valid are their own rows. Beside them, the popularity baseline's ratio on each dataset (from the
 data a table names, where it is on this machine): how much easier or harder the test targets are by popularity alone.
 `python -m bench.valid_test [FOLDER]`."""
 from __future__ import annotations
@@ -33,10 +33,10 @@ def ratios(root: Path) -> tuple[dict[tuple[str, str], list[float]], dict[str, st
             for r in runs:
                 if "valid" not in r or "test" not in r:
                     continue
-                key = (d["dataset"], row, r["seed"], round(r["test"]["NDCG@10"], 6))
-                if key not in seen:
+                model = row.split(":")[0] + (" (--unfitted-valid)" if r.get("settings", {}).get("unfitted_valid") else "")
+                key = (d["dataset"], model, r["seed"], round(r["test"]["NDCG@10"], 6), round(r["valid"]["NDCG@10"], 6))
+                if key not in seen:  # by model, not row: a merged table may hold a run under a new row name
                     seen.add(key)
-                    model = row.split(":")[0] + (" (--unfitted-valid)" if r.get("settings", {}).get("unfitted_valid") else "")
                     out.setdefault((d["dataset"], model), []).append(r["test"]["NDCG@10"] / r["valid"]["NDCG@10"])
     return out, data
 

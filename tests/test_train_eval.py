@@ -299,9 +299,10 @@ def test_valid_test_ratios_count_a_run_that_two_tables_hold_once(tmp_path: Path)
     unfitted = run(0, 0.5, 0.45) | {"settings": {"unfitted_valid": True}}
     table = {"dataset": "d", "data": str(tmp_path / "nowhere"), "runs": {"sasrec": [run(0, 0.5, 0.4)], "holomamba:d_model=128": [run(0, 0.5, 0.3)],
                                                                           "gru4rec": [unfitted]}}
-    for folder in ("a", "b"):  # a merged table holds the same runs again
+    renamed = table | {"runs": {("holomamba" if k.startswith("holomamba") else k): v for k, v in table["runs"].items()}}
+    for folder, t in (("a", table), ("b", renamed)):  # a merged table holds the same runs again, one under a new row name
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / "accuracy_d_200ep.json").write_text(json.dumps(table))
+        (tmp_path / folder / "accuracy_d_200ep.json").write_text(json.dumps(t))
     (tmp_path / "a" / "accuracy_d_10ep.json").write_text(json.dumps(table | {"runs": {"sasrec": [run(1, 0.5, 0.1)]}}))  # not converged
     got, data = ratios(tmp_path)
     assert got == {("d", "sasrec"): [pytest.approx(0.8)], ("d", "holomamba"): [pytest.approx(0.6)],
