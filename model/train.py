@@ -116,8 +116,9 @@ EPOCHS, PATIENCE = 200, 10
 # the keep rule (bench/results/cpu-2026-12-06g-beauty, cpu-2026-12-07g-beauty). Together, validation NDCG@10 at seeds 0-4
 # 0.0583, 0.0589, 0.0574, 0.0584, 0.0584 against 0.0569, 0.0568, 0.0564, 0.0586, 0.0576: higher on 4 of 5, paired
 # +0.00105 ± 0.00084, above 2 sd / sqrt(5) = 0.00075, the rule written before the runs (bench/results/cpu-2026-12-07i-beauty).
-# SASRec given the longer average too (fairness; its dropout is its own grid's): validation NDCG@10 at seeds 0-4 0.0532, 0.0535, 0.0535, 0.0527, 0.0522
-# against 0.0527, 0.0524, 0.0518, 0.0522, 0.0521: higher on 5 of 5, paired +0.00078 ± 0.00063, above 2 sd / sqrt(5) = 0.00056, the same rule (same folder).
+# SASRec given the longer average too (fairness; its dropout is its own grid's): validation NDCG@10 at seeds 0-4 0.0532,
+# 0.0535, 0.0535, 0.0527, 0.0522 against 0.0527, 0.0524, 0.0518, 0.0522, 0.0521: higher on 5 of 5, paired +0.00078 ±
+# 0.00063, above 2 sd / sqrt(5) = 0.00056, the same rule (same folder).
 TUNED: dict[tuple[str, str], dict[str, float]] = {("holomamba", "s3rec"): {"lr": 2e-3, "dropout": 0.2, "weight_decay": 0.2, "ema": 0.9999,
                                                                            "ema_warmup": 5.0, "item_dropout": 0.2, "label_smoothing": 0.1, "batch_size": 64},
                                                   ("holomamba", "movielens"): {"lr": 2e-3, "dropout": 0.5, "item_dropout": 0.2},
