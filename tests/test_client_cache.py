@@ -122,6 +122,29 @@ def test_own_writes_are_kept_and_any_other_write_drops_them(namespace: str) -> N
     assert read() == value(9, b"theirs") and fetched == [k] * 6
 
 
+def test_a_closed_reporting_connection_is_noticed_at_the_next_read(namespace: str) -> None:
+    """Redis closing the reporting connection (here CLIENT KILL; a restart alike) is seen by the next read, whose
+    check for reports is one poll of that socket: the cache is dropped and bypassed, so a write made while no report
+    could arrive is read from Redis, and once the connection is back, reads are cached again."""
+    r = redis.Redis.from_url(REDIS_URL)
+    cache = connected_cache(namespace)
+    k = user_key(namespace, "u")
+    fetched: list[str] = []
+
+    def read() -> bytes | None:
+        return cache.get_many([k], lambda ks: fetched.extend(ks) or [r.get(x) for x in ks])[0]
+
+    r.set(k, b"old")
+    reports_read(cache, r, namespace)
+    assert read() == b"old" and read() == b"old" and fetched == [k]  # the second from the cache
+    host, port = cache.conn._sock.getsockname()[:2]  # type: ignore[union-attr]
+    assert r.client_kill(f"{host}:{port}")
+    r.set(k, b"new")  # no report can reach the cache now
+    assert read() == b"new" and cache.conn is None and fetched == [k, k]
+    wait_for("the reporting connection again", lambda: cache.get_many([], lambda ks: []) == [] and cache.conn is not None, 10)
+    assert read() == b"new" and read() == b"new" and fetched == [k] * 3
+
+
 def test_one_replica_reads_no_record_for_its_own_users_events(ckpt_dir: Path, namespace: str, counting_redis_url: str) -> None:
     """Over HTTP: on one replica, each event for a user it wrote last reads nothing from Redis (its compare-and-set's
     own GET is the only one); a second replica taking turns on another user loses none of its events."""
