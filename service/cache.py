@@ -137,7 +137,7 @@ class RecordCache:
             return False
         try:
             # Each drain reads until nothing is buffered, so an idle socket means no report: one poll, where
-            # redis-py's can_read builds a poller and an error message every call (3 calls an event: ~0.05 ms).
+            # redis-py's can_read builds a poller and an error message every call (three calls an event).
             # A closed or failed socket polls as ready, and can_read then raises.
             if self.poller.poll(0):
                 while self.conn.can_read(0):
