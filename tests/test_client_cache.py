@@ -123,9 +123,9 @@ def test_own_writes_are_kept_and_any_other_write_drops_them(namespace: str) -> N
 
 
 def test_a_closed_reporting_connection_is_noticed_at_the_next_read(namespace: str) -> None:
-    """Redis closing the reporting connection (here CLIENT KILL; a restart alike) is seen by the next read, whose
-    check for reports is one poll of that socket: the cache is dropped and bypassed, so a write made while no report
-    could arrive is read from Redis, and once the connection is back, reads are cached again."""
+    """Redis closing the reporting connection (here CLIENT KILL; a restart alike) is seen by the next read's check for
+    reports: the cache is dropped and bypassed, so a write made while no report could arrive is read from Redis, and
+    once the connection is back, reads are cached again."""
     r = redis.Redis.from_url(REDIS_URL)
     cache = connected_cache(namespace)
     k = user_key(namespace, "u")
