@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import redis
@@ -63,3 +65,15 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
     assert all(math.isfinite(v["ndcg10"]) for v in codecs.values())
 
     assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(f"holorec:{res['namespace']}*", count=1000))  # cleaned up
+
+
+def test_wakeup_bench_times_the_step_after_each_wait_and_leaves_no_busy_loop(tmp_path: Path) -> None:
+    """`python -m bench.wakeup`: a few rounds, every case timed, the busy loops it starts gone when it returns."""
+    from bench.wakeup import run
+
+    res = run(5, REDIS_URL)
+    assert set(res["step_after_us"]) == set(res["before_us"]) and len(res["step_after_us"]) == 5
+    assert all(v > 0 for v in [*res["step_after_us"].values(), *res["before_us"].values(), *res["ping_us"].values()])
+    assert len(res["ping_us"]) == 2
+    busy = subprocess.run(["pgrep", "-f", "^" + sys.executable + " -c while True: pass"], capture_output=True)
+    assert busy.returncode == 1, busy.stdout  # pgrep: nothing matched
