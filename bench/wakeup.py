@@ -2,12 +2,14 @@
 
 An event's parts cost more inside the service than alone in a loop (README: Serving over HTTP). The process waits
 twice per event, for the request and for Redis's reply to the compare-and-set, and on a virtual machine an idle
-wait can leave the CPU's caches to others and take long to wake from. Two measurements, medians over `rounds`:
+wait can leave the CPU's caches to others and take long to wake from. Three measurements, medians over `rounds`:
 - the packed step the service runs (model/fast_step.py, on `holorec bench serve`'s random-weight checkpoint) back
   to back, and right after each of: pure Python work (record decode and encode), a Redis PING, a 0.2 ms sleep, a
   pass over 2 MB of memory;
 - a Redis PING round trip with the other CPUs free to idle, and with one busy loop per CPU at nice 19 keeping them
-  awake (they yield to this process and to Redis).
+  awake (they yield to this process and to Redis);
+- one event at concurrency 1 through the service (uvicorn, one worker, as `holorec bench serve`'s load section
+  measures it, with the same breakdown from the service's own histograms), idle and awake taking turns.
 Nothing else should run meanwhile. Redis at 127.0.0.1:6379 (or --redis).
 """
 from __future__ import annotations
@@ -20,7 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +44,26 @@ def main() -> None:
 
 
 def run(rounds: int, redis_url: str) -> dict[str, Any]:
-    import redis
     import torch
 
     from bench.serve import N_ITEMS, make_checkpoint
-    from model.checkpoint import load
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "ck"
+        model = make_checkpoint(ckpt, N_ITEMS).model.eval()
+        out = _step_and_ping(model, rounds, redis_url)
+        out["event_c1"] = _event_c1(ckpt, redis_url, max(1, rounds // 3))
+    return out
+
+
+def _step_and_ping(model: Any, rounds: int, redis_url: str) -> dict[str, Any]:
+    import redis
+
     from model.fast_step import packed_step
     from model.state import pack
     from service import record as rec
 
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        make_checkpoint(Path(tmp) / "ck", N_ITEMS)
-        model = load(str(Path(tmp) / "ck")).model.eval()
     step = packed_step(model, "int8")
     if step is None:
         raise SystemExit("no packed step for this model (ONNX Runtime missing?)")
@@ -90,15 +101,57 @@ def run(rounds: int, redis_url: str) -> dict[str, Any]:
         out["before_us"][name] = statistics.median(o) / 1e3
         out["step_after_us"][name] = statistics.median(s) / 1e3
     out["ping_us"] = {"other CPUs free to idle": _median_us(ping, rounds)}
+    with awake():
+        out["ping_us"]["one nice-19 busy loop per CPU"] = _median_us(ping, rounds)
+    return out
+
+
+@contextmanager
+def awake() -> Iterator[None]:
+    """One busy loop per CPU at nice 19: no CPU goes idle, and any other process takes the CPU from them at once."""
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.nice(19))
                 for _ in range(os.cpu_count() or 1)]
     try:
         time.sleep(0.5)
-        out["ping_us"]["one nice-19 busy loop per CPU"] = _median_us(ping, rounds)
+        yield
     finally:
         for p in spinners:
             p.kill()
             p.wait()
+
+
+def _event_c1(ckpt: Path, redis_url: str, requests: int, repeats: int = 3) -> dict[str, Any]:
+    """One-event POSTs at concurrency 1, idle and awake in turn: per condition the median p50 and the breakdown
+    of all its requests (client mean, and from the service's histograms Redis, step and the rest), as ms."""
+    from bench.harness import Service
+    from bench.serve import N_ITEMS, _breakdown, _server_sums, clear_namespace, loadgen
+
+    ns = f"bench-wakeup-{uuid.uuid4().hex[:8]}"
+    p50: dict[str, list[float]] = {"idle": [], "awake": []}
+    runs: dict[str, list[dict[str, Any]]] = {"idle": [], "awake": []}
+    sums: dict[str, list[tuple[dict, dict]]] = {"idle": [], "awake": []}
+    try:
+        with Service(ckpt, redis_url, ns) as srv:
+            loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": N_ITEMS, "n_users": 2000,
+                     "concurrency": 4, "requests": 40, "seconds": 60})  # users with some history, as section_load's
+            for rep in range(repeats):
+                for cond in ("idle", "awake"):
+                    with awake() if cond == "awake" else nullcontext():
+                        before = _server_sums(srv.port)
+                        res = loadgen({"kind": "event", "concurrency": 1, "port": srv.port, "n_items": N_ITEMS,
+                                       "seed": 2 * rep + (cond == "awake"), "seconds": 30, "requests": requests})
+                        sums[cond].append((before, _server_sums(srv.port)))
+                    runs[cond].append(res)
+                    p50[cond].append(res["p50_ms"])
+    finally:
+        clear_namespace(redis_url, ns)
+    out: dict[str, Any] = {"requests_each": requests, "repeats": repeats}
+    for cond in ("idle", "awake"):
+        parts = [_breakdown(b, a, [r]) for (b, a), r in zip(sums[cond], runs[cond])]
+        n = [r["requests"] for r in runs[cond]]
+        mean = {k: sum(p[k] * w for p, w in zip(parts, n)) / sum(n) for k in parts[0] if k.endswith("_ms")}
+        mean["app_own_ms"] = mean["client_mean_ms"] - mean["redis_get_ms"] - mean["redis_cas_ms"] - mean["model_step_ms"]
+        out[cond] = {"p50_ms": statistics.median(p50[cond]), **mean}
     return out
 
 

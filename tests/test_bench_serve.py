@@ -68,12 +68,16 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
 
 
 def test_wakeup_bench_times_the_step_after_each_wait_and_leaves_no_busy_loop(tmp_path: Path) -> None:
-    """`python -m bench.wakeup`: a few rounds, every case timed, the busy loops it starts gone when it returns."""
+    """`python -m bench.wakeup`: a few rounds, every case timed (the service's events too), the busy loops it starts
+    gone when it returns."""
     from bench.wakeup import run
 
     res = run(5, REDIS_URL)
     assert set(res["step_after_us"]) == set(res["before_us"]) and len(res["step_after_us"]) == 5
     assert all(v > 0 for v in [*res["step_after_us"].values(), *res["before_us"].values(), *res["ping_us"].values()])
     assert len(res["ping_us"]) == 2
+    for cond in ("idle", "awake"):  # one event at c=1 through the service, with the service's own breakdown
+        e = res["event_c1"][cond]
+        assert e["p50_ms"] > 0 and e["client_mean_ms"] > 0 and e["model_step_ms"] > 0 and e["redis_cas_ms"] > 0 and "app_own_ms" in e
     busy = subprocess.run(["pgrep", "-f", "^" + sys.executable + " -c while True: pass"], capture_output=True)
     assert busy.returncode == 1, busy.stdout  # pgrep: nothing matched
