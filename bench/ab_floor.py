@@ -4,8 +4,10 @@ What `holorec bench serve`'s floor section measures (one event and one recommend
 GET /livez and a bare Redis GET and SET of a record-sized value), for both checkouts at once: both services run
 side by side (1 uvicorn worker each, the same Redis, random-weight HoloMambaRec over 3,706 items built by each
 checkout in its own format, 500 users warmed), and every round sends each service its requests in turn (the
-order swapped every round), so drift over the run hits both alike. Separate runs of section 0 on this machine
-differed by more than the changes being judged (bench/results/cpu-2026-12-05b/floor_ab_packed/README.md). A checkout is a
+order swapped every round), so drift over the run hits both alike; both services on one CPU and this client on
+another, where there are two, so neither side shares the client's CPU by chance (harness.split_cpus). Separate
+runs of section 0 on this machine differed by more than the changes being judged
+(bench/results/cpu-2026-12-05b/floor_ab_packed/README.md). A checkout is a
 directory holding this repository at some revision (`git worktree add DIR REV`); its own service code runs.
 `--set a|b NAME=VALUE` gives one side a setting (HOLOREC_NAME) the other lacks: `. . --set a access_log=true` compares
 two settings of one checkout.
@@ -25,7 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Service, side_settings
+from bench.harness import Service, on_cpus, side_settings, split_cpus
 from bench.serve import N_ITEMS, RawHTTP, clear_namespace
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -58,6 +60,7 @@ def run(dirs: list[Path], rounds: int, out: Path | None = None, settings: list[d
     names = [f"{'ab'[i]}-{uuid.uuid4().hex[:8]}" for i in range(2)]
     r = redis.Redis.from_url(REDIS)
     labels = ["a", "b"]  # dirs[0], dirs[1]
+    placement = split_cpus()  # both services on one CPU, this client on another: the same for both sides
     times: dict[str, dict[str, list[float]]] = {k: {} for k in labels}
     try:
         with ExitStack() as stack:
@@ -65,7 +68,7 @@ def run(dirs: list[Path], rounds: int, out: Path | None = None, settings: list[d
             for d, ns, extra in zip(dirs, names, settings or [{}, {}]):
                 ckpt = tmp / ns
                 subprocess.run([sys.executable, "-c", CHECKPOINT, str(ckpt)], cwd=d, check=True)
-                srv = stack.enter_context(Service(ckpt, REDIS, ns, log=tmp / f"{ns}.log", root=d, **extra))
+                srv = stack.enter_context(Service(ckpt, REDIS, ns, log=tmp / f"{ns}.log", root=d, cpus=placement[0] if placement else None, **extra))
                 with httpx.Client(base_url=srv.url, timeout=30) as c:
                     for u in range(USERS):
                         events = [{"user_id": f"f{u}", "item_id": f"item-{1 + j}"} for j in range(20)]
@@ -73,6 +76,7 @@ def run(dirs: list[Path], rounds: int, out: Path | None = None, settings: list[d
                 http = RawHTTP(srv.url)
                 stack.callback(http.close)
                 clients.append(http)
+            stack.enter_context(on_cpus(placement[1] if placement else None))
             record = r.get(user_key(names[0], "f0"))
             assert record is not None, "no record written"
             probe = f"holorec:{names[0]}:floor-probe"
@@ -96,7 +100,8 @@ def run(dirs: list[Path], rounds: int, out: Path | None = None, settings: list[d
     finally:
         for ns in names:
             clear_namespace(REDIS, ns)
-    result: dict[str, Any] = {"rounds": rounds, "record_bytes": len(record), "dirs": [str(d) for d in dirs], "settings": settings or [{}, {}]}
+    result: dict[str, Any] = {"rounds": rounds, "record_bytes": len(record), "dirs": [str(d) for d in dirs], "settings": settings or [{}, {}],
+                              "cpus": {"services": sorted(placement[0]), "client": sorted(placement[1])} if placement else None}
     for label, t in times.items():
         p50 = {k: statistics.median(v) for k, v in t.items()}
         result[label] = {"p50_ms": p50, "event_adds_ms": p50["event"] - p50["livez"] - p50["redis_get"] - p50["redis_set"],

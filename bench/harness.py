@@ -16,7 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -162,13 +163,36 @@ def side_settings(pairs: list[list[str]]) -> list[dict[str, str]]:
     return sides
 
 
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """A CPU for the service and another for the client timing it one request at a time; None with fewer than two.
+    Left to the scheduler, the two share a CPU in some runs and not in others, and on a 2-CPU VM that moved GET
+    /livez at c=1 from 0.054 to 0.110 ms and GET /recommend from 0.615 to 0.549 (bench/results/cpu-2026-12-07j-serve):
+    apart, as a client on another machine would be, every run measures the same thing."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return ({cpus[0]}, {cpus[1]}) if len(cpus) >= 2 else None
+
+
+@contextmanager
+def on_cpus(cpus: set[int] | None) -> Iterator[None]:
+    """The calling thread (and processes it starts) on `cpus` meanwhile; None: as it is."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 class Service:
     """holorec's app under real uvicorn in a subprocess (its own process group), configured by HOLOREC_*
     variables: `settings` become HOLOREC_<NAME>. /metrics sums every worker (PROMETHEUS_MULTIPROC_DIR). `root`: the
-    checkout whose service runs (bench/ab_floor.py runs two)."""
+    checkout whose service runs (bench/ab_floor.py runs two). `cpus`: the service's processes run on these only."""
 
     def __init__(self, checkpoint: Path, redis_url: str | None, namespace: str, *, workers: int = 1, log: Path | None = None,
-                 wait: bool = True, root: Path = ROOT, **settings: object) -> None:
+                 wait: bool = True, root: Path = ROOT, cpus: set[int] | None = None, **settings: object) -> None:
         self.port, self.workers = free_port(), workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_dir = tempfile.mkdtemp(prefix="holorec-metrics-")
@@ -179,7 +203,8 @@ class Service:
                "--port", str(self.port), "--workers", str(workers), "--log-level", "info",
                *([] if str(settings.get("access_log")).lower() in ("true", "1") else ["--no-access-log"])]  # log level and access log as `holorec serve` runs them
         self.log: IO[Any] | int = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         if wait:
             self.wait_ready()
 

@@ -473,7 +473,8 @@ def section_floor(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[
     """One event and one recommendation against the floor, interleaved request by request so drift hits all alike:
     GET /livez (the HTTP floor) and a bare GET and SET of a value the size of the user's stored record (the Redis floor).
     The same recommendation again, with no write between, is what a repeated read costs (no round trip, no decode).
-    Requests are encoded before the clock starts (RawHTTP)."""
+    Requests are encoded before the clock starts (RawHTTP). The service and this client each on a CPU of their own
+    where there are two (harness.split_cpus)."""
     import httpx
     import redis
 
@@ -483,7 +484,8 @@ def section_floor(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[
     rng = random.Random(0)
     r = redis.Redis.from_url(redis_url)
     times: dict[str, list[float]] = {k: [] for k in ("livez", "event", "recommend", "recommend_again", "redis_get", "redis_set")}
-    with Service(ckpt_dir, redis_url, ns) as srv:
+    placement = harness.split_cpus()
+    with Service(ckpt_dir, redis_url, ns, cpus=placement[0] if placement else None) as srv, harness.on_cpus(placement[1] if placement else None):
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             for u in range(users):  # every user has a history, so a recommendation is scored from state
                 assert c.post("/events", json={"events": [{"user_id": f"f{u}", "item_id": f"item-{1 + j}"} for j in range(20)]}).status_code == 200
@@ -512,6 +514,7 @@ def section_floor(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[
         http.close()
     p50 = {k: statistics.median(v) for k, v in times.items()}
     return {"requests_each": n, "record_bytes": len(record), "p50_ms": p50, "client": "RawHTTP (pre-encoded requests)",
+            "cpus": {"service": sorted(placement[0]), "client": sorted(placement[1])} if placement else None,
             "event_adds_ms": p50["event"] - p50["livez"] - p50["redis_get"] - p50["redis_set"],
             "recommend_adds_ms": p50["recommend"] - p50["livez"] - p50["redis_get"],
             "repeat_recommend_adds_ms": p50["recommend_again"] - p50["livez"]}

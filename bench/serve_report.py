@@ -25,7 +25,10 @@ def markdown(res: dict[str, Any]) -> str:
                   f"{fl['requests_each']} rounds, each: GET /livez, POST /events (1 event), GET /recommend (3,706 items, top 10) twice "
                   "(the second with no write between: served from the client-side cache, its record not decoded again), and a bare "
                   f"Redis GET and SET of a {fl['record_bytes']:,}-byte value (the size of a stored record), from one client (HTTP: "
-                  "requests encoded before the clock starts, answers read by Content-Length over one keep-alive socket); medians in ms.", "",
+                  "requests encoded before the clock starts, answers read by Content-Length over one keep-alive socket); medians in ms. "
+                  + (f"The service ran on CPU {fl['cpus']['service']} and the client on CPU {fl['cpus']['client']} (apart, as a client on "
+                     "another machine; left to the scheduler, whether they share a CPU moves these figures from run to run)."
+                     if fl.get("cpus") else "The service and the client ran wherever the scheduler put them."), "",
                   "| GET /livez | POST /events | GET /recommend | again | Redis GET | Redis SET | event adds (event - livez - GET - SET) "
                   "| recommendation adds (recommend - livez - GET) | repeat adds (again - livez) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
                   f"| {_f(p['livez'], 3)} | {_f(p['event'], 3)} | {_f(p['recommend'], 3)} | {_f(p['recommend_again'], 3)} | {_f(p['redis_get'], 3)} "

@@ -8,18 +8,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import redis
 
+from bench.harness import Service, make_checkpoint, on_cpus, split_cpus
 from tests.conftest import REDIS_URL
 
 
 def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
     from bench.serve import run
 
+    before = os.sched_getaffinity(0)
     res = run(argparse.Namespace(out=str(tmp_path), quick=True, redis_url=REDIS_URL, epochs=1))
     assert json.loads((tmp_path / "serve.json").read_text())["quick"] is True
     md = (tmp_path / "serve.md").read_text()
@@ -48,6 +51,9 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
     fl = res["floor"]  # the black-box check: every request answered, the floor and the service side by side
     assert fl["record_bytes"] > 0 and set(fl["p50_ms"]) == {"livez", "event", "recommend", "recommend_again", "redis_get", "redis_set"}
     assert fl["p50_ms"]["event"] > fl["p50_ms"]["livez"] and "## 0. What the service adds" in md
+    placement = split_cpus()  # the service and the client each on a CPU of their own, where there are two
+    assert fl["cpus"] == ({"service": sorted(placement[0]), "client": sorted(placement[1])} if placement else None)
+    assert os.sched_getaffinity(0) == before  # the client's CPU given back
     for case in ("recommend", "event"):  # the section ran; a sampler on a shared machine may catch nothing, and then says why
         prof = res["profile"]["cases"][case]
         if prof.get("absent"):
@@ -81,3 +87,14 @@ def test_wakeup_bench_times_the_step_after_each_wait_and_leaves_no_busy_loop(tmp
         assert e["p50_ms"] > 0 and e["client_mean_ms"] > 0 and e["model_step_ms"] > 0 and e["redis_cas_ms"] > 0 and "app_own_ms" in e
     busy = subprocess.run(["pgrep", "-f", "^" + sys.executable + " -c while True: pass"], capture_output=True)
     assert busy.returncode == 1, busy.stdout  # pgrep: nothing matched
+
+
+def test_a_pinned_service_runs_on_its_cpus_and_a_pinned_client_gets_its_own_back(tmp_path: Path) -> None:
+    """harness.Service(cpus=...) and on_cpus: what the floor section and bench/ab_floor.py pin."""
+    cpus = sorted(os.sched_getaffinity(0))
+    before = set(cpus)
+    with Service(make_checkpoint(tmp_path / "ck"), REDIS_URL, "pinned-" + os.urandom(4).hex(), cpus={cpus[-1]}) as srv:
+        assert os.sched_getaffinity(srv.proc.pid) == {cpus[-1]}
+    with on_cpus({cpus[0]}):
+        assert os.sched_getaffinity(0) == {cpus[0]}
+    assert os.sched_getaffinity(0) == before
