@@ -24,6 +24,7 @@ starts from a random revision, service/record.py next_revision, so an old guess 
 """
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections import OrderedDict
@@ -46,6 +47,7 @@ class RecordCache:
         for result in ("hit", "miss"):  # exported at 0 from the start, so a hit ratio is defined before the first miss
             labelled(RECORD_CACHE, result)
         self.conn: redis.Connection | None = None
+        self.poller = select.poll()  # registered on conn's socket: whether a report has arrived, in one system call
         self.generation, self.retry_at, self.connecting = 0, 0.0, False  # generation: connections made so far
         with self.lock:
             self._drain()  # starts connecting
@@ -134,10 +136,15 @@ class RecordCache:
                 threading.Thread(target=self._connect, name="holorec-record-cache", daemon=True).start()
             return False
         try:
-            while self.conn.can_read(0):  # type: ignore[union-attr]
-                msg = self.conn.read_response()  # type: ignore[union-attr]
+            # Each drain reads until nothing is buffered, so an idle socket means no report: one poll, where
+            # redis-py's can_read builds a poller and an error message every call (three calls an event).
+            # A closed or failed socket polls as ready too, and read_response then raises.
+            ready = bool(self.poller.poll(0))
+            while ready:
+                msg = self.conn.read_response()
                 if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message":
                     self._invalidate(msg[2])
+                ready = self.conn.can_read(0)  # a report already read from the socket, or another arrived
             return True
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             self._drop()
@@ -184,6 +191,8 @@ class RecordCache:
                 self.connecting, self.retry_at = False, time.monotonic() + 1.0
             return
         with self.lock:
+            self.poller = select.poll()
+            self.poller.register(conn._sock, select.POLLIN)  # type: ignore[attr-defined]
             self.conn, self.generation, self.connecting = conn, self.generation + 1, False
 
     def _drop(self) -> None:
