@@ -165,9 +165,9 @@ def side_settings(pairs: list[list[str]]) -> list[dict[str, str]]:
 
 def split_cpus() -> tuple[set[int], set[int]] | None:
     """A CPU for the service and another for the client timing it one request at a time; None with fewer than two.
-    Left to the scheduler, the two share a CPU in some runs and not in others, and on a 2-CPU VM that moved GET
-    /livez at c=1 from 0.054 to 0.110 ms and GET /recommend from 0.615 to 0.549 (bench/results/cpu-2026-12-07j-serve):
-    apart, as a client on another machine would be, every run measures the same thing."""
+    Left to the scheduler, the two share a CPU in some runs and not in others: on a 2-CPU VM, bench/ab_floor.py's two
+    services answered GET /livez, the same code on both sides, in 0.107 and 0.177 ms in one run
+    (bench/results/cpu-2026-12-07j-serve). Apart, as a client on another machine would be, every run measures the same."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return ({cpus[0]}, {cpus[1]}) if len(cpus) >= 2 else None
 
