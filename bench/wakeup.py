@@ -60,6 +60,7 @@ def run(rounds: int, redis_url: str) -> dict[str, Any]:
 def _step_and_ping(model: Any, rounds: int, redis_url: str) -> dict[str, Any]:
     import redis
 
+    from bench.serve import _median_ms
     from model.fast_step import packed_step
     from model.state import pack
     from service import record as rec
@@ -100,9 +101,9 @@ def _step_and_ping(model: Any, rounds: int, redis_url: str) -> dict[str, Any]:
     for name, (o, s) in times.items():
         out["before_us"][name] = statistics.median(o) / 1e3
         out["step_after_us"][name] = statistics.median(s) / 1e3
-    out["ping_us"] = {"other CPUs free to idle": _median_us(ping, rounds)}
+    out["ping_us"] = {"other CPUs free to idle": _median_ms(ping, rounds) * 1e3}
     with awake():
-        out["ping_us"]["one nice-19 busy loop per CPU"] = _median_us(ping, rounds)
+        out["ping_us"]["one nice-19 busy loop per CPU"] = _median_ms(ping, rounds) * 1e3
     return out
 
 
@@ -127,7 +128,6 @@ def _event_c1(ckpt: Path, redis_url: str, requests: int, repeats: int = 3) -> di
     from bench.serve import N_ITEMS, _breakdown, _server_sums, clear_namespace, loadgen
 
     ns = f"bench-wakeup-{uuid.uuid4().hex[:8]}"
-    p50: dict[str, list[float]] = {"idle": [], "awake": []}
     runs: dict[str, list[dict[str, Any]]] = {"idle": [], "awake": []}
     sums: dict[str, list[tuple[dict, dict]]] = {"idle": [], "awake": []}
     try:
@@ -142,7 +142,6 @@ def _event_c1(ckpt: Path, redis_url: str, requests: int, repeats: int = 3) -> di
                                        "seed": 2 * rep + (cond == "awake"), "seconds": 30, "requests": requests})
                         sums[cond].append((before, _server_sums(srv.port)))
                     runs[cond].append(res)
-                    p50[cond].append(res["p50_ms"])
     finally:
         clear_namespace(redis_url, ns)
     out: dict[str, Any] = {"requests_each": requests, "repeats": repeats}
@@ -151,17 +150,8 @@ def _event_c1(ckpt: Path, redis_url: str, requests: int, repeats: int = 3) -> di
         n = [r["requests"] for r in runs[cond]]
         mean = {k: sum(p[k] * w for p, w in zip(parts, n)) / sum(n) for k in parts[0] if k.endswith("_ms")}
         mean["app_own_ms"] = mean["client_mean_ms"] - mean["redis_get_ms"] - mean["redis_cas_ms"] - mean["model_step_ms"]
-        out[cond] = {"p50_ms": statistics.median(p50[cond]), **mean}
+        out[cond] = {"p50_ms": statistics.median(r["p50_ms"] for r in runs[cond]), **mean}
     return out
-
-
-def _median_us(fn: Callable[[], None], n: int) -> float:
-    xs = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        fn()
-        xs.append(time.perf_counter_ns() - t0)
-    return statistics.median(xs) / 1e3
 
 
 if __name__ == "__main__":
