@@ -43,7 +43,8 @@ def main() -> None:
         args.out.write_text(json.dumps(res, indent=1))
 
 
-def run(rounds: int, redis_url: str) -> dict[str, Any]:
+def run(rounds: int, redis_url: str, repeats: int = 3) -> dict[str, Any]:
+    """`repeats`: rounds of the service's idle and awake event runs (the smoke test runs one)."""
     import torch
 
     from bench.serve import N_ITEMS, make_checkpoint
@@ -53,7 +54,7 @@ def run(rounds: int, redis_url: str) -> dict[str, Any]:
         ckpt = Path(tmp) / "ck"
         model = make_checkpoint(ckpt, N_ITEMS).model.eval()
         out = _step_and_ping(model, rounds, redis_url)
-        out["event_c1"] = _event_c1(ckpt, redis_url, max(1, rounds // 3))
+        out["event_c1"] = _event_c1(ckpt, redis_url, max(1, rounds // 3), repeats)
     return out
 
 

@@ -78,7 +78,7 @@ def test_wakeup_bench_times_the_step_after_each_wait_and_leaves_no_busy_loop(tmp
     gone when it returns."""
     from bench.wakeup import run
 
-    res = run(5, REDIS_URL)
+    res = run(5, REDIS_URL, repeats=1)
     assert set(res["step_after_us"]) == set(res["before_us"]) and len(res["step_after_us"]) == 5
     assert all(v > 0 for v in [*res["step_after_us"].values(), *res["before_us"].values(), *res["ping_us"].values()])
     assert len(res["ping_us"]) == 2
