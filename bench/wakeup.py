@@ -9,7 +9,10 @@ wait can leave the CPU's caches to others and take long to wake from. Three meas
 - a Redis PING round trip with the other CPUs free to idle, and with one busy loop per CPU at nice 19 keeping them
   awake (they yield to this process and to Redis);
 - one event at concurrency 1 through the service (uvicorn, one worker, as `holorec bench serve`'s load section
-  measures it, with the same breakdown from the service's own histograms), idle and awake taking turns.
+  measures it, with the same breakdown from the service's own histograms), idle and awake taking turns;
+- the event's own pieces of Python work warm, back to back (`parts_us`: a record at the default settings decoded
+  and encoded, the window's push and the seen filter's update, the body parsed and validated, the answer's JSON, one
+  turn of the event loop): what trimming them could save at most, against the app's own time in the service.
 Nothing else should run meanwhile. Redis at 127.0.0.1:6379 (or --redis).
 """
 from __future__ import annotations
@@ -54,6 +57,8 @@ def run(rounds: int, redis_url: str, repeats: int = 3) -> dict[str, Any]:
         ckpt = Path(tmp) / "ck"
         model = make_checkpoint(ckpt, N_ITEMS).model.eval()
         out = _step_and_ping(model, rounds, redis_url)
+        out["parts_us"] = _parts(model, rounds)
+        out["parts_sum_us"] = sum(out["parts_us"].values())
         out["event_c1"] = _event_c1(ckpt, redis_url, max(1, rounds // 3), repeats)
     return out
 
@@ -106,6 +111,51 @@ def _step_and_ping(model: Any, rounds: int, redis_url: str) -> dict[str, Any]:
     with awake():
         out["ping_us"]["one nice-19 busy loop per CPU"] = _median_ms(ping, rounds) * 1e3
     return out
+
+
+def _parts(model: Any, rounds: int) -> dict[str, float]:
+    """Median µs of each piece of an event's own Python work, warm, the pieces taking turns (ten calls a round)."""
+    import asyncio
+
+    import uvloop
+
+    from model.seen import SeenFilter
+    from model.state import pack
+    from service import record as rec
+    from service.api import EVENTS_IN, json_bytes, parse_body
+    from service.settings import Settings
+
+    s = Settings.model_fields
+    slots, dedup, seen_bytes = (s[k].default for k in ("history_slots", "dedup_slots", "seen_filter_bytes"))
+    record = rec.empty("v", "int8", slots, dedup, seen_bytes, model.config.d_model, pack(model.init_state(1), "int8")[0])
+    blob, seen = rec.encode(record), SeenFilter([f"item-{i}" for i in range(1, model.config.n_items + 1)], seen_bytes)
+    body = json.dumps({"events": [{"user_id": "u1", "item_id": "item-5"}]}).encode()
+    answer = {"applied": 1, "duplicate": 0, "unknown": 0, "unknown_items": []}
+
+    async def turns(n: int) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0)
+
+    loop = uvloop.new_event_loop()
+    parts: dict[str, tuple[Callable[[], Any], int]] = {  # (a call, the pieces it does)
+        "record decode": (lambda: [rec.decode(blob, "v", model.config.d_model) for _ in range(10)], 10),
+        "record encode": (lambda: [rec.encode(record) for _ in range(10)], 10),
+        "window push": (lambda: [record.push(7) for _ in range(10)], 10),
+        "seen filter update": (lambda: [seen.add(record.seen_filter, [7]) for _ in range(10)], 10),
+        "body parsed and validated": (lambda: [EVENTS_IN.validate_python(parse_body(body)) for _ in range(10)], 10),
+        "answer JSON": (lambda: [json_bytes(answer) for _ in range(10)], 10),
+        # starting a coroutine on the loop costs tens of turns: enough turns per call to make it small
+        "a turn of the event loop (uvloop)": (lambda: loop.run_until_complete(turns(500)), 500)}
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    try:
+        for _ in range(rounds):
+            for name, (fn, n) in parts.items():
+                t0 = time.perf_counter_ns()
+                fn()
+                times[name].append((time.perf_counter_ns() - t0) / n)
+    finally:
+        loop.close()
+    return {k: statistics.median(v) / 1e3 for k, v in times.items()}
 
 
 @contextmanager

@@ -82,6 +82,8 @@ def test_wakeup_bench_times_the_step_after_each_wait_and_leaves_no_busy_loop(tmp
     assert set(res["step_after_us"]) == set(res["before_us"]) and len(res["step_after_us"]) == 5
     assert all(v > 0 for v in [*res["step_after_us"].values(), *res["before_us"].values(), *res["ping_us"].values()])
     assert len(res["ping_us"]) == 2
+    assert len(res["parts_us"]) == 7 and all(v > 0 for v in res["parts_us"].values())
+    assert res["parts_sum_us"] == sum(res["parts_us"].values())
     for cond in ("idle", "awake"):  # one event at c=1 through the service, with the service's own breakdown
         e = res["event_c1"][cond]
         assert e["p50_ms"] > 0 and e["client_mean_ms"] > 0 and e["model_step_ms"] > 0 and e["redis_cas_ms"] > 0 and "app_own_ms" in e
