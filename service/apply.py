@@ -111,14 +111,13 @@ class Applier:
             r, expected = x.record, x.revision
             r.state, r.vector, r.updated_at, r.revision = blobs[i], vec[i], now, rec.next_revision(expected)
             writes.append((self.records.key(users[i]), expected, self.records.encode(r)))
-        oks = self.store.cas_many(writes, self.s.state_ttl_s, cached=True)
+        oks = self.store.cas_many(writes, self.s.state_ttl_s, cached=True, users_key=self.records.users_key)
         failed: list[str] = []
-        created = n_applied = n_duplicate = 0
+        n_applied = n_duplicate = 0
         for i, ok in enumerate(oks):
             if not ok:
                 failed.append(users[i])
                 continue
-            created += loaded[i].revision == 0
             for req, applied in outcomes[i]:
                 if applied:
                     results[req].applied += 1
@@ -129,7 +128,6 @@ class Applier:
         for outcome, n in (("applied", n_applied), ("duplicate", n_duplicate)):
             if n:
                 labelled(EVENTS, outcome).inc(n)
-        self.records.count_users(created)
         return failed
 
     @torch.inference_mode()
@@ -184,17 +182,15 @@ class Applier:
             self.records.mark_seen(r, histories[i])
             r.applied, r.last_event_ts, r.state, r.vector = len(histories[i]), epoch_seconds(last_ts[i]), packed[j], vec[j].numpy()
         expected = {i: 0 if blobs[i] is None else rec.stored_revision(blobs[i]) for i in todo}  # type: ignore[arg-type]
-        written = created = 0
+        written = 0
         for _ in range(self.s.cas_retries if overwrite else 1):
             writes = [(key(user_ids[i]), expected[i], self.records.encode(bumped(records[i], expected[i]))) for i in todo]
-            oks = self.store.cas_many(writes, self.s.state_ttl_s)
+            oks = self.store.cas_many(writes, self.s.state_ttl_s, users_key=self.records.users_key)
             written += sum(oks)
-            created += sum(ok and expected[i] == 0 for i, ok in zip(todo, oks))
             todo = [i for i, ok in zip(todo, oks) if not ok]  # without overwrite: created meanwhile, so kept
             if not todo:
                 break
             for i, blob in zip(todo, self.store.get_many([key(user_ids[i]) for i in todo])):
                 expected[i] = 0 if blob is None else rec.stored_revision(blob)
             CAS_CONFLICTS.inc(len(todo))
-        self.records.count_users(created)
         return written

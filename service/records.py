@@ -52,6 +52,7 @@ class Records:
         self.seen = SeenFilter(ckpt.items, settings.seen_filter_bytes) if settings.seen_filter_bytes else None
         self.vocabs: dict[str, list[str]] = {self.version: ckpt.items}
         self.vocab_checked = -math.inf  # when this model's vocabulary was last seen in the store
+        self.users_key = user_count_key(settings.namespace)  # the users_seen counter: writes that create a record add to it (store.cas_many)
         # key -> (the stored value, its record as read): a recommendation read through the client-side cache gets the
         # very bytes object it got last time while Redis reports no write, and then needs no decode (read only). Only
         # with that cache: without it (a Cluster, the embedded store) every read is a new object, or not worth the memory.
@@ -178,10 +179,6 @@ class Records:
         return sum(self.store.cas_many(rewrites, self.s.state_ttl_s)) if rewrites else 0
 
     # --- users ---------------------------------------------------------------------------
-    def count_users(self, created: int) -> None:
-        if created:
-            USERS_SEEN.set(self.store.incr(user_count_key(self.s.namespace), created))
-
     def user_meta(self, user_id: str) -> dict | None:
         blob = self.store.get(self.key(user_id))
         if blob is None:
@@ -204,7 +201,7 @@ class Records:
     def delete(self, user_id: str) -> bool:
         existed = self.store.delete(self.key(user_id))
         if existed:
-            USERS_SEEN.set(self.store.incr(user_count_key(self.s.namespace), -1))
+            USERS_SEEN.set(self.store.incr(self.users_key, -1))
         return existed
 
 

@@ -36,17 +36,21 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from service.cache import RecordCache
-from service.metrics import REDIS_LATENCY, labelled
+from service.metrics import REDIS_LATENCY, USERS_SEEN, labelled
 from service.record import REVISION_OFFSET, stored_revision
 
-# KEYS: records; ARGV[1] TTL s (0: none); then per key i, ARGV[2i] the 8 revision bytes expected at the record's
-# REVISION_OFFSET (all zero: absent or revision 0; empty: a value too short to hold them, i.e. corrupt) and ARGV[2i+1]
-# the new value. -> 1 (written) or 0 per key. Each key is compared and set on its own: atomically per user, as the
-# whole script runs without interruption. Revisions are compared as bytes: Lua numbers are doubles, exact only to
-# 2^53, and a corrupt record can hold any 64-bit revision. Lua strings and tables count from 1.
+# KEYS: n records, then optionally a counter; ARGV[1] TTL s (0: none); then per record i, ARGV[2i] the 8 revision bytes
+# expected at the record's REVISION_OFFSET (all zero: absent or revision 0; empty: a value too short to hold them, i.e.
+# corrupt) and ARGV[2i+1] the new value. -> 1 (written) or 0 per record; with a counter, then the counter's new value
+# after adding the records this call created, or -1 if it created none (the counter untouched). Each record is
+# compared and set on its own: atomically per user, as the whole script runs without interruption. Revisions are
+# compared as bytes: Lua numbers are doubles, exact only to 2^53, and a corrupt record can hold any 64-bit revision.
+# Lua strings and tables count from 1.
 CAS_SCRIPT = f"""
 local ttl, absent, out = tonumber(ARGV[1]), string.rep(string.char(0), 8), {{}}
-for i, key in ipairs(KEYS) do
+local n, created = (#ARGV - 1) / 2, 0
+for i = 1, n do
+  local key = KEYS[i]
   local cur, rev = redis.call('GET', key), absent
   if cur then
     if string.len(cur) < {REVISION_OFFSET + 8} then rev = '' else rev = string.sub(cur, {REVISION_OFFSET + 1}, {REVISION_OFFSET + 8}) end
@@ -55,7 +59,11 @@ for i, key in ipairs(KEYS) do
   if rev == ARGV[2 * i] then
     if ttl > 0 then redis.call('SET', key, ARGV[2 * i + 1], 'EX', ttl) else redis.call('SET', key, ARGV[2 * i + 1]) end
     out[i] = 1
+    if not cur then created = created + 1 end
   end
+end
+if #KEYS > n then
+  if created > 0 then out[n + 1] = redis.call('INCRBY', KEYS[n + 1], created) else out[n + 1] = -1 end
 end
 return out
 """
@@ -74,7 +82,7 @@ class StateStore(Protocol):
     kind: str
 
     def get_many(self, keys: Sequence[str], cached: bool = False, ours: bool = False) -> list[bytes | None]: ...
-    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None, cached: bool = False) -> list[bool]: ...
+    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None, cached: bool = False, users_key: str | None = None) -> list[bool]: ...
     def delete(self, key: str) -> bool: ...
     def get(self, key: str) -> bytes | None: ...
     def set(self, key: str, value: bytes) -> None: ...
@@ -203,25 +211,34 @@ class RedisStore:
             pipe.get(k)
         return pipe.execute()
 
-    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None, cached: bool = False) -> list[bool]:
-        """`cached`: what was written stays in the client-side cache as the guess for this process's next event."""
+    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None, cached: bool = False,
+                 users_key: str | None = None) -> list[bool]:
+        """`cached`: what was written stays in the client-side cache as the guess for this process's next event.
+        `users_key`: the namespace's user counter, to which the records this call creates are added, and the
+        users_seen gauge set to its new value; on plain Redis inside the same script, so a new user's first event
+        costs no round trip more than any other (on a cluster, where the counter is in another slot, one INCRBY)."""
         cache = self.cache if cached else None
         started = cache.writing([k for k, _, _ in writes]) if cache else None
-        oks = [False] * len(writes)
+        oks, users = [False] * len(writes), -1
         try:
             args = [(key, b"" if expected < 0 else struct.pack("<Q", expected), value) for key, expected, value in writes]
             with self._op("cas"):
                 if not self.cluster:
-                    keys, pairs = [a[0] for a in args], [x for a in args for x in a[1:]]
-                    oks = [bool(x) for x in self._command("EVAL", CAS_SCRIPT, len(keys), *keys, ttl_s or 0, *pairs)]  # type: ignore[attr-defined]
+                    keys, pairs = [a[0] for a in args] + ([users_key] if users_key else []), [x for a in args for x in a[1:]]
+                    reply = self._command("EVAL", CAS_SCRIPT, len(keys), *keys, ttl_s or 0, *pairs)
+                    oks, users = [bool(x) for x in reply[: len(args)]], (reply[len(args)] if users_key else -1)  # type: ignore[index]
                 else:
                     pipe = self.r.pipeline(transaction=False)
                     for key, expected_bytes, value in args:
                         pipe.execute_command("EVAL", CAS_SCRIPT, 1, key, ttl_s or 0, expected_bytes, value)
                     oks = [bool(x[0]) for x in pipe.execute()]
+            if users_key and self.cluster and (created := sum(ok and expected == 0 for ok, (_, expected, _) in zip(oks, writes))):
+                users = self.incr(users_key, created)
         finally:
             if cache:
                 cache.written(started, [(k, v) for k, _, v in writes], oks)  # type: ignore[arg-type]
+        if users >= 0:
+            USERS_SEEN.set(users)
         return oks
 
     def delete(self, key: str) -> bool:
@@ -276,8 +293,9 @@ class MemoryStore:
         with self.lock:
             return [self._live(k) for k in keys]
 
-    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None, cached: bool = False) -> list[bool]:
-        out = []
+    def cas_many(self, writes: Sequence[tuple[str, int, bytes]], ttl_s: int | None, cached: bool = False,
+                 users_key: str | None = None) -> list[bool]:
+        out, created = [], 0
         with self.lock:
             for key, expected, value in writes:
                 cur = self._live(key)
@@ -285,7 +303,10 @@ class MemoryStore:
                 ok = rev == expected
                 if ok:
                     self.data[key] = (value, time.time() + ttl_s if ttl_s else None)
+                    created += cur is None
                 out.append(ok)
+        if users_key and created:
+            USERS_SEEN.set(self.incr(users_key, created))
         return out
 
     def delete(self, key: str) -> bool:

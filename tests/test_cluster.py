@@ -11,7 +11,7 @@ from redis.cluster import key_slot
 
 from bench.faults import concurrency
 from bench.harness import RedisClusterServers, Service, make_checkpoint
-from service.store import RedisStore, user_key
+from service.store import RedisStore, user_count_key, user_key
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,17 @@ def test_store_on_cluster_spreads_users_and_keeps_each_in_one_slot(cluster: Redi
     assert store.cas_many([(k, 0, b"HREC" + bytes(4) + (1).to_bytes(8, "little") + b"v1") for k in keys], None) == [True] * len(keys)
     assert store.get_many(keys) == [b"HREC" + bytes(4) + (1).to_bytes(8, "little") + b"v1"] * len(keys)  # no cross-slot MGET
     assert store.cas_many([(keys[0], 0, b"x" * 16), (keys[1], 1, b"HREC" + bytes(4) + (2).to_bytes(8, "little"))], None) == [False, True]
+    new, counter = [user_key("cl", "new-1"), user_key("cl", "new-2")], user_count_key("cl")  # the counter: another slot, so an INCRBY
+    writes = [(new[0], 0, b"HREC" + bytes(4) + (1).to_bytes(8, "little")), (new[1], 0, b"HREC" + bytes(4) + (1).to_bytes(8, "little")),
+              (keys[2], 1, b"HREC" + bytes(4) + (2).to_bytes(8, "little"))]
+    assert store.cas_many(writes, None, users_key=counter) == [True, True, True] and int(store.get(counter)) == 2  # two created
+    assert store.cas_many([(new[0], 1, b"HREC" + bytes(4) + (2).to_bytes(8, "little"))], None, users_key=counter) == [True]
+    assert int(store.get(counter)) == 2
     assert key_slot(keys[0].encode()) == key_slot(b"{u:user-0}")  # the hash tag decides the slot
     owners = {cluster.client().get_node_from_key(k).port for k in keys}
     assert len(owners) == 3  # 31 users land on every master
     assert store.get("holorec:cl:vocab:x") is None and store.ping()
-    for k in keys:
+    for k in [*keys, *new, counter]:
         store.delete(k)
 
 

@@ -124,3 +124,53 @@ def test_one_compare_and_set_script_writes_a_batch_key_by_key(namespace: str, co
     assert [r.get(k) for k in keys] == [value(1, b"n"), value(4, b"a2"), value(5, b"b"), b"HR", value(1, b"c2")]
     assert [0 < r.ttl(k) <= 100 for k in keys] == [True, True, False, False, True]
     assert store.cas_many([(keys[0], 1, value(2, b"n2"))], None) == [True] and r.ttl(keys[0]) == -1  # no TTL: none kept
+
+
+def test_a_new_users_first_event_counts_the_user_inside_the_compare_and_set(ckpt_dir, namespace: str, counting_redis_url: str) -> None:
+    """The users_seen counter moves in the same script as the write that creates the record (KEYS ends with the
+    counter): a new user's first event makes no round trip of its own for it (it made an INCRBY after the
+    compare-and-set before), as MONITOR on a Redis of this process's own shows; a batch adds all it created at once,
+    later events and lost compare-and-sets add nothing."""
+    import redis
+
+    from model.checkpoint import load
+    from service.engine import Engine, Event
+    from service.metrics import USERS_SEEN
+    from service.settings import Settings
+    from service.store import RedisStore, user_count_key, user_key
+
+    r = redis.Redis.from_url(counting_redis_url)
+    engine = Engine(load(ckpt_dir), RedisStore(counting_redis_url), Settings(checkpoint=str(ckpt_dir), namespace=namespace))
+    item, users = engine.ckpt.items[0], user_count_key(namespace)
+    r.set(users, 10)  # users created before
+
+    def commands_on_counter(events: list[list[Event]]) -> list[tuple[str, str]]:
+        """(client type, command) of every command that touched the counter while `events` were applied."""
+        with r.monitor() as m:
+            engine.apply(events)
+            r.echo(f"{namespace}-done")
+            seen = []
+            while f"{namespace}-done" not in (c := m.next_command())["command"]:
+                if users in c["command"]:
+                    seen.append((c["client_type"], c["command"].split()[0].upper()))
+            return seen
+
+    in_the_script = [("tcp", "EVAL"), ("lua", "INCRBY")]  # the counter passed to the compare-and-set, and moved by it
+    assert commands_on_counter([[Event("a", item)]]) == in_the_script
+    assert int(r.get(users)) == 11 and USERS_SEEN._value.get() == 11
+    assert commands_on_counter([[Event("a", item)]]) == [("tcp", "EVAL")]  # not new: passed, untouched
+    assert commands_on_counter([[Event(u, item)] for u in ("b", "c", "a", "d")]) == in_the_script  # three new, added at once
+    assert int(r.get(users)) == 14 and USERS_SEEN._value.get() == 14
+    assert engine.store.cas_many([(user_key(namespace, "e"), 5, b"x" * 24)], None, users_key=users) == [False]  # lost: nothing created
+    assert int(r.get(users)) == 14
+    engine.delete("a")
+    assert int(r.get(users)) == 13
+
+
+def test_the_embedded_store_counts_the_records_it_creates() -> None:
+    """MemoryStore.cas_many with `users_key`, as RedisStore's: created records added to the counter, nothing else."""
+    from service.store import MemoryStore
+
+    store, rev1 = MemoryStore(), b"HREC" + bytes(rec.REVISION_OFFSET - 4) + (1).to_bytes(8, "little")
+    assert store.cas_many([("a", 0, rev1), ("b", 0, rev1), ("c", 3, rev1)], None, users_key="n") == [True, True, False]
+    assert store.cas_many([("a", 1, rev1)], None, users_key="n") == [True] and store.incr("n", 0) == 2
