@@ -85,10 +85,12 @@ def run(dirs: list[Path], rounds: int, out: Path | None = None, settings: list[d
             for i in range(rounds):
                 user, item = f"f{rng.randrange(USERS)}", f"item-{rng.randrange(1, N_ITEMS + 1)}"
                 body = json.dumps({"events": [{"user_id": user, "item_id": item}]}).encode()
+                first = json.dumps({"events": [{"user_id": f"n{i}", "item_id": item}]}).encode()  # a user with no record yet
                 for k in ((0, 1) if i % 2 == 0 else (1, 0)):
                     http, t = clients[k], times[labels[k]]
                     for name, request in (("livez", http.encode("GET", "/livez")), ("event", http.encode("POST", "/events", body)),
-                                          ("recommend", http.encode("GET", f"/recommend/{user}"))):
+                                          ("recommend", http.encode("GET", f"/recommend/{user}")),
+                                          ("first_event", http.encode("POST", "/events", first))):
                         t0 = time.perf_counter()
                         http.send(request)
                         t.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
@@ -105,7 +107,8 @@ def run(dirs: list[Path], rounds: int, out: Path | None = None, settings: list[d
     for label, t in times.items():
         p50 = {k: statistics.median(v) for k, v in t.items()}
         result[label] = {"p50_ms": p50, "event_adds_ms": p50["event"] - p50["livez"] - p50["redis_get"] - p50["redis_set"],
-                         "recommend_adds_ms": p50["recommend"] - p50["livez"] - p50["redis_get"]}
+                         "recommend_adds_ms": p50["recommend"] - p50["livez"] - p50["redis_get"],
+                         "first_event_adds_ms": p50["first_event"] - p50["livez"] - p50["redis_get"] - p50["redis_set"]}
     if out:
         out.write_text(json.dumps(result, indent=1))
     return result

@@ -176,20 +176,19 @@ def _event_c1(ckpt: Path, redis_url: str, requests: int, repeats: int = 3) -> di
     """One-event POSTs at concurrency 1, idle and awake in turn: per condition the median p50 and the breakdown
     of all its requests (client mean, and from the service's histograms Redis, step and the rest), as ms."""
     from bench.harness import Service
-    from bench.serve import N_ITEMS, _breakdown, _server_sums, clear_namespace, loadgen
+    from bench.serve import HISTORY_USERS, N_ITEMS, _breakdown, _server_sums, clear_namespace, loadgen, prefill
 
     ns = f"bench-wakeup-{uuid.uuid4().hex[:8]}"
     runs: dict[str, list[dict[str, Any]]] = {"idle": [], "awake": []}
     sums: dict[str, list[tuple[dict, dict]]] = {"idle": [], "awake": []}
     try:
         with Service(ckpt, redis_url, ns) as srv:
-            loadgen({"kind": "batch", "batch": 100, "port": srv.port, "n_items": N_ITEMS, "n_users": 2000,
-                     "concurrency": 4, "requests": 40, "seconds": 60})  # users with some history, as section_load's
+            loadgen(prefill(srv.port, 40))  # users with history, as section_load's
             for rep in range(repeats):
                 for cond in ("idle", "awake"):
                     with awake() if cond == "awake" else nullcontext():
                         before = _server_sums(srv.port)
-                        res = loadgen({"kind": "event", "concurrency": 1, "port": srv.port, "n_items": N_ITEMS,
+                        res = loadgen({"kind": "event", "concurrency": 1, "port": srv.port, "n_items": N_ITEMS, "n_users": HISTORY_USERS,
                                        "seed": 2 * rep + (cond == "awake"), "seconds": 30, "requests": requests})
                         sums[cond].append((before, _server_sums(srv.port)))
                     runs[cond].append(res)

@@ -49,7 +49,7 @@ def test_quick_serve_benchmark_reports_every_section(tmp_path: Path) -> None:
         assert 0 < bd["model_step_ms"] < bd["server_ms"] and bd["redis_get_ms"] > 0  # (client vs server: two clocks' means, not compared)
     assert set(res["cpu"]) == {"floor", "o1", "replay", "load", "catalogue", "codec", "profile"} and "steal_pct" in res["cpu"]["load"]
     fl = res["floor"]  # the black-box check: every request answered, the floor and the service side by side
-    assert fl["record_bytes"] > 0 and set(fl["p50_ms"]) == {"livez", "event", "recommend", "recommend_again", "redis_get", "redis_set"}
+    assert fl["record_bytes"] > 0 and set(fl["p50_ms"]) == {"livez", "event", "first_event", "recommend", "recommend_again", "redis_get", "redis_set"}
     assert fl["p50_ms"]["event"] > fl["p50_ms"]["livez"] and "## 0. What the service adds" in md
     placement = split_cpus()  # the service and the client each on a CPU of their own, where there are two
     assert fl["cpus"] == ({"service": sorted(placement[0]), "client": sorted(placement[1])} if placement else None)
