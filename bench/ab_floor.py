@@ -1,6 +1,6 @@
 """Two checkouts' section 0 side by side, in one run: `python -m bench.ab_floor DIR_A DIR_B [--rounds N]`.
 
-What `holorec bench serve`'s floor section measures (one event and one recommendation at concurrency 1 against
+What `holorec bench serve`'s floor section measures (one event, a new user's first event and one recommendation at concurrency 1 against
 GET /livez and a bare Redis GET and SET of a record-sized value), for both checkouts at once: both services run
 side by side (1 uvicorn worker each, the same Redis, random-weight HoloMambaRec over 3,706 items built by each
 checkout in its own format, 500 users warmed), and every round sends each service its requests in turn (the

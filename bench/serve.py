@@ -480,7 +480,7 @@ class RawHTTP:
 
 
 def section_floor(ckpt_dir: Path, redis_url: str, ns: str, quick: bool) -> dict[str, Any]:
-    """One event and one recommendation against the floor, interleaved request by request so drift hits all alike:
+    """One event, a new user's first event and one recommendation against the floor, interleaved request by request so drift hits all alike:
     GET /livez (the HTTP floor) and a bare GET and SET of a value the size of the user's stored record (the Redis floor).
     The same recommendation again, with no write between, is what a repeated read costs (no round trip, no decode).
     Requests are encoded before the clock starts (RawHTTP). The service and this client each on a CPU of their own
