@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Iterator, Protocol
 
 import redis
@@ -41,8 +41,9 @@ from service.record import REVISION_OFFSET, stored_revision
 
 # KEYS: n records, then optionally a counter; ARGV[1] TTL s (0: none); then per record i, ARGV[2i] the 8 revision bytes
 # expected at the record's REVISION_OFFSET (all zero: absent or revision 0; empty: a value too short to hold them, i.e.
-# corrupt) and ARGV[2i+1] the new value. -> 1 (written) or 0 per record; with a counter, then the counter's new value
-# after adding the records this call created, or -1 if it created none (the counter untouched). Each record is
+# corrupt) and ARGV[2i+1] the new value. -> 1 (written) or 0 per record, then the counter's new value after adding the
+# records this call created, or -1 if there is no counter, nothing was created, or the counter is not a number (the
+# writes stand: a broken counter only leaves the users_seen gauge where it was). Each record is
 # compared and set on its own: atomically per user, as the whole script runs without interruption. Revisions are
 # compared as bytes: Lua numbers are doubles, exact only to 2^53, and a corrupt record can hold any 64-bit revision.
 # Lua strings and tables count from 1.
@@ -62,8 +63,10 @@ for i = 1, n do
     if not cur then created = created + 1 end
   end
 end
-if #KEYS > n then
-  if created > 0 then out[n + 1] = redis.call('INCRBY', KEYS[n + 1], created) else out[n + 1] = -1 end
+out[n + 1] = -1
+if #KEYS > n and created > 0 then
+  local users = redis.pcall('INCRBY', KEYS[n + 1], created)
+  if type(users) == 'number' then out[n + 1] = users end
 end
 return out
 """
@@ -226,14 +229,15 @@ class RedisStore:
                 if not self.cluster:
                     keys, pairs = [a[0] for a in args] + ([users_key] if users_key else []), [x for a in args for x in a[1:]]
                     reply = self._command("EVAL", CAS_SCRIPT, len(keys), *keys, ttl_s or 0, *pairs)
-                    oks, users = [bool(x) for x in reply[: len(args)]], (reply[len(args)] if users_key else -1)  # type: ignore[index]
+                    oks, users = [bool(x) for x in reply[:-1]], reply[-1]  # type: ignore[index]
                 else:
                     pipe = self.r.pipeline(transaction=False)
                     for key, expected_bytes, value in args:
                         pipe.execute_command("EVAL", CAS_SCRIPT, 1, key, ttl_s or 0, expected_bytes, value)
                     oks = [bool(x[0]) for x in pipe.execute()]
             if users_key and self.cluster and (created := sum(ok and expected == 0 for ok, (_, expected, _) in zip(oks, writes))):
-                users = self.incr(users_key, created)
+                with suppress(redis.ResponseError):  # a counter that is not a number: the writes stand, the gauge stays
+                    users = self.incr(users_key, created)
         finally:
             if cache:
                 cache.written(started, [(k, v) for k, _, v in writes], oks)  # type: ignore[arg-type]

@@ -165,6 +165,9 @@ def test_a_new_users_first_event_counts_the_user_inside_the_compare_and_set(ckpt
     assert int(r.get(users)) == 14
     engine.delete("a")
     assert int(r.get(users)) == 13
+    r.set(users, "not a number")  # a broken counter leaves the gauge where it was, never the write undone or refused
+    assert engine.apply([[Event("z", item)]])[0].applied == 1 and r.get(users) == b"not a number" and USERS_SEEN._value.get() == 13
+    assert r.get(user_key(namespace, "z")) is not None
 
 
 def test_the_embedded_store_counts_the_records_it_creates() -> None:
