@@ -104,14 +104,20 @@ class Applier:
                 out.append((req, True))
             outcomes.append(out)
             seqs.append(seq)
-        blobs, vec = self._advance([x.record for x in loaded], seqs)
-        now = time.time()
-        writes = []
-        for i, x in enumerate(loaded):
-            r, expected = x.record, x.revision
-            r.state, r.vector, r.updated_at, r.revision = blobs[i], vec[i], now, rec.next_revision(expected)
-            writes.append((self.records.key(users[i]), expected, self.records.encode(r)))
-        oks = self.store.cas_many(writes, self.s.state_ttl_s, cached=True, users_key=self.records.users_key)
+        # A user whose events were all duplicates keeps the record as read: nothing stepped, nothing written (a stream's
+        # redelivery costs a read, not a compare-and-set); the verdict stands, as the ring held those ids when read.
+        todo = [i for i, seq in enumerate(seqs) if seq or loaded[i].dirty]
+        oks = [True] * len(users)
+        if todo:
+            blobs, vec = self._advance([loaded[i].record for i in todo], [seqs[i] for i in todo])
+            now = time.time()
+            writes = []
+            for j, i in enumerate(todo):
+                r, expected = loaded[i].record, loaded[i].revision
+                r.state, r.vector, r.updated_at, r.revision = blobs[j], vec[j], now, rec.next_revision(expected)
+                writes.append((self.records.key(users[i]), expected, self.records.encode(r)))
+            for i, ok in zip(todo, self.store.cas_many(writes, self.s.state_ttl_s, cached=True, users_key=self.records.users_key)):
+                oks[i] = ok
         failed: list[str] = []
         n_applied = n_duplicate = 0
         for i, ok in enumerate(oks):

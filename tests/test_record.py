@@ -177,3 +177,31 @@ def test_the_embedded_store_counts_the_records_it_creates() -> None:
     store, rev1 = MemoryStore(), b"HREC" + bytes(rec.REVISION_OFFSET - 4) + (1).to_bytes(8, "little")
     assert store.cas_many([("a", 0, rev1), ("b", 0, rev1), ("c", 3, rev1)], None, users_key="n") == [True, True, False]
     assert store.cas_many([("a", 1, rev1)], None, users_key="n") == [True] and store.incr("n", 0) == 2
+
+
+def test_a_request_of_duplicates_only_writes_nothing(ckpt_dir, namespace: str, counting_redis_url: str) -> None:
+    """Events whose ids the user's ring already holds leave the record as it was read: no compare-and-set is sent for
+    that user (INFO commandstats on a Redis of this process's own), while other users in the same request are written."""
+    import redis
+
+    from model.checkpoint import load
+    from service.engine import Engine, Event
+    from service.settings import Settings
+    from service.store import RedisStore, user_key
+
+    r = redis.Redis.from_url(counting_redis_url)
+    s = Settings(checkpoint=str(ckpt_dir), namespace=namespace)
+    engine = Engine(load(ckpt_dir), RedisStore(counting_redis_url), s)
+    item = engine.ckpt.items[0]
+
+    def evals() -> int:
+        return int(r.info("commandstats").get("cmdstat_eval", {}).get("calls", 0))
+
+    assert engine.apply([[Event("u", item, "e1"), Event("u", item, "e2")]])[0].applied == 2
+    stored, n = r.get(user_key(namespace, "u")), evals()
+    res = engine.apply([[Event("u", item, "e2")], [Event("u", item, "e1")]])  # redelivered, in two requests
+    assert [(x.applied, x.duplicate) for x in res] == [(0, 1), (0, 1)]
+    assert evals() == n and r.get(user_key(namespace, "u")) == stored  # not stepped, not rewritten
+    res = engine.apply([[Event("u", item, "e1"), Event("v", item, "e1")]])  # a duplicate for u, a first event for v
+    assert (res[0].applied, res[0].duplicate) == (1, 1) and evals() == n + 1 and r.get(user_key(namespace, "u")) == stored
+    assert Engine(load(ckpt_dir), RedisStore(counting_redis_url), s).apply([[Event("v", item, "e1")]])[0].duplicate == 1  # read from Redis
