@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import Service, on_cpus, side_settings, split_cpus
-from bench.serve import N_ITEMS, RawHTTP, clear_namespace
+from bench.serve import N_ITEMS, RawHTTP, clear_namespace, floor_adds
 
 REDIS = "redis://127.0.0.1:6379/0"
 USERS = 500
@@ -106,9 +106,7 @@ def run(dirs: list[Path], rounds: int, out: Path | None = None, settings: list[d
                               "cpus": {"services": sorted(placement[0]), "client": sorted(placement[1])} if placement else None}
     for label, t in times.items():
         p50 = {k: statistics.median(v) for k, v in t.items()}
-        result[label] = {"p50_ms": p50, "event_adds_ms": p50["event"] - p50["livez"] - p50["redis_get"] - p50["redis_set"],
-                         "recommend_adds_ms": p50["recommend"] - p50["livez"] - p50["redis_get"],
-                         "first_event_adds_ms": p50["first_event"] - p50["livez"] - p50["redis_get"] - p50["redis_set"]}
+        result[label] = {"p50_ms": p50, **floor_adds(p50)}
     if out:
         out.write_text(json.dumps(result, indent=1))
     return result
