@@ -25,7 +25,7 @@ import torch
 
 from bench.harness import command, hardware
 from model import MODELS as MODEL_NAMES, ModelConfig, SeqRecModel, build_model
-from model.fast_step import SMALL_BATCH, StepFn, onnx_step, packed_step, trace_step
+from model.fast_step import SMALL_BATCH, StepFn, native_step, onnx_packed_step, onnx_step, trace_step
 from model.state import CODECS, pack, packed_size, unpack
 
 MODELS = (*((name, {}) for name in MODEL_NAMES), ("holomamba", {"bundle": 4}))  # every model, and HoloMambaRec bundling 4
@@ -84,9 +84,11 @@ STORED_BATCHES, STORED_ROUNDS = (1, SMALL_BATCH), 500
 
 def time_stored(model: SeqRecModel, codec: str, batch: int, rounds: int) -> dict[str, dict[str, float]]:
     """One event per user on the stored state, as the service applies it: the blobs in, the new blobs and vectors out.
-    Two ways, alternating: unpack, the ONNX Runtime step and pack (what the service ran before packed_step), and
-    packed_step's one call. -> per way the median, p10 and p90 in milliseconds."""
-    template, onnx, packed = model.init_state(1), onnx_step(model), packed_step(model, codec)
+    Three ways, alternating: unpack, the ONNX Runtime step and pack (what the service ran before packed_step), the
+    packed step as one ONNX Runtime call, and as one call of model/step.c (packed_step's choice where it was built).
+    -> per way the median, p10 and p90 in milliseconds."""
+    template, onnx = model.init_state(1), onnx_step(model)
+    packed, native = onnx_packed_step(model, codec), native_step(model, codec)
     if onnx is None or packed is None:
         return {}
     g = torch.Generator().manual_seed(batch)
@@ -100,7 +102,9 @@ def time_stored(model: SeqRecModel, codec: str, batch: int, rounds: int) -> dict
             h, new = onnx(items, unpack(blobs, template, codec))
             pack(new, codec), h.numpy()
 
-        ways = {"unpack, step, pack": three_calls, "one call (packed_step)": lambda: packed(items.numpy(), blobs)}
+        ways = {"unpack, step, pack": three_calls, "one ONNX Runtime call": lambda: packed(items.numpy(), blobs)}
+        if native is not None:
+            ways["one call of model/step.c"] = lambda: native(items.numpy(), blobs)
         times: dict[str, list[float]] = {k: [] for k in ways}
         for _ in range(rounds + 20):
             for k, fn in ways.items():
@@ -137,7 +141,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], stored: dict[str,
     if stored["ways"]:
         lines += [f"## One event on the stored state (HoloMambaRec, {stored['codec']} state)", "",
                   "The service's update of a user's stored state for one event: blobs in, new blobs and user vectors out; "
-                  "the two ways alternate round by round (model/fast_step.py `packed_step`).", "",
+                  "the ways alternate round by round (model/fast_step.py `packed_step`: model/step.c where it was built, else the "
+                  "ONNX Runtime call).", "",
                   "| users | " + " | ".join(stored["ways"]) + " |", "|---:|" + "---:|" * len(stored["ways"])]
         for b, timed in stored["by_batch"].items():
             lines.append(f"| {b} | " + " | ".join(f"{t['median_ms']:.3f} [{t['p10_ms']:.3f}-{t['p90_ms']:.3f}]" for t in timed.values()) + " |")

@@ -101,6 +101,13 @@ def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: 
     return Plan(off, tuple(floats), tuple(ints), seg_start, np.diff(np.append(seg_start, flat)), tuple(parts), tuple(order))
 
 
+def placement(template: State, codec: str) -> tuple[int, dict[str, tuple[int, int, int]]]:
+    """Bytes per user, and per float tensor (first scale byte, scales, first value byte): where model/step.c reads and
+    writes each tensor of a blob."""
+    plan = _plan(template, codec)
+    return plan.size, {name: (s_at, segs, v_at) for name, _, s_at, segs, v_at, _, _ in plan.floats}
+
+
 def _width(dtype: str | None) -> int:
     return 0 if dtype is None else np.dtype(dtype).itemsize
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import MODELS, ModelConfig, build_model
-from model.fast_step import SMALL_BATCH, onnx_step, packed_step, serving_step, trace_step
+from model.fast_step import SMALL_BATCH, native_step, onnx_packed_step, onnx_step, packed_step, serving_step, trace_step
 from model.state import CODECS, join, pack, packed_size, split, unpack
 
 BASELINES = tuple(m for m in MODELS if m != "holomamba")
@@ -141,12 +141,12 @@ def test_serving_step_without_onnxruntime_is_the_trace_at_every_batch_size(monke
 
 @pytest.mark.parametrize("codec,kw", [*((c, {}) for c in CODECS),  # float tensors only, every codec
                                       ("int8", {"recent_attn": 4})])  # and an integer tensor (the last K items)
-def test_packed_step_is_unpack_step_pack(codec: str, kw: dict) -> None:
-    """The served event's one call (unpack, step, pack in ONNX Runtime) writes the bytes the path it replaced wrote
+def test_onnx_packed_step_is_unpack_step_pack(codec: str, kw: dict) -> None:
+    """The served event's one ONNX Runtime call (unpack, step, pack) writes the bytes the path it replaced wrote
     (unpack, the ONNX step, pack: the check at export allows a last-bit flip, which these states do not hit), and its
     vector is the eager step's."""
     m = make("holomamba", **kw)
-    step, onnx = packed_step(m, codec), onnx_step(m)
+    step, onnx = onnx_packed_step(m, codec), onnx_step(m)
     assert step is not None and onnx is not None
     template = m.init_state(1)
     g = torch.Generator().manual_seed(3)
@@ -171,22 +171,89 @@ def test_a_cached_graph_is_used_once_it_proves_exact(tmp_path, monkeypatch: pyte
 
     cache, m = str(tmp_path), make("holomamba")
     items, state = torch.tensor([3]), m.init_state(1)
-    assert onnx_step(m, cache) is not None and packed_step(m, "int8", cache) is not None
+    assert onnx_step(m, cache) is not None and onnx_packed_step(m, "int8", cache) is not None
     files = sorted(tmp_path.glob("*.onnx"))
     assert [f.name.split("-")[0] for f in files] == ["packed", "step"]
     exports = []
     monkeypatch.setattr(fast_step, "_onnx", lambda *a: exports.append(a) or None)  # an export now would return nothing
-    step, packed = onnx_step(m, cache), packed_step(m, "int8", cache)
+    step, packed = onnx_step(m, cache), onnx_packed_step(m, "int8", cache)
     assert step is not None and packed is not None and exports == []
     assert torch.allclose(step(items, state)[0], m.step(items, state)[0], atol=1e-5, rtol=0)
     monkeypatch.undo()
     files[1].write_bytes(b"not a graph")
     assert onnx_step(m, cache) is not None and files[1].read_bytes() != b"not a graph"
-    assert packed_step(make("holomamba", seed=1), "int8", cache) is not None and len(list(tmp_path.glob("*.onnx"))) == 3
+    assert onnx_packed_step(make("holomamba", seed=1), "int8", cache) is not None and len(list(tmp_path.glob("*.onnx"))) == 3
 
 
 def test_packed_step_only_where_the_serving_step_is_compiled() -> None:
     assert packed_step(make("holomamba", bundle=3), "int8") is None and packed_step(make("sasrec"), "int8") is None
+
+
+def _quantised_gap(m, codec: str, blobs: list[bytes], got: list[bytes], items: torch.Tensor) -> float:
+    """How far `got` (the stepped blobs) is from the eager step's state, in units of the codec's own rounding of that
+    state (1 = one quantisation step; float32: one unit of 1e-6)."""
+    template = m.init_state(1)
+    _, want = m.step(items, unpack(blobs, template, codec))
+    rounded, mine = unpack(pack(want, codec), template, codec), unpack(got, template, codec)
+    worst = 0.0
+    for k in want:
+        step = max((rounded[k].double() - want[k].double()).abs().max().item(), 1e-6)
+        worst = max(worst, (mine[k].double() - want[k].double()).abs().max().item() / step)
+    return worst
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+@pytest.mark.parametrize("kw", [{}, {"ffn_mult": 0}, {"embed_scale": True, "d_state": 16, "d_conv": 2}])
+def test_native_step_is_the_eager_step(codec: str, kw: dict) -> None:
+    """model/step.c (built by `pip install`, as on every machine this project installs on): for one event per user,
+    the eager step's vector within 1e-5 and its state within about one quantisation step (where the C arithmetic
+    rounds a value's last bit otherwise, the codec can round it to the neighbouring level), at 1 to SMALL_BATCH
+    users; and it is what packed_step serves."""
+    m = make("holomamba", **kw)
+    step = native_step(m, codec)
+    assert step is not None and packed_step(m, codec).__qualname__ == step.__qualname__
+    g = torch.Generator().manual_seed(4)
+    for b in (1, 3, SMALL_BATCH):
+        with torch.no_grad():
+            _, state = m.replay(torch.randint(1, N_ITEMS + 1, (9,), generator=g).tolist())
+            state = {k: v.repeat(b, *[1] * (v.dim() - 1)) * torch.linspace(0.5, 2, b).view(-1, *[1] * (v.dim() - 1)) for k, v in state.items()}
+            blobs, items = pack(state, codec), torch.randint(0, N_ITEMS + 1, (b,), generator=g)
+            want_h, _ = m.step(items, unpack(blobs, m.init_state(1), codec))
+            got_h, got = step(items.numpy(), blobs)
+            assert torch.allclose(torch.from_numpy(got_h), want_h, atol=1e-5, rtol=0)
+            assert len(got) == b and all(len(x) == len(blobs[0]) for x in got)
+            assert _quantised_gap(m, codec, blobs, got, items) <= 1.01
+
+
+def test_native_step_reproduces_forward() -> None:
+    """Stepping a user's history event by event through the C step (float32 state, from the empty one) gives forward's
+    vector at every position within 1e-4: the serving path agrees with the training path."""
+    m = make("holomamba")
+    step, items = native_step(m, "float32"), left_padded(1, 40)[0].clamp(min=1)
+    with torch.no_grad():
+        full = m(items[None])[0]  # (l, d)
+        blobs, worst = pack(m.init_state(1), "float32"), 0.0
+        for t, item in enumerate(items.tolist()):
+            h, blobs = step(torch.tensor([item]).numpy(), blobs)
+            worst = max(worst, (torch.from_numpy(h[0]) - full[t]).abs().max().item())
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("kw", [{"post_norm": True}, {"ffn_glu": True}, {"recent_attn": 4}])
+def test_native_step_only_for_what_it_computes(kw: dict) -> None:
+    """A configuration model/step.c does not compute gets no C step, and packed_step serves the ONNX Runtime call."""
+    m = make("holomamba", **kw)
+    assert native_step(m, "int8") is None and packed_step(m, "int8") is not None
+
+
+def test_native_step_refuses_what_it_cannot_read() -> None:
+    m = make("holomamba")
+    step = native_step(m, "int8")
+    blob = pack(m.init_state(1), "int8")
+    with pytest.raises(IndexError):
+        step(torch.tensor([N_ITEMS + 1]).numpy(), blob)
+    with pytest.raises(ValueError):
+        step(torch.tensor([1]).numpy(), [blob[0][:-1]])
 
 
 @pytest.mark.parametrize("length", [1, 9, 64])

@@ -1,0 +1,171 @@
+/* HoloMambaRec's serving step in C: unpack a user's stored state, one SSM step per layer, pack it again.
+
+   An event's step is about a hundred thousand multiply-adds. ONNX Runtime runs it as some sixty ops dispatched one
+   by one, each with its own buffers; here it is one function over one weight array and a few stack vectors: for
+   one user 0.066 ms against ONNX Runtime's 0.168 in `holorec bench step`, and an event's p50 in the service
+   0.28-0.29 ms lower (bench/results/cpu-2026-12-08b-serve/README.md).
+
+   model/fast_step.py (native_step) builds the weight array, loads this file's shared library with ctypes and
+   checks it against the eager `step` before the service uses it; it covers the configurations it names there
+   (pre-norm SSM blocks, the GELU feed-forward or none, a final LayerNorm) and every state codec of model/state.py.
+   The arithmetic is the eager step's (model/ssm.py SelectiveSSM.step, model/holomamba.py), in float32, in the
+   same order where the order is the eager code's own; the bytes written are model/state.py's pack.
+
+   Weights, one float32 array, per layer in order (W^T: a Linear's weight transposed, (in, out) row-major):
+     ln_w ln_b (d), in W^T (d, 2e), in_b (2e), conv_w (e, k), conv_b (e), x W^T (e, r + 2n), dt W^T (r, e),
+     dt_b (e), A = -exp(A_log) (e, n), D (e), out W^T (e, d), out_b (d),
+     then with a feed-forward (f > 0): ln_w ln_b (d), W1^T (d, f), b1 (f), W2^T (f, d), b2 (d);
+   after the layers the final LayerNorm's w and b (d). Item inputs: rows of the item table (v, d) times `scale`.
+*/
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { F32 = 0, F16 = 1, I8 = 2, I8_ROWS = 3 }; /* model/state.py CODECS */
+enum { D, E, N, R, K, F, LAYERS, V, CODEC, SIZE, HEADER }; /* dims[]: the header, then 6 ints per layer (placement) */
+
+static void layer_norm(const float *x, const float *w, const float *b, float *out, int d) {
+    float mean = 0.0f, var = 0.0f;
+    for (int i = 0; i < d; i++) mean += x[i];
+    mean /= (float)d;
+    for (int i = 0; i < d; i++) var += (x[i] - mean) * (x[i] - mean);
+    float rstd = 1.0f / sqrtf(var / (float)d + 1e-5f);
+    for (int i = 0; i < d; i++) out[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+/* y (out) = x (in) @ W^T (in, out) + bias: the inner loop runs along a row of W^T, so it vectorises in order */
+static void linear(const float *restrict x, const float *restrict wt, const float *restrict bias, float *restrict y, int in, int out) {
+    memset(y, 0, sizeof(float) * (size_t)out);
+    for (int i = 0; i < in; i++) {
+        const float xi = x[i], *row = wt + (size_t)i * out;
+        for (int o = 0; o < out; o++) y[o] += xi * row[o];
+    }
+    if (bias)
+        for (int o = 0; o < out; o++) y[o] += bias[o];
+}
+
+static float max(float a, float b) { return a > b ? a : b; } /* fmaxf without its NaN rule: a call, not an instruction */
+static float min(float a, float b) { return a < b ? a : b; }
+static float silu(float x) { return x / (1.0f + expf(-x)); }
+static float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); } /* torch's threshold 20 */
+static float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+
+static float half_to_float(const uint8_t *p) { _Float16 h; memcpy(&h, p, 2); return (float)h; }
+static void float_to_half(float x, uint8_t *p) { _Float16 h = (_Float16)x; memcpy(p, &h, 2); }
+
+/* One tensor of a blob (model/state.py Plan: scales at s_at, `segs` of them, values at v_at) to n floats */
+static void decode(const uint8_t *blob, int codec, const int32_t *at, int n, float *x) {
+    const int s_at = at[0], segs = at[1], v_at = at[2];
+    if (codec == F32) {
+        memcpy(x, blob + v_at, sizeof(float) * (size_t)n);
+    } else if (codec == F16) {
+        for (int i = 0; i < n; i++) x[i] = half_to_float(blob + v_at + 2 * i);
+    } else {
+        const int per = n / segs;
+        for (int s = 0; s < segs; s++) {
+            float scale;
+            if (codec == I8) memcpy(&scale, blob + s_at, 4);
+            else scale = half_to_float(blob + s_at + 2 * s);
+            for (int i = s * per; i < (s + 1) * per; i++) x[i] = (float)(int8_t)blob[v_at + i] * scale;
+        }
+    }
+}
+
+/* n floats to their bytes in a blob, as model/state.py's pack writes them: x ~ scale * q, q = rint(x / scale) */
+static void encode(const float *x, int codec, const int32_t *at, int n, uint8_t *blob) {
+    const int s_at = at[0], segs = at[1], v_at = at[2];
+    if (codec == F32) {
+        memcpy(blob + v_at, x, sizeof(float) * (size_t)n);
+    } else if (codec == F16) {
+        for (int i = 0; i < n; i++) float_to_half(x[i], blob + v_at + 2 * i);
+    } else {
+        const int per = n / segs;
+        for (int s = 0; s < segs; s++) {
+            float peak = 0.0f, div;
+            for (int i = s * per; i < (s + 1) * per; i++) peak = max(peak, fabsf(x[i]));
+            if (codec == I8) {
+                div = max(peak, 1e-30f) / 127.0f;
+                memcpy(blob + s_at, &div, 4);
+            } else { /* a float16 scale within its range; the values divided by the scale as stored */
+                _Float16 h = (_Float16)(min(max(peak, 0x1p-14f), 6e4f) / 127.0f);
+                memcpy(blob + s_at + 2 * s, &h, 2);
+                div = (float)h;
+            }
+            /* rint, then clip to +-127, as numpy: clipped first, as the same; rounded half to even by adding and
+               taking away 1.5 * 2^23 (exact below 2^22), which the compiler vectorises, where rintf is a call */
+            for (int i = s * per; i < (s + 1) * per; i++) {
+                float q = min(max(x[i] / div, -127.0f), 127.0f);
+                blob[v_at + i] = (uint8_t)(int8_t)((q + 0x1.8p23f) - 0x1.8p23f);
+            }
+        }
+    }
+}
+
+/* b users, one item each: in (b, size) blobs -> out (b, size) blobs, vec (b, d) user vectors.
+   -> 0, or -1 for an item outside the table (nothing written for that user or after). */
+int holorec_step(const int32_t *dims, const float *weights, const float *table, float scale, const int64_t *items,
+                 int32_t b, const uint8_t *in, uint8_t *out, float *vec) {
+    const int d = dims[D], e = dims[E], n = dims[N], r = dims[R], k = dims[K], f = dims[F], codec = dims[CODEC];
+    const int64_t v = dims[V];
+    const size_t size = (size_t)dims[SIZE];
+    float x[d], normed[d], o[d], uz[2 * e], us[e], dbc[r + 2 * n], dt[e], y[e], conv[e * (k - 1)], h[e * n];
+    float hid[f > 0 ? f : 1];
+    for (int32_t user = 0; user < b; user++) {
+        if (items[user] < 0 || items[user] >= v) return -1;
+        const uint8_t *blob = in + user * size;
+        uint8_t *dst = out + user * size;
+        memcpy(dst, blob, size);  /* bytes no tensor owns (none today) stay as they were */
+        const float *row = table + items[user] * d, *w = weights;
+        for (int i = 0; i < d; i++) x[i] = row[i] * scale;
+        for (int l = 0; l < dims[LAYERS]; l++) {
+            const int32_t *conv_at = dims + HEADER + 6 * l, *ssm_at = conv_at + 3;
+            const float *ln_w = w, *ln_b = w + d, *in_wt = ln_b + d, *in_b = in_wt + d * 2 * e, *conv_w = in_b + 2 * e;
+            const float *conv_b = conv_w + e * k, *x_wt = conv_b + e, *dt_wt = x_wt + e * (r + 2 * n), *dt_b = dt_wt + r * e;
+            const float *A = dt_b + e, *Dp = A + e * n, *out_wt = Dp + e, *out_b = out_wt + e * d;
+            w = out_b + d;
+            decode(blob, codec, conv_at, e * (k - 1), conv);
+            decode(blob, codec, ssm_at, e * n, h);
+            layer_norm(x, ln_w, ln_b, normed, d);
+            linear(normed, in_wt, in_b, uz, d, 2 * e);  /* u = uz[:e], z = uz[e:] */
+            for (int c = 0; c < e; c++) {  /* the causal depthwise conv over the last k inputs, then the window slides */
+                const float *cw = conv_w + c * k;
+                float *win = conv + c * (k - 1), acc = 0.0f;
+                for (int j = 0; j < k - 1; j++) acc += win[j] * cw[j];
+                acc += uz[c] * cw[k - 1];
+                us[c] = silu(acc + conv_b[c]);
+                if (k > 1) {
+                    memmove(win, win + 1, sizeof(float) * (size_t)(k - 2));
+                    win[k - 2] = uz[c];
+                }
+            }
+            linear(us, x_wt, NULL, dbc, e, r + 2 * n);  /* dt's low-rank input (r), B (n), C (n) */
+            linear(dbc, dt_wt, dt_b, dt, r, e);
+            const float *B = dbc + r, *C = dbc + r + n;
+            for (int c = 0; c < e; c++) {
+                const float dtc = softplus(dt[c]), du = dtc * us[c];
+                float acc = 0.0f;
+                for (int s = 0; s < n; s++) {
+                    float *hs = h + c * n + s;
+                    *hs = expf(dtc * A[c * n + s]) * *hs + du * B[s];
+                    acc += *hs * C[s];
+                }
+                y[c] = (acc + Dp[c] * us[c]) * silu(uz[e + c]);
+            }
+            linear(y, out_wt, out_b, o, e, d);
+            for (int i = 0; i < d; i++) x[i] += o[i];
+            encode(conv, codec, conv_at, e * (k - 1), dst);
+            encode(h, codec, ssm_at, e * n, dst);
+            if (f > 0) {  /* x + W2 GELU(W1 LN(x) + b1) + b2 */
+                const float *fl_w = w, *fl_b = w + d, *w1t = fl_b + d, *b1 = w1t + d * f, *w2t = b1 + f, *b2 = w2t + f * d;
+                w = b2 + d;
+                layer_norm(x, fl_w, fl_b, normed, d);
+                linear(normed, w1t, b1, hid, d, f);
+                for (int i = 0; i < f; i++) hid[i] = gelu(hid[i]);
+                linear(hid, w2t, b2, o, f, d);
+                for (int i = 0; i < d; i++) x[i] += o[i];
+            }
+        }
+        layer_norm(x, w, w + d, vec + user * d, d);
+    }
+    return 0;
+}
