@@ -15,7 +15,7 @@ FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# A C compiler for the serving step in C (model/step.c, built by `pip install`); the runtime image needs none.
+# A C compiler for the serving step in C (model/native.c, built by `pip install`); the runtime image needs none.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -35,7 +35,7 @@ COPY bench /src/bench
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps /src \
  && python -c "import torch; assert not torch.version.cuda, 'a CUDA torch got in'; print('torch', torch.__version__)" \
- && cd / && python -c "from model.fast_step import _native_fn; assert _native_fn(), 'model/step.c was not built'"
+ && cd / && python -c "from model.native import library; assert library(), 'model/native.c was not built'"
 
 # ---- checkpoint: the baked-in checkpoint, or nothing ----------------------------------------------
 FROM python:3.11-slim AS checkpoint

@@ -10,7 +10,7 @@ PORT   ?= 8000
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml model/step.c
+$(VENV)/.installed: pyproject.toml model/native.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'

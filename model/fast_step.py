@@ -11,7 +11,7 @@ Both record one path through the code, so they are used only for models whose `s
 the data (`SeqRecModel.traceable_step`), and each only after it reproduces the eager `step` within 1e-5
 at two batch sizes; anything else, or a failed export, serves the eager `step`.
 For one event per user (the usual request), `packed_step` runs unpack, the step and pack as one call on the stored
-bytes, so the state never passes through torch between them (README: Serving over HTTP): model/step.c, the step written
+bytes, so the state never passes through torch between them (README: Serving over HTTP): model/native.c, the step written
 in C, where `pip install` built it and it covers the model (2.5 times faster than ONNX Runtime for one user in
 `holorec bench step`, level at 8), else one ONNX Runtime call.
 Given a cache directory, a process reads the graphs an earlier one exported for the same weights and code instead of
@@ -20,9 +20,7 @@ exporting them again (_graphs): the export and the `onnx` import it needs were a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
-import importlib.util
 import io
 import os
 import warnings
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.native import library
 from model.state import CODECS, join, pack, parts_to_state, placement, split, state_to_parts, unpack
 from model.protocol import SeqRecModel, State
 
@@ -216,7 +215,7 @@ class _Packed(nn.Module):
 @torch.inference_mode()
 def packed_step(model: SeqRecModel, codec: str, cache_dir: str | None = None) -> PackedStepFn | None:
     """unpack, `model.step` and pack in one call, for one event per user: an event's unpack, pack and the torch/numpy
-    conversions between them cost about as much as the step (README: Serving over HTTP). model/step.c where it was
+    conversions between them cost about as much as the step (README: Serving over HTTP). model/native.c where it was
     built and covers the model (native_step), else one ONNX Runtime call. The bytes are pack(step(unpack(blobs))) but
     for a rare last-bit flip where the compiled float arithmetic rounds otherwise (checked: within one quantisation
     step of the eager step's state). None where `onnx_step` would be."""
@@ -256,31 +255,15 @@ def onnx_packed_step(model: SeqRecModel, codec: str, cache_dir: str | None = Non
     return None
 
 
-def _native_fn() -> Any:
-    """holorec_step from model/step.c's shared library (`pip install` builds it as model/_step*.so), or None where it
-    was not built (the build is optional: a machine without a C compiler installs without it)."""
-    try:
-        spec = importlib.util.find_spec("model._step")
-        if spec is None or spec.origin is None:
-            return None
-        fn = ctypes.CDLL(spec.origin).holorec_step
-    except (OSError, AttributeError, ImportError):
-        return None
-    p = ctypes.c_void_p
-    fn.argtypes = [p, p, p, ctypes.c_float, p, ctypes.c_int32, ctypes.c_char_p, p, p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def _native_covers(model: SeqRecModel) -> bool:
-    """The configurations model/step.c computes: HoloMambaRec with pre-norm blocks, the GELU feed-forward or none."""
+    """The configurations model/native.c computes: HoloMambaRec with pre-norm blocks, the GELU feed-forward or none."""
     c = model.config
     return (c.model == "holomamba" and c.bundle == 1 and c.recent_attn == 0 and not c.post_norm and not c.ffn_glu
             and c.d_conv >= 2)
 
 
 def _native_weights(model: SeqRecModel) -> np.ndarray:
-    """Every weight the step reads, in model/step.c's order, as one float32 array; a Linear's weight transposed."""
+    """Every weight the step reads, in model/native.c's order, as one float32 array; a Linear's weight transposed."""
     parts: list[Tensor] = []
     for layer, ffn in zip(model.layers, model.ffns):  # type: ignore[attr-defined]
         parts += [layer.norm.weight, layer.norm.bias, layer.in_proj.weight.T, layer.in_proj.bias, layer.conv.weight[:, 0],
@@ -295,11 +278,12 @@ def _native_weights(model: SeqRecModel) -> np.ndarray:
 
 @torch.inference_mode()
 def native_step(model: SeqRecModel, codec: str) -> PackedStepFn | None:
-    """unpack, step and pack for one event per user in C (model/step.c), or None where its library was not built, it
+    """unpack, step and pack for one event per user in C (model/native.c), or None where its library was not built, it
     does not cover the model, or it does not reproduce the eager step (as `packed_step` checks its graph)."""
-    fn = _native_fn()
-    if fn is None or not _native_covers(model):
+    lib = library()
+    if lib is None or not _native_covers(model):
         return None
+    fn = lib.holorec_step
     c, template = model.config, model.init_state(1)
     ssm = model.layers[0]  # type: ignore[attr-defined]
     size, at = placement(template, codec)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.native import library
 from service import record as rec
 from service.index import IVFIndex
 from service.metrics import RECOMMENDATIONS, SCORE_LATENCY, labelled
@@ -43,6 +44,11 @@ class Scorer:
         # kept transposed: h @ table_t is one contiguous product (h @ table.T took longer for one user)
         self.table_t = table.T.contiguous()  # (d or d + 1, v)
         self.index = IVFIndex(table, self.s.ann_lists, self.s.ann_probe) if self.s.ann_lists else None
+        # Exact top-k in C where model/native.c was built (_native_top): in the service a recommendation spent more in
+        # the torch and numpy calls around the product than in the product itself
+        same_v = self.seen is None or self.seen.byte.shape[1] == self.table_t.shape[1]  # the filter's items are the table's
+        self.native = library() if self.index is None and same_v else None
+        self.table_np = self.table_t.numpy()  # (d or d + 1, v), the same memory
         self.popular = [i for i in self.ckpt.popular if 0 < i <= len(self.ckpt.items)]
         self.attr_masks: dict[int, Tensor] = {}
 
@@ -66,9 +72,13 @@ class Scorer:
                 h = self.model.query(torch.from_numpy(np.stack([loaded[i].record.vector for i in with_state])))  # (n, d)
                 if self.biased:
                     h = torch.cat([h, torch.ones(len(h), 1)], 1)  # (n, d + 1)
-                exact = (h @ self.table_t).numpy() if self.index is None else None  # (n, v): one product for the batch
+                exact = (h @ self.table_t).numpy() if self.index is None and self.native is None else None  # (n, v): one product for the batch
                 for row, i in enumerate(with_state):
                     q = queries[i]
+                    if self.native is not None:
+                        idx, top = self._native_top(h[row].numpy(), q, loaded[i].record)
+                        out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.tolist())], "state")
+                        continue
                     if exact is not None:
                         cand, scores = None, exact[row]
                     elif q.attribute is None:
@@ -130,6 +140,28 @@ class Scorer:
                 items, val = items[unseen][:k], val[unseen][:k]
             live = val > -math.inf
             return items[live], val[live]
+
+    def _native_top(self, h: np.ndarray, q: RecQuery, r: rec.Record) -> tuple[np.ndarray, np.ndarray]:
+        """_top over every item in one call of model/native.c's holorec_top: the product, the exclusions, the attribute
+        and the seen filter (asked only about items good enough to enter the best k). The same items as _top, best first."""
+        keep = None
+        if q.attribute is not None:
+            mask = self.attribute_mask(q.attribute)
+            if mask is None:
+                return np.empty(0, np.int64), np.empty(0, np.float32)
+            keep = mask.numpy()
+        banned = np.ascontiguousarray(self.excluded_ids(q, r, seen=False), np.int64)
+        bits = r.seen_filter if self._filters(q, r) else None
+        c, v = self.table_np.shape
+        k = min(q.k, v)
+        scores, idx, val = np.empty(v, np.float32), np.empty(k, np.int64), np.empty(k, np.float32)
+        f_byte, f_mask, hashes = (self.seen.byte, self.seen.mask, len(self.seen.byte)) if bits is not None else (None, None, 0)  # type: ignore[union-attr]
+        n = self.native.holorec_top(  # type: ignore[union-attr]
+            self.table_np.ctypes.data, c, v, np.ascontiguousarray(h, np.float32).ctypes.data, banned.ctypes.data, len(banned),
+            None if keep is None else keep.ctypes.data, None if bits is None else np.ascontiguousarray(bits).ctypes.data,
+            None if f_byte is None else f_byte.ctypes.data, None if f_mask is None else f_mask.ctypes.data, hashes,
+            k, scores.ctypes.data, idx.ctypes.data, val.ctypes.data)
+        return idx[:n], val[:n]
 
     def _popular(self, q: RecQuery) -> RecResult:
         """The fallback for users without state: most interacted items in training, filtered alike."""

@@ -205,7 +205,7 @@ def _quantised_gap(m, codec: str, blobs: list[bytes], got: list[bytes], items: t
 @pytest.mark.parametrize("codec", list(CODECS))
 @pytest.mark.parametrize("kw", [{}, {"ffn_mult": 0}, {"embed_scale": True, "d_state": 16, "d_conv": 2}])
 def test_native_step_is_the_eager_step(codec: str, kw: dict) -> None:
-    """model/step.c (built by `pip install`, as on every machine this project installs on): for one event per user,
+    """model/native.c (built by `pip install`, as on every machine this project installs on): for one event per user,
     the eager step's vector within 1e-5 and its state within about one quantisation step (where the C arithmetic
     rounds a value's last bit otherwise, the codec can round it to the neighbouring level), at 1 to SMALL_BATCH
     users; and it is what packed_step serves."""
@@ -241,7 +241,7 @@ def test_native_step_reproduces_forward() -> None:
 
 @pytest.mark.parametrize("kw", [{"post_norm": True}, {"ffn_glu": True}, {"recent_attn": 4}])
 def test_native_step_only_for_what_it_computes(kw: dict) -> None:
-    """A configuration model/step.c does not compute gets no C step, and packed_step serves the ONNX Runtime call."""
+    """A configuration model/native.c does not compute gets no C step, and packed_step serves the ONNX Runtime call."""
     m = make("holomamba", **kw)
     assert native_step(m, "int8") is None and packed_step(m, "int8") is not None
 

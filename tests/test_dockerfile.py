@@ -29,8 +29,8 @@ def test_dockerfile_stages_user_healthcheck_and_cpu_torch():
     assert pin.split(";")[0].split("#")[0].strip().replace(" ", "") in torch_runs[0].replace(" ", ""), \
         f"the image's torch is pyproject.toml's pin {pin!r}"
     assert any(k == "RUN" and re.search(r"pip install\b.*\s/src\b", a) for k, a in ins), "holorec itself: pip install ."
-    assert any(k == "RUN" and re.search(r"apt-get install\b.*\bgcc\b", a) for k, a in ins), "a C compiler for model/step.c"
-    assert any(k == "RUN" and "_native_fn()" in a for k, a in ins), "the build fails if model/step.c was not built"
+    assert any(k == "RUN" and re.search(r"apt-get install\b.*\bgcc\b", a) for k, a in ins), "a C compiler for model/native.c"
+    assert any(k == "RUN" and "library()" in a for k, a in ins), "the build fails if model/native.c was not built"
     assert any(k == "EXPOSE" and "8000" in a.split() for k, a in ins)
     envs = " ".join(a for k, a in ins if k == "ENV")
     assert re.search(r"\bPROMETHEUS_MULTIPROC_DIR=/\S+", envs)

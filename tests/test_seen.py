@@ -92,14 +92,16 @@ def test_recommend_asks_the_filter_about_its_best_candidates_and_answers_what_sc
     """GET /recommend asks the seen filter about its best 2k + 32 items, and about all of them only when too few of those
     are left: the answer must be the brute-force one (every item scored, every exclusion applied), also for a user whose
     history (and a 16-byte filter's false positives) takes most of the best items, for a k beyond the catalogue, an
-    attribute filter and explicit exclusions."""
+    attribute filter and explicit exclusions. Both ways: model/native.c's holorec_top (built by `pip install`, so
+    present here) and the torch path a machine without it takes."""
     ckpt = load(make_checkpoint(tmp_path / "ckpt", max_len=8, n_items=200))
     engine = Engine(ckpt, MemoryStore(), Settings(seen_filter_bytes=16))
     engine.apply([[Event("light", ckpt.items[i - 1]) for i in (3, 50, 7)]])
     engine.apply([[Event("heavy", ckpt.items[i - 1]) for i in range(1, 200, 2)]])
     table = engine.scorer.table_t.T.numpy()
-    checked_fallback = False
-    for user in ("light", "heavy"):
+    checked_fallback, native = False, engine.scorer.native
+    assert native is not None
+    for user, engine.scorer.native in [(u, lib) for lib in (native, None) for u in ("light", "heavy")]:
         r = engine._read([user])[0].record
         seen_count = len(set(engine._excluded_ids(RecQuery(user), r).tolist()))
         checked_fallback |= seen_count > 120  # most of the 200 items: the best 2k + 32 cannot hold k unseen ones

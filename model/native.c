@@ -169,3 +169,39 @@ int holorec_step(const int32_t *dims, const float *weights, const float *table, 
     }
     return 0;
 }
+
+/* One user's best k items (service/scoring.py): score i = q . column i of table_t (c, v), the scoring table
+   transposed, each sum in the order of q's entries; `banned` items, items `keep` (v, or NULL) does not keep and
+   items the seen filter reports (model/seen.py: `bits`, or NULL for none, and per item n_hash byte positions and
+   masks, (n_hash, v) each) are left out, and so are scores of -inf. scores: (v) scratch. Writes idx and val best
+   first, the earlier item first among equal scores; -> how many (fewer than k where fewer are left). The filter is
+   asked only about an item good enough to enter the best k so far: a handful of lookups, not one per item. */
+int holorec_top(const float *table_t, int32_t c, int32_t v, const float *q, const int64_t *banned, int32_t n_banned,
+                const uint8_t *keep, const uint8_t *bits, const int64_t *f_byte, const uint8_t *f_mask, int32_t n_hash,
+                int32_t k, float *scores, int64_t *idx, float *val) {
+    memset(scores, 0, sizeof(float) * (size_t)v);
+    for (int j = 0; j < c; j++) {
+        const float qj = q[j], *row = table_t + (size_t)j * v;
+        for (int i = 0; i < v; i++) scores[i] += qj * row[i];
+    }
+    for (int b = 0; b < n_banned; b++)
+        if (banned[b] >= 0 && banned[b] < v) scores[banned[b]] = -INFINITY;
+    int n = 0;
+    for (int i = 0; i < v; i++) {
+        const float s = scores[i];
+        if (s == -INFINITY || (keep && !keep[i]) || (n == k && !(s > val[k - 1]))) continue;
+        if (bits) {
+            int seen = 1;
+            for (int h = 0; h < n_hash && seen; h++) seen = (bits[f_byte[(size_t)h * v + i]] & f_mask[(size_t)h * v + i]) != 0;
+            if (seen) continue;
+        }
+        int p = n < k ? n++ : k - 1;  /* the slot it takes, then up past every worse score */
+        for (; p > 0 && val[p - 1] < s; p--) {
+            val[p] = val[p - 1];
+            idx[p] = idx[p - 1];
+        }
+        val[p] = s;
+        idx[p] = i;
+    }
+    return n;
+}
