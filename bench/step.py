@@ -85,7 +85,7 @@ STORED_BATCHES, STORED_ROUNDS = (1, SMALL_BATCH), 500
 def time_stored(model: SeqRecModel, codec: str, batch: int, rounds: int) -> dict[str, dict[str, float]]:
     """One event per user on the stored state, as the service applies it: the blobs in, the new blobs and vectors out.
     Three ways, alternating: unpack, the ONNX Runtime step and pack (what the service ran before packed_step), the
-    packed step as one ONNX Runtime call, and as one call of model/step.c (packed_step's choice where it was built).
+    packed step as one ONNX Runtime call, and as one call of model/native.c (packed_step's choice where it was built).
     -> per way the median, p10 and p90 in milliseconds."""
     template, onnx = model.init_state(1), onnx_step(model)
     packed, native = onnx_packed_step(model, codec), native_step(model, codec)
@@ -104,7 +104,7 @@ def time_stored(model: SeqRecModel, codec: str, batch: int, rounds: int) -> dict
 
         ways = {"unpack, step, pack": three_calls, "one ONNX Runtime call": lambda: packed(items.numpy(), blobs)}
         if native is not None:
-            ways["one call of model/step.c"] = lambda: native(items.numpy(), blobs)
+            ways["one call of model/native.c"] = lambda: native(items.numpy(), blobs)
         times: dict[str, list[float]] = {k: [] for k in ways}
         for _ in range(rounds + 20):
             for k, fn in ways.items():
@@ -141,7 +141,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], stored: dict[str,
     if stored["ways"]:
         lines += [f"## One event on the stored state (HoloMambaRec, {stored['codec']} state)", "",
                   "The service's update of a user's stored state for one event: blobs in, new blobs and user vectors out; "
-                  "the ways alternate round by round (model/fast_step.py `packed_step`: model/step.c where it was built, else the "
+                  "the ways alternate round by round (model/fast_step.py `packed_step`: model/native.c where it was built, else the "
                   "ONNX Runtime call).", "",
                   "| users | " + " | ".join(stored["ways"]) + " |", "|---:|" + "---:|" * len(stored["ways"])]
         for b, timed in stored["by_batch"].items():
