@@ -171,18 +171,21 @@ int holorec_step(const int32_t *dims, const float *weights, const float *table, 
 }
 
 /* One user's best k items (service/scoring.py): score i = q . column i of table_t (c, v), the scoring table
-   transposed, each sum in the order of q's entries; `banned` items, items `keep` (v, or NULL) does not keep and
+   transposed, each sum in the order of q's entries, written to `scores` (v); with table_t NULL, `scores` holds them
+   already (a batch's product, which torch's matrix product does faster than one pass per user); `banned` items, items `keep` (v, or NULL) does not keep and
    items the seen filter reports (model/seen.py: `bits`, or NULL for none, and per item n_hash byte positions and
-   masks, (n_hash, v) each) are left out, and so are scores of -inf. scores: (v) scratch. Writes idx and val best
+   masks, (n_hash, v) each) are left out, and so are scores of -inf (banned ones are set so). Writes idx and val best
    first, the earlier item first among equal scores; -> how many (fewer than k where fewer are left). The filter is
    asked only about an item good enough to enter the best k so far: a handful of lookups, not one per item. */
 int holorec_top(const float *table_t, int32_t c, int32_t v, const float *q, const int64_t *banned, int32_t n_banned,
                 const uint8_t *keep, const uint8_t *bits, const int64_t *f_byte, const uint8_t *f_mask, int32_t n_hash,
                 int32_t k, float *scores, int64_t *idx, float *val) {
-    memset(scores, 0, sizeof(float) * (size_t)v);
-    for (int j = 0; j < c; j++) {
-        const float qj = q[j], *row = table_t + (size_t)j * v;
-        for (int i = 0; i < v; i++) scores[i] += qj * row[i];
+    if (table_t) {
+        memset(scores, 0, sizeof(float) * (size_t)v);
+        for (int j = 0; j < c; j++) {
+            const float qj = q[j], *row = table_t + (size_t)j * v;
+            for (int i = 0; i < v; i++) scores[i] += qj * row[i];
+        }
     }
     for (int b = 0; b < n_banned; b++)
         if (banned[b] >= 0 && banned[b] < v) scores[banned[b]] = -INFINITY;

@@ -72,11 +72,12 @@ class Scorer:
                 h = self.model.query(torch.from_numpy(np.stack([loaded[i].record.vector for i in with_state])))  # (n, d)
                 if self.biased:
                     h = torch.cat([h, torch.ones(len(h), 1)], 1)  # (n, d + 1)
-                exact = (h @ self.table_t).numpy() if self.index is None and self.native is None else None  # (n, v): one product for the batch
+                # (n, v): one product for the batch; for one user in C, in the same call as its top-k
+                exact = (h @ self.table_t).numpy() if self.index is None and (self.native is None or len(h) > 1) else None
                 for row, i in enumerate(with_state):
                     q = queries[i]
                     if self.native is not None:
-                        idx, top = self._native_top(h[row].numpy(), q, loaded[i].record)
+                        idx, top = self._native_top(h[row].numpy(), None if exact is None else exact[row], q, loaded[i].record)
                         out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.tolist())], "state")
                         continue
                     if exact is not None:
@@ -141,9 +142,10 @@ class Scorer:
             live = val > -math.inf
             return items[live], val[live]
 
-    def _native_top(self, h: np.ndarray, q: RecQuery, r: rec.Record) -> tuple[np.ndarray, np.ndarray]:
-        """_top over every item in one call of model/native.c's holorec_top: the product, the exclusions, the attribute
-        and the seen filter (asked only about items good enough to enter the best k). The same items as _top, best first."""
+    def _native_top(self, h: np.ndarray, scores: np.ndarray | None, q: RecQuery, r: rec.Record) -> tuple[np.ndarray, np.ndarray]:
+        """_top over every item in one call of model/native.c's holorec_top: the product (unless `scores` (v,) holds it;
+        changed in place), the exclusions, the attribute and the seen filter (asked only about items good enough to enter
+        the best k). The same items as _top, best first."""
         keep = None
         if q.attribute is not None:
             mask = self.attribute_mask(q.attribute)
@@ -154,10 +156,11 @@ class Scorer:
         bits = r.seen_filter if self._filters(q, r) else None
         c, v = self.table_np.shape
         k = min(q.k, v)
-        scores, idx, val = np.empty(v, np.float32), np.empty(k, np.int64), np.empty(k, np.float32)
+        table, idx, val = None if scores is not None else self.table_np.ctypes.data, np.empty(k, np.int64), np.empty(k, np.float32)
+        scores = np.empty(v, np.float32) if scores is None else scores
         f_byte, f_mask, hashes = (self.seen.byte, self.seen.mask, len(self.seen.byte)) if bits is not None else (None, None, 0)  # type: ignore[union-attr]
         n = self.native.holorec_top(  # type: ignore[union-attr]
-            self.table_np.ctypes.data, c, v, np.ascontiguousarray(h, np.float32).ctypes.data, banned.ctypes.data, len(banned),
+            table, c, v, np.ascontiguousarray(h, np.float32).ctypes.data, banned.ctypes.data, len(banned),
             None if keep is None else keep.ctypes.data, None if bits is None else np.ascontiguousarray(bits).ctypes.data,
             None if f_byte is None else f_byte.ctypes.data, None if f_mask is None else f_mask.ctypes.data, hashes,
             k, scores.ctypes.data, idx.ctypes.data, val.ctypes.data)

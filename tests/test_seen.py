@@ -105,14 +105,16 @@ def test_recommend_asks_the_filter_about_its_best_candidates_and_answers_what_sc
         r = engine._read([user])[0].record
         seen_count = len(set(engine._excluded_ids(RecQuery(user), r).tolist()))
         checked_fallback |= seen_count > 120  # most of the 200 items: the best 2k + 32 cannot hold k unseen ones
-        for q in (RecQuery(user), RecQuery(user, k=60), RecQuery(user, k=500), RecQuery(user, exclude_seen=False, k=30),
-                  RecQuery(user, k=20, exclude=["item-2", "item-4", "no-such-item"]), RecQuery(user, k=15, attribute="genre-2")):
+        queries = [RecQuery(user), RecQuery(user, k=60), RecQuery(user, k=500), RecQuery(user, exclude_seen=False, k=30),
+                   RecQuery(user, k=20, exclude=["item-2", "item-4", "no-such-item"]), RecQuery(user, k=15, attribute="genre-2")]
+        together = engine.recommend(queries)  # a batch: one product for all, then each query's top-k
+        for q, batched in zip(queries, together):
             scores = table @ r.vector
             scores[engine._excluded_ids(q, r)] = -math.inf
             if q.attribute is not None:
                 scores[~engine.attribute_mask(q.attribute).numpy()] = -math.inf
             best = [int(j) for j in np.argsort(-scores, kind="stable")[: q.k] if scores[j] > -math.inf]
-            got = engine.recommend([q])[0]
-            assert [ckpt.item_index[i] for i, _ in got.items] == best, (user, q)
-            assert np.allclose([s for _, s in got.items], scores[best], atol=1e-5)
+            for got in (engine.recommend([q])[0], batched):
+                assert [ckpt.item_index[i] for i, _ in got.items] == best, (user, q)
+                assert np.allclose([s for _, s in got.items], scores[best], atol=1e-5)
     assert checked_fallback
