@@ -33,4 +33,4 @@ bench: install
 	$(VENV)/bin/holorec bench all
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache
+	rm -rf $(VENV) demo .pytest_cache build model/_native*.so
