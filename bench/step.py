@@ -25,7 +25,7 @@ import torch
 
 from bench.harness import command, hardware
 from model import MODELS as MODEL_NAMES, ModelConfig, SeqRecModel, build_model
-from model.fast_step import SMALL_BATCH, StepFn, native_step, onnx_packed_step, onnx_step, trace_step
+from model.fast_step import PACKED_BATCH, SMALL_BATCH, StepFn, native_step, onnx_packed_step, onnx_step, serving_step, trace_step
 from model.state import CODECS, pack, packed_size, unpack
 
 MODELS = (*((name, {}) for name in MODEL_NAMES), ("holomamba", {"bundle": 4}))  # every model, and HoloMambaRec bundling 4
@@ -79,17 +79,18 @@ def _spread(ms: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ms), "p10_ms": ms[len(ms) // 10], "p90_ms": ms[(9 * len(ms)) // 10]}
 
 
-STORED_BATCHES, STORED_ROUNDS = (1, SMALL_BATCH), 500
+STORED_BATCHES, STORED_ROUNDS = (1, SMALL_BATCH, PACKED_BATCH, 2 * PACKED_BATCH), 500
 
 
 def time_stored(model: SeqRecModel, codec: str, batch: int, rounds: int) -> dict[str, dict[str, float]]:
     """One event per user on the stored state, as the service applies it: the blobs in, the new blobs and vectors out.
-    Three ways, alternating: unpack, the ONNX Runtime step and pack (what the service ran before packed_step), the
-    packed step as one ONNX Runtime call, and as one call of model/native.c (packed_step's choice where it was built).
-    -> per way the median, p10 and p90 in milliseconds."""
-    template, onnx = model.init_state(1), onnx_step(model)
+    Three ways, alternating: unpack, the serving step and pack (what the service runs without a packed step, and for
+    more than SMALL_BATCH users: ONNX Runtime up to it, the frozen trace above), the packed step as one ONNX Runtime call,
+    and as one call of model/native.c (packed_step's choice where it was built). -> per way the median, p10 and p90 in
+    milliseconds."""
+    template, serving = model.init_state(1), serving_step(model)
     packed, native = onnx_packed_step(model, codec), native_step(model, codec)
-    if onnx is None or packed is None:
+    if serving == model.step or packed is None:
         return {}
     g = torch.Generator().manual_seed(batch)
     with torch.inference_mode():
@@ -99,7 +100,7 @@ def time_stored(model: SeqRecModel, codec: str, batch: int, rounds: int) -> dict
         blobs, items = pack(state, codec), torch.randint(1, N_ITEMS + 1, (batch,), generator=g)
 
         def three_calls() -> None:
-            h, new = onnx(items, unpack(blobs, template, codec))
+            h, new = serving(items, unpack(blobs, template, codec))
             pack(new, codec), h.numpy()
 
         ways = {"unpack, step, pack": three_calls, "one ONNX Runtime call": lambda: packed(items.numpy(), blobs)}

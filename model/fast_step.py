@@ -39,6 +39,10 @@ from model.protocol import SeqRecModel, State
 StepFn = Callable[[Tensor, State], tuple[Tensor, State]]
 PackedStepFn = Callable[[np.ndarray, list[bytes]], tuple[np.ndarray, list[bytes]]]  # packed_step: items, blobs -> vectors, blobs
 SMALL_BATCH = 8  # up to this many users per step, ONNX Runtime; more, the trace (bench/results/step.md, README)
+# up to this many users with one event each, the packed step (C or ONNX Runtime); more, unpack, the trace and pack: at 16
+# users both packed ways took 0.66-0.69 ms against 0.83, at 32 the C one 1.34 against 1.15
+# (bench/results/cpu-2026-12-08b-serve/step_2/step.md)
+PACKED_BATCH = 16
 CACHE_BYTES = 1 << 30  # a cache directory's graphs beyond this, least recently used first, are deleted (_keep); each holds the item table
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.fast_step import SMALL_BATCH, packed_step, serving_step
+from model.fast_step import PACKED_BATCH, packed_step, serving_step
 from model.state import pack, unpack
 from service import record as rec
 from service.metrics import CAS_CONFLICTS, EVENTS, STEP_LATENCY, labelled
@@ -140,7 +140,7 @@ class Applier:
     def _advance(self, records: list[rec.Record], seqs: list[list[int]]) -> tuple[list[bytes], np.ndarray]:
         """Step every user through their own item list -> each one's packed state and (u, d) vectors. One event each
         (the usual request): one call of the packed step. Else unpack, one batched step per position, pack."""
-        if self.packed is not None and len(seqs) <= SMALL_BATCH and all(len(s) == 1 for s in seqs):
+        if self.packed is not None and len(seqs) <= PACKED_BATCH and all(len(s) == 1 for s in seqs):
             t0 = time.perf_counter()
             vec, blobs = self.packed(np.array([s[0] for s in seqs], np.int64), [r.state for r in records])
             STEP_LATENCY.observe(time.perf_counter() - t0)

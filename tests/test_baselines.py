@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import MODELS, ModelConfig, build_model
-from model.fast_step import SMALL_BATCH, native_step, onnx_packed_step, onnx_step, packed_step, serving_step, trace_step
+from model.fast_step import PACKED_BATCH, SMALL_BATCH, native_step, onnx_packed_step, onnx_step, packed_step, serving_step, trace_step
 from model.state import CODECS, join, pack, packed_size, split, unpack
 
 BASELINES = tuple(m for m in MODELS if m != "holomamba")
@@ -150,7 +150,7 @@ def test_onnx_packed_step_is_unpack_step_pack(codec: str, kw: dict) -> None:
     assert step is not None and onnx is not None
     template = m.init_state(1)
     g = torch.Generator().manual_seed(3)
-    for b in (1, 3, SMALL_BATCH):
+    for b in (1, 3, PACKED_BATCH):
         with torch.no_grad():
             _, state = m.replay(torch.randint(1, N_ITEMS + 1, (9,), generator=g).tolist())
             state = {k: v.repeat(b, *[1] * (v.dim() - 1)) * torch.linspace(0.5, 2, b).view(-1, *[1] * (v.dim() - 1)).to(v.dtype)
@@ -207,13 +207,13 @@ def _quantised_gap(m, codec: str, blobs: list[bytes], got: list[bytes], items: t
 def test_native_step_is_the_eager_step(codec: str, kw: dict) -> None:
     """model/native.c (built by `pip install`, as on every machine this project installs on): for one event per user,
     the eager step's vector within 1e-5 and its state within about one quantisation step (where the C arithmetic
-    rounds a value's last bit otherwise, the codec can round it to the neighbouring level), at 1 to SMALL_BATCH
+    rounds a value's last bit otherwise, the codec can round it to the neighbouring level), at 1 to PACKED_BATCH
     users; and it is what packed_step serves."""
     m = make("holomamba", **kw)
     step = native_step(m, codec)
     assert step is not None and packed_step(m, codec).__qualname__ == step.__qualname__
     g = torch.Generator().manual_seed(4)
-    for b in (1, 3, SMALL_BATCH):
+    for b in (1, 3, PACKED_BATCH):
         with torch.no_grad():
             _, state = m.replay(torch.randint(1, N_ITEMS + 1, (9,), generator=g).tolist())
             state = {k: v.repeat(b, *[1] * (v.dim() - 1)) * torch.linspace(0.5, 2, b).view(-1, *[1] * (v.dim() - 1)) for k, v in state.items()}
