@@ -180,13 +180,7 @@ int holorec_step(const int32_t *dims, const float *weights, const float *table, 
 int holorec_top(const float *table_t, int32_t c, int32_t v, const float *q, const int64_t *banned, int32_t n_banned,
                 const uint8_t *keep, const uint8_t *bits, const int64_t *f_byte, const uint8_t *f_mask, int32_t n_hash,
                 int32_t k, float *scores, int64_t *idx, float *val) {
-    if (table_t) {
-        memset(scores, 0, sizeof(float) * (size_t)v);
-        for (int j = 0; j < c; j++) {
-            const float qj = q[j], *row = table_t + (size_t)j * v;
-            for (int i = 0; i < v; i++) scores[i] += qj * row[i];
-        }
-    }
+    if (table_t) linear(q, table_t, NULL, scores, c, v);  /* (c) @ (c, v) */
     for (int b = 0; b < n_banned; b++)
         if (banned[b] >= 0 && banned[b] < v) scores[banned[b]] = -INFINITY;
     int n = 0;
