@@ -1,4 +1,5 @@
-/* HoloMambaRec's serving step in C: unpack a user's stored state, one SSM step per layer, pack it again.
+/* The service's two hot loops in C: HoloMambaRec's serving step (holorec_step: unpack a user's stored state, one SSM
+   step per layer, pack it again) and one user's top-k (holorec_top, at the end).
 
    An event's step is about a hundred thousand multiply-adds. ONNX Runtime runs it as some sixty ops dispatched one
    by one, each with its own buffers; here it is one function over one weight array and a few stack vectors: for

@@ -102,7 +102,7 @@ def _plan_of(spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...], codec: 
 
 
 def placement(template: State, codec: str) -> tuple[int, dict[str, tuple[int, int, int]]]:
-    """Bytes per user, and per float tensor (first scale byte, scales, first value byte): where model/step.c reads and
+    """Bytes per user, and per float tensor (first scale byte, scales, first value byte): where model/native.c reads and
     writes each tensor of a blob."""
     plan = _plan(template, codec)
     return plan.size, {name: (s_at, segs, v_at) for name, _, s_at, segs, v_at, _, _ in plan.floats}

@@ -78,15 +78,14 @@ class Scorer:
                     q = queries[i]
                     if self.native is not None:
                         idx, top = self._native_top(h[row].numpy(), None if exact is None else exact[row], q, loaded[i].record)
-                        out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.tolist())], "state")
-                        continue
-                    if exact is not None:
-                        cand, scores = None, exact[row]
-                    elif q.attribute is None:
-                        cand, scores = (x.numpy() for x in self.index.search(h[row]))  # type: ignore[union-attr]
-                    else:  # an attribute filter could leave the probed clusters short of k items: score all
-                        cand, scores = None, (h[row] @ self.table_t).numpy()
-                    idx, top = self._top(scores, q, loaded[i].record, cand)
+                    else:
+                        if exact is not None:
+                            cand, scores = None, exact[row]
+                        elif q.attribute is None:
+                            cand, scores = (x.numpy() for x in self.index.search(h[row]))  # type: ignore[union-attr]
+                        else:  # an attribute filter could leave the probed clusters short of k items: score all
+                            cand, scores = None, (h[row] @ self.table_t).numpy()
+                        idx, top = self._top(scores, q, loaded[i].record, cand)
                     out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.tolist())], "state")
             SCORE_LATENCY.observe(time.perf_counter() - t0)
         for source in ("state", "popular"):
