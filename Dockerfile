@@ -15,7 +15,7 @@ FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# A C compiler for the serving step in C (model/native.c, built by `pip install`); the runtime image needs none.
+# A C compiler for model/native.c (the serving step and top-k in C, built by `pip install`); the runtime image needs none.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*

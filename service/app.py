@@ -67,7 +67,9 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
         if not engine.store.ping():  # the service starts anyway and recovers when Redis answers; say so now
             log.warning("state store %s is not answering (HOLOREC_REDIS_URL): /readyz says 503 and requests that "
                         "need it get 503 until it does", s.redis_url.split("@")[-1] if s.redis_url else "")
-        log.info("holorec ready: model %s version %s, %d items, store %s", ckpt.model.config.model, ckpt.version, len(ckpt.items), engine.store.kind)
+        log.info("holorec ready: model %s version %s, %d items, store %s; one event's step: %s, top-k: %s", ckpt.model.config.model,
+                 ckpt.version, len(ckpt.items), engine.store.kind, engine.applier.packed_kind,
+                 "C (model/native.c)" if engine.scorer.native else "torch")
         yield
         await app.state.event_batcher.stop()
         await app.state.rec_batcher.stop()

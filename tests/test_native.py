@@ -23,8 +23,7 @@ def test_an_engine_without_the_c_library_serves_the_same(tmp_path: Path, monkeyp
     monkeypatch.setattr("model.fast_step.library", lambda: None)
     monkeypatch.setattr("service.scoring.library", lambda: None)
     without = Engine(load(ckpt), MemoryStore(), settings)
-    assert with_c.applier.packed.__qualname__.startswith("native_step")  # type: ignore[union-attr]
-    assert without.applier.packed.__qualname__.startswith("onnx_packed_step")  # type: ignore[union-attr]
+    assert (with_c.applier.packed_kind, without.applier.packed_kind) == ("C (model/native.c)", "ONNX Runtime")
     assert with_c.scorer.native is not None and without.scorer.native is None
 
     rng = random.Random(5)

@@ -49,6 +49,7 @@ def test_an_unreachable_redis_is_warned_about_at_start(ckpt_dir: Path, tmp_path:
         text = log.read_text()
         assert "127.0.0.1:1/0 is not answering (HOLOREC_REDIS_URL)" in text
         assert text.index("not answering") < text.index("holorec ready")
+        assert "one event's step: C (model/native.c), top-k: C (model/native.c)" in text  # the start-up log says which paths serve
         assert '"GET /readyz HTTP/1.1" 503' in text
     finally:
         proc.terminate()
