@@ -217,15 +217,15 @@ class _Packed(nn.Module):
 
 
 @torch.inference_mode()
-def packed_step(model: SeqRecModel, codec: str, cache_dir: str | None = None) -> PackedStepFn | None:
+def packed_step(model: SeqRecModel, codec: str, cache_dir: str | None = None, native: bool = True) -> PackedStepFn | None:
     """unpack, `model.step` and pack in one call, for one event per user: an event's unpack, pack and the torch/numpy
     conversions between them cost about as much as the step (README: Serving over HTTP). model/native.c where it was
     built and covers the model (native_step), else one ONNX Runtime call. The bytes are pack(step(unpack(blobs))) but
     for a rare last-bit flip where the compiled float arithmetic rounds otherwise (checked: within one quantisation
-    step of the eager step's state). None where `onnx_step` would be."""
+    step of the eager step's state). None where `onnx_step` would be. `native=False`: ONNX Runtime even where C is built."""
     if not model.traceable_step:
         return None
-    return native_step(model, codec) or onnx_packed_step(model, codec, cache_dir)
+    return (native_step(model, codec) if native else None) or onnx_packed_step(model, codec, cache_dir)
 
 
 @torch.inference_mode()

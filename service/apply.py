@@ -52,7 +52,7 @@ class Applier:
         self.records, self.ckpt, self.store, self.s = records, records.ckpt, records.store, records.s
         cache = self.s.graph_cache_dir
         self.step = serving_step(records.model, cache)  # ONNX Runtime or a frozen trace where exact (model/fast_step.py), else model.step
-        self.packed = packed_step(records.model, self.s.state_codec, cache)  # one event per user: unpack, step and pack in one call
+        self.packed = packed_step(records.model, self.s.state_codec, cache, self.s.native)  # one event per user: unpack, step and pack in one call
 
     @property
     def packed_kind(self) -> str:

@@ -47,7 +47,7 @@ class Scorer:
         # Exact top-k in C where model/native.c was built (_native_top): in the service a recommendation spent more in
         # the torch and numpy calls around the product than in the product itself
         same_v = self.seen is None or self.seen.byte.shape[1] == self.table_t.shape[1]  # the filter's items are the table's
-        self.native = library() if self.index is None and same_v else None
+        self.native = library() if self.s.native and self.index is None and same_v else None
         self.table_np = self.table_t.numpy()  # (d or d + 1, v), the same memory
         self.popular = [i for i in self.ckpt.popular if 0 < i <= len(self.ckpt.items)]
         self.attr_masks: dict[int, Tensor] = {}

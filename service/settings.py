@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     ann_probe: int = Field(32, ge=1, description="clusters scored per request when ann_lists > 0")
     graph_cache_dir: str = Field("~/.cache/holorec", description="where the compiled serving step (ONNX graphs) is kept for the next start with the same "
                                  "checkpoint and code, which then skips exporting it; empty = off")
+    native: bool = Field(True, description="run one event's step and one user's top-k in C (model/native.c) where the install built "
+                         "it; false = ONNX Runtime and torch, as on a machine without a C compiler")
     threads: int = Field(1, ge=1, description="torch intra-op threads per process (every holorec command reads HOLOREC_THREADS)")
     client_cache_entries: int = Field(10000, ge=0, description="user records each process keeps for GET /recommend until Redis reports "
                                       "a write to them (client-side caching, CLIENT TRACKING), so a repeated read needs no round trip; "

@@ -44,3 +44,11 @@ def test_an_engine_without_the_c_library_serves_the_same(tmp_path: Path, monkeyp
         a, b = (e._read([u])[0].record for e in (with_c, without))
         assert a.applied == b.applied and np.allclose(a.vector, b.vector, atol=1e-4)
         assert np.allclose(np.frombuffer(a.state, np.float32), np.frombuffer(b.state, np.float32), atol=1e-4)
+
+
+def test_the_c_paths_can_be_turned_off(tmp_path: Path) -> None:
+    """HOLOREC_NATIVE=false: ONNX Runtime and torch serve where the C library is built (an operator's switch)."""
+    engine = Engine(load(make_checkpoint(tmp_path / "ckpt", n_items=50, d_model=32)), MemoryStore(), Settings(native=False))
+    assert engine.applier.packed_kind == "ONNX Runtime" and engine.scorer.native is None
+    engine.apply([[Event("u", "item-3")]])
+    assert len(engine.recommend([RecQuery("u", k=5)])[0].items) == 5
