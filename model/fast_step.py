@@ -259,6 +259,13 @@ def onnx_packed_step(model: SeqRecModel, codec: str, cache_dir: str | None = Non
     return None
 
 
+def packed_kind(step: PackedStepFn | None) -> str:
+    """Which packed step `packed_step` returned, for the service's start-up log: C, ONNX Runtime or none."""
+    if step is None:
+        return "none"
+    return "C (model/native.c)" if step.__qualname__.startswith(native_step.__name__) else "ONNX Runtime"
+
+
 def _native_covers(model: SeqRecModel) -> bool:
     """The configurations model/native.c computes: HoloMambaRec with pre-norm blocks, the GELU feed-forward or none."""
     c = model.config

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from model.checkpoint import Checkpoint, CheckpointError, load
+from model.fast_step import packed_kind
 from service.api import NotReady, router, schemas
 from service.batcher import Batcher
 from service.engine import Conflict, Engine
@@ -68,7 +69,7 @@ def create_app(settings: Settings | None = None, checkpoint: Checkpoint | None =
             log.warning("state store %s is not answering (HOLOREC_REDIS_URL): /readyz says 503 and requests that "
                         "need it get 503 until it does", s.redis_url.split("@")[-1] if s.redis_url else "")
         log.info("holorec ready: model %s version %s, %d items, store %s; one event's step: %s, top-k: %s", ckpt.model.config.model,
-                 ckpt.version, len(ckpt.items), engine.store.kind, engine.applier.packed_kind,
+                 ckpt.version, len(ckpt.items), engine.store.kind, packed_kind(engine.applier.packed),
                  "C (model/native.c)" if engine.scorer.native else "torch")
         yield
         await app.state.event_batcher.stop()

@@ -54,13 +54,6 @@ class Applier:
         self.step = serving_step(records.model, cache)  # ONNX Runtime or a frozen trace where exact (model/fast_step.py), else model.step
         self.packed = packed_step(records.model, self.s.state_codec, cache, self.s.native)  # one event per user: unpack, step and pack in one call
 
-    @property
-    def packed_kind(self) -> str:
-        """Which packed step serves one event per user (the start-up log says it): C, ONNX Runtime or none."""
-        if self.packed is None:
-            return "none"
-        return "C (model/native.c)" if self.packed.__qualname__.startswith("native_step") else "ONNX Runtime"
-
     # --- events -----------------------------------------------------------------------
     def apply(self, requests: list[list[Event]]) -> list[EventsResult]:
         """Apply each request's events in order; per user atomically (CAS on the revision, retried)."""

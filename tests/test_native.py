@@ -11,6 +11,7 @@ import pytest
 
 from bench.harness import make_checkpoint
 from model.checkpoint import load
+from model.fast_step import packed_kind
 from service.engine import Engine, Event, RecQuery
 from service.settings import Settings
 from service.store import MemoryStore
@@ -23,7 +24,7 @@ def test_an_engine_without_the_c_library_serves_the_same(tmp_path: Path, monkeyp
     monkeypatch.setattr("model.fast_step.library", lambda: None)
     monkeypatch.setattr("service.scoring.library", lambda: None)
     without = Engine(load(ckpt), MemoryStore(), settings)
-    assert (with_c.applier.packed_kind, without.applier.packed_kind) == ("C (model/native.c)", "ONNX Runtime")
+    assert (packed_kind(with_c.applier.packed), packed_kind(without.applier.packed)) == ("C (model/native.c)", "ONNX Runtime")
     assert with_c.scorer.native is not None and without.scorer.native is None
 
     rng = random.Random(5)
@@ -49,6 +50,6 @@ def test_an_engine_without_the_c_library_serves_the_same(tmp_path: Path, monkeyp
 def test_the_c_paths_can_be_turned_off(tmp_path: Path) -> None:
     """HOLOREC_NATIVE=false: ONNX Runtime and torch serve where the C library is built (an operator's switch)."""
     engine = Engine(load(make_checkpoint(tmp_path / "ckpt", n_items=50, d_model=32)), MemoryStore(), Settings(native=False))
-    assert engine.applier.packed_kind == "ONNX Runtime" and engine.scorer.native is None
+    assert packed_kind(engine.applier.packed) == "ONNX Runtime" and engine.scorer.native is None
     engine.apply([[Event("u", "item-3")]])
     assert len(engine.recommend([RecQuery("u", k=5)])[0].items) == 5

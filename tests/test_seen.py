@@ -101,7 +101,8 @@ def test_recommend_asks_the_filter_about_its_best_candidates_and_answers_what_sc
     table = engine.scorer.table_t.T.numpy()
     checked_fallback, native = False, engine.scorer.native
     assert native is not None
-    for user, engine.scorer.native in [(u, lib) for lib in (native, None) for u in ("light", "heavy")]:
+    for lib, user in [(lib, u) for lib in (native, None) for u in ("light", "heavy")]:
+        engine.scorer.native = lib  # None: the torch path
         r = engine._read([user])[0].record
         seen_count = len(set(engine._excluded_ids(RecQuery(user), r).tolist()))
         checked_fallback |= seen_count > 120  # most of the 200 items: the best 2k + 32 cannot hold k unseen ones
