@@ -49,6 +49,10 @@ class Scorer:
         same_v = self.seen is None or self.seen.byte.shape[1] == self.table_t.shape[1]  # the filter's items are the table's
         self.native = library() if self.s.native and self.index is None and same_v else None
         self.table_np = self.table_t.numpy()  # (d or d + 1, v), the same memory
+        # the addresses holorec_top reads on every call, taken once (each .ctypes.data costs a microsecond); the arrays
+        # live as long as the scorer
+        self.table_at = self.table_np.ctypes.data
+        self.filter_at = (self.seen.byte.ctypes.data, self.seen.mask.ctypes.data, len(self.seen.byte)) if self.seen is not None else (None, None, 0)
         self.popular = [i for i in self.ckpt.popular if 0 < i <= len(self.ckpt.items)]
         self.attr_masks: dict[int, Tensor] = {}
 
@@ -68,36 +72,48 @@ class Scorer:
         out: list[RecResult] = [self._popular(q) if x.record.applied <= 0 else None for q, x in zip(queries, loaded)]  # type: ignore[misc]
         if with_state:
             t0 = time.perf_counter()
-            with torch.inference_mode():  # the product in torch: numpy's BLAS keeps threads HOLOREC_THREADS does not reach (README)
-                h = self.model.query(torch.from_numpy(np.stack([loaded[i].record.vector for i in with_state])))  # (n, d)
-                if self.biased:
-                    h = torch.cat([h, torch.ones(len(h), 1)], 1)  # (n, d + 1)
-                # (n, v): one product for the batch; for one user in C, in the same call as its top-k
-                exact = (h @ self.table_t).numpy() if self.index is None and (self.native is None or len(h) > 1) else None
-                for row, i in enumerate(with_state):
-                    q = queries[i]
-                    if self.native is not None:
-                        idx, top = self._native_top(h[row].numpy(), None if exact is None else exact[row], q, loaded[i].record)
-                    else:
+            h = self._queries([loaded[i].record.vector for i in with_state])  # (n, c)
+            # (n, v): one product for the batch (in torch: numpy's BLAS keeps threads HOLOREC_THREADS does not reach,
+            # README); for one user in C, in the same call as its top-k
+            exact = None
+            if self.index is None and (self.native is None or len(h) > 1):
+                with torch.inference_mode():
+                    exact = (torch.from_numpy(h) @ self.table_t).numpy()
+            for row, i in enumerate(with_state):
+                q = queries[i]
+                if self.native is not None:
+                    idx, top = self._native_top(h[row], None if exact is None else exact[row], q, loaded[i].record)
+                else:
+                    with torch.inference_mode():
                         if exact is not None:
                             cand, scores = None, exact[row]
                         elif q.attribute is None:
-                            cand, scores = (x.numpy() for x in self.index.search(h[row]))  # type: ignore[union-attr]
+                            cand, scores = (x.numpy() for x in self.index.search(torch.from_numpy(h[row])))  # type: ignore[union-attr]
                         else:  # an attribute filter could leave the probed clusters short of k items: score all
-                            cand, scores = None, (h[row] @ self.table_t).numpy()
+                            cand, scores = None, (torch.from_numpy(h[row]) @ self.table_t).numpy()
                         idx, top = self._top(scores, q, loaded[i].record, cand)
-                    out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.tolist())], "state")
+                out[i] = RecResult([(self.ckpt.items[j - 1], v) for j, v in zip(idx.tolist(), top.tolist())], "state")
             SCORE_LATENCY.observe(time.perf_counter() - t0)
         for source in ("state", "popular"):
             if n := sum(r.source == source for r in out):
                 labelled(RECOMMENDATIONS, source).inc(n)
         return out
 
+    def _queries(self, vectors: list[np.ndarray]) -> np.ndarray:
+        """(n, c) float32: the stored user vectors (d,) as the item table meets them (model.query: unit length with
+        config.cosine; then a 1 for the item bias). In numpy where torch adds nothing: one user's top-k in C had spent
+        more in torch's calls around it than in them."""
+        h = vectors[0][None] if len(vectors) == 1 else np.stack(vectors)  # (n, d)
+        if self.model.config.cosine:
+            with torch.inference_mode():
+                h = self.model.query(torch.from_numpy(h)).numpy()
+        return np.concatenate([h, np.ones((len(h), 1), np.float32)], 1) if self.biased else h
+
     def excluded_ids(self, q: RecQuery, r: rec.Record | None, seen: bool = True) -> np.ndarray:
         """(n,) item indices this query must not get: padding, the explicit exclusions, every item the user has
         seen (the seen filter: all of them, and a few unseen ones it mistakes for seen) or, with the filter off,
         the record's window. `seen=False`: all but the filter's, which _top asks about its best candidates only."""
-        ids = np.array([0] + [self.ckpt.item_index[x] for x in q.exclude if x in self.ckpt.item_index], dtype=np.int64)
+        ids = np.array([0] + [self.ckpt.item_index[x] for x in q.exclude if x in self.ckpt.item_index], dtype=np.int32)
         if q.exclude_seen and r is not None:
             ids = np.concatenate([ids, r.window])  # padding slots are 0, already excluded
             if seen and self._filters(q, r):
@@ -151,18 +167,17 @@ class Scorer:
             if mask is None:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
             keep = mask.numpy()
-        banned = np.ascontiguousarray(self.excluded_ids(q, r, seen=False), np.int64)
+        banned = self.excluded_ids(q, r, seen=False)  # (m,) int32
         bits = r.seen_filter if self._filters(q, r) else None
         c, v = self.table_np.shape
         k = min(q.k, v)
-        table, idx, val = None if scores is not None else self.table_np.ctypes.data, np.empty(k, np.int64), np.empty(k, np.float32)
-        scores = np.empty(v, np.float32) if scores is None else scores
-        f_byte, f_mask, hashes = (self.seen.byte, self.seen.mask, len(self.seen.byte)) if bits is not None else (None, None, 0)  # type: ignore[union-attr]
+        idx, val = np.empty(k, np.int64), np.empty(k, np.float32)
+        table, scores = (self.table_at, np.empty(v, np.float32)) if scores is None else (None, scores)
+        f_byte, f_mask, hashes = self.filter_at if bits is not None else (None, None, 0)
         n = self.native.holorec_top(  # type: ignore[union-attr]
-            table, c, v, np.ascontiguousarray(h, np.float32).ctypes.data, banned.ctypes.data, len(banned),
-            None if keep is None else keep.ctypes.data, None if bits is None else np.ascontiguousarray(bits).ctypes.data,
-            None if f_byte is None else f_byte.ctypes.data, None if f_mask is None else f_mask.ctypes.data, hashes,
-            k, scores.ctypes.data, idx.ctypes.data, val.ctypes.data)
+            table, c, v, np.ascontiguousarray(h, np.float32).ctypes.data, np.ascontiguousarray(banned, np.int32).ctypes.data,
+            len(banned), None if keep is None else keep.ctypes.data, None if bits is None else np.ascontiguousarray(bits).ctypes.data,
+            f_byte, f_mask, hashes, k, scores.ctypes.data, idx.ctypes.data, val.ctypes.data)
         return idx[:n], val[:n]
 
     def _popular(self, q: RecQuery) -> RecResult:
