@@ -65,7 +65,7 @@ def test_engine_with_a_full_probe_index_recommends_what_exact_scoring_does(ckpt_
 @pytest.mark.parametrize("head", ["item_bias", "cosine"])
 def test_a_scoring_head_is_served_as_the_model_scores_it(tmp_path: Path, head: str) -> None:
     """item_bias (the service scores [h, 1] against [e_i, b_i]) and cosine (cos(h, e_i) times the learned scale): served
-    exactly and through a full-probe index, each must give model.score's top-k and scores (and differ from the dot
+    exactly and through a full-probe index, for one user and for a batch, each must give model.score's top-k and scores (and differ from the dot
     product alone, or the test would prove nothing)."""
     from bench.harness import make_checkpoint
 
@@ -87,6 +87,7 @@ def test_a_scoring_head_is_served_as_the_model_scores_it(tmp_path: Path, head: s
     for lists in (0, 6):
         engine = Engine(ckpt, MemoryStore(), Settings(checkpoint=str(path), state_codec="float32", ann_lists=lists, ann_probe=6))
         engine.apply([[Event("u", f"item-{i}") for i in (3, 4, 5, 6, 7)]])
-        got = engine.recommend([RecQuery("u", k=10, exclude_seen=False)])[0].items
-        assert [i for i, _ in got] == want
-        assert all(abs(s - float(scores[int(i.split("-")[1])])) < 1e-4 for i, s in got)
+        q = RecQuery("u", k=10, exclude_seen=False)
+        for got in (engine.recommend([q])[0].items, *(r.items for r in engine.recommend([q, q]))):  # one user, and a batch
+            assert [i for i, _ in got] == want
+            assert all(abs(s - float(scores[int(i.split("-")[1])])) < 1e-4 for i, s in got)
