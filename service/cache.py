@@ -25,11 +25,13 @@ starts from a random revision, service/record.py next_revision, so an old guess 
 from __future__ import annotations
 
 import select
+import socket
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+import hiredis
 import redis
 
 from service.metrics import RECORD_CACHE, labelled
@@ -47,6 +49,8 @@ class RecordCache:
         for result in ("hit", "miss"):  # exported at 0 from the start, so a hit ratio is defined before the first miss
             labelled(RECORD_CACHE, result)
         self.conn: redis.Connection | None = None
+        self.sock: socket.socket | None = None  # conn's socket, which _drain reads itself, parsing with `reader`
+        self.reader = hiredis.Reader()
         self.poller = select.poll()  # registered on conn's socket: whether a report has arrived, in one system call
         self.generation, self.retry_at, self.connecting = 0, 0.0, False  # generation: connections made so far
         with self.lock:
@@ -136,17 +140,20 @@ class RecordCache:
                 threading.Thread(target=self._connect, name="holorec-record-cache", daemon=True).start()
             return False
         try:
-            # Each drain reads until nothing is buffered, so an idle socket means no report: one poll, where
-            # redis-py's can_read builds a poller and an error message every call (three calls an event).
-            # A closed or failed socket polls as ready too, and read_response then raises.
-            ready = bool(self.poller.poll(0))
-            while ready:
-                msg = self.conn.read_response()
-                if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message":
-                    self._invalidate(msg[2])
-                ready = self.conn.can_read(0)  # a report already read from the socket, or another arrived
+            # The socket read and parsed here (hiredis's C parser), not through redis-py's read_response and can_read,
+            # whose Python around each report (one or two an event) cost more than reading it. Each drain reads until
+            # the socket is empty and parses every whole report received, so an idle socket means no report: one
+            # poll. A closed or failed socket polls as ready too, and recv then says so.
+            while self.poller.poll(0):
+                data = self.sock.recv(65536)  # type: ignore[union-attr]
+                if not data:
+                    raise ConnectionError("the reporting connection was closed")
+                self.reader.feed(data)
+                while (msg := self.reader.gets()) is not False:
+                    if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message":
+                        self._invalidate(msg[2])
             return True
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except (redis.RedisError, OSError, hiredis.ProtocolError):
             self._drop()
             return False
 
@@ -185,18 +192,28 @@ class RecordCache:
             conn.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", cid, "BCAST", "PREFIX", self.prefix)
             conn.read_response()
             conn.send_command("SUBSCRIBE", "__redis__:invalidate")
-            conn.read_response()
-        except (redis.RedisError, OSError):
+            # from here on the socket is read by this class alone (_drain), so that no report can sit in redis-py's
+            # buffer: the subscription's reply too, and whatever came with it stays in `reader` for the first drain
+            sock, reader = conn._sock, hiredis.Reader()  # type: ignore[attr-defined]
+            while (reply := reader.gets()) is False:
+                data = sock.recv(65536)  # blocks for at most timeout_s, the socket's timeout
+                if not data:
+                    raise ConnectionError("closed while subscribing")
+                reader.feed(data)
+            if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
+                raise ConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+        except (redis.RedisError, OSError, hiredis.ProtocolError):
             with self.lock:
                 self.connecting, self.retry_at = False, time.monotonic() + 1.0
             return
         with self.lock:
             self.poller = select.poll()
-            self.poller.register(conn._sock, select.POLLIN)  # type: ignore[attr-defined]
-            self.conn, self.generation, self.connecting = conn, self.generation + 1, False
+            self.poller.register(sock, select.POLLIN)
+            self.conn, self.sock, self.reader = conn, sock, reader
+            self.generation, self.connecting = self.generation + 1, False
 
     def _drop(self) -> None:
         if self.conn is not None:
             self.conn.disconnect()
-        self.conn, self.retry_at = None, time.monotonic() + 1.0
+        self.conn, self.sock, self.retry_at = None, None, time.monotonic() + 1.0
         self._forget()
