@@ -183,6 +183,7 @@ class RecordCache:
             counts[0] += 1
 
     def _connect(self) -> None:
+        conn = None
         try:  # any URL form redis-py reads (redis://, rediss://, unix://), always RESP2: reports arrive as pub/sub messages
             conn = redis.ConnectionPool.from_url(self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
                                                  protocol=2).make_connection()
@@ -203,6 +204,8 @@ class RecordCache:
             if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
                 raise ConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
         except (redis.RedisError, OSError, hiredis.ProtocolError):
+            if conn is not None:
+                conn.disconnect()
             with self.lock:
                 self.connecting, self.retry_at = False, time.monotonic() + 1.0
             return
