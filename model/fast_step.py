@@ -12,8 +12,8 @@ the data (`SeqRecModel.traceable_step`), and each only after it reproduces the e
 at two batch sizes; anything else, or a failed export, serves the eager `step`.
 For one event per user (the usual request), `packed_step` runs unpack, the step and pack as one call on the stored
 bytes, so the state never passes through torch between them (README: Serving over HTTP): model/native.c, the step written
-in C, where `pip install` built it and it covers the model (2.5 times faster than ONNX Runtime for one user in
-`holorec bench step`, level at 8), else one ONNX Runtime call.
+in C, where `pip install` built it and it covers the model (0.051 against ONNX Runtime's 0.133 ms for one user, 0.23
+against 0.28 for 8 in `holorec bench step`, bench/results/cpu-2026-12-08c-serve), else one ONNX Runtime call.
 Given a cache directory, a process reads the graphs an earlier one exported for the same weights and code instead of
 exporting them again (_graphs): the export and the `onnx` import it needs were a third of a service start.
 """
@@ -40,8 +40,8 @@ StepFn = Callable[[Tensor, State], tuple[Tensor, State]]
 PackedStepFn = Callable[[np.ndarray, list[bytes]], tuple[np.ndarray, list[bytes]]]  # packed_step: items, blobs -> vectors, blobs
 SMALL_BATCH = 8  # up to this many users per step, ONNX Runtime; more, the trace (bench/results/step.md, README)
 # up to this many users with one event each, the packed step (C or ONNX Runtime); more, unpack, the trace and pack: at 16
-# users both packed ways took 0.66-0.69 ms against 0.83, at 32 the C one 1.34 against 1.15
-# (bench/results/cpu-2026-12-08b-serve/step_2/step.md)
+# users the C step took 0.44 ms against 0.61, at 32 0.83 against 0.85, level (`holorec bench step`,
+# bench/results/cpu-2026-12-08c-serve/step_head_1/step.md)
 PACKED_BATCH = 16
 CACHE_BYTES = 1 << 30  # a cache directory's graphs beyond this, least recently used first, are deleted (_keep); each holds the item table
 
@@ -223,8 +223,6 @@ def packed_step(model: SeqRecModel, codec: str, cache_dir: str | None = None, na
     built and covers the model (native_step), else one ONNX Runtime call. The bytes are pack(step(unpack(blobs))) but
     for a rare last-bit flip where the compiled float arithmetic rounds otherwise (checked: within one quantisation
     step of the eager step's state). None where `onnx_step` would be. `native=False`: ONNX Runtime even where C is built."""
-    if not model.traceable_step:
-        return None
     return (native_step(model, codec) if native else None) or onnx_packed_step(model, codec, cache_dir)
 
 

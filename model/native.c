@@ -10,7 +10,8 @@
    checks it against the eager `step` before the service uses it; it covers the configurations it names there
    (pre-norm SSM blocks, the GELU feed-forward or none, a final LayerNorm) and every state codec of model/state.py.
    The arithmetic is the eager step's (model/ssm.py SelectiveSSM.step, model/holomamba.py), in float32, in the
-   same order where the order is the eager code's own; the bytes written are model/state.py's pack.
+   same order where the order is the eager code's own, but for exp and log, which are this file's own (exp_, log_:
+   within a few ulp of libm's); the bytes written are model/state.py's pack.
 
    Weights, one float32 array, per layer in order (W^T: a Linear's weight transposed, (in, out) row-major):
      ln_w ln_b (d), in W^T (d, 2e), in_b (2e), conv_w (e, k), conv_b (e), x W^T (e, r + 2n), dt W^T (r, e),

@@ -187,7 +187,7 @@ class RedisStore:
         if conn is None:
             pool = self.r.connection_pool  # type: ignore[union-attr]
             conn = self.conns.conn = pool.connection_class(**pool.connection_kwargs)
-        conn.send_packed_command([hiredis.pack_command(args)])  # redis-py packs each argument in Python first: 7 us a compare-and-set, here 1.3
+        conn.send_packed_command([hiredis.pack_command(args)])  # hiredis packs in C; redis-py's packer encodes each argument in Python first
         return conn.read_response()
 
     def _read(self, op: str, fn):  # type: ignore[no-untyped-def]
