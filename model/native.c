@@ -63,8 +63,8 @@ static void linear(const float *restrict x, const float *restrict wt, const floa
 
 static float max(float a, float b) { return a > b ? a : b; } /* fmaxf without its NaN rule: a call, not an instruction */
 static float min(float a, float b) { return a < b ? a : b; }
-/* e^x without a libm call, so the loops over a layer's channels vectorise (libm's expf and log1pf took about a third
-   of a step; the loops vectorise with -fno-trapping-math, pyproject.toml, which lets the compiler compute both sides of
+/* e^x without a libm call, so the loops over a layer's channels vectorise (libm's expf and log1pf were among a step's
+   largest parts; the loops vectorise with -fno-trapping-math, pyproject.toml, which lets the compiler compute both sides of
    a condition, and changes no result): x = k ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^7 (what is left
    out is under 1e-8 of it), 2^k put in the exponent bits. Within a few ulp of expf; 0 below -86 (e^x < 4.4e-38), and
    never a denormal, which costs the CPU a hundred cycles or more an operation (an SSM step's decays under -86 made the
